@@ -1,0 +1,254 @@
+"""params.yaml: load the active profile and reject every mistake before any work starts.
+
+Each error names the key's full path (`sample.train.fcn8s.lr`), what was found and what is
+allowed, so that a typo fails in a second instead of after an hour of preprocessing.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+PROFILES = ("sample", "full")
+MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s")
+MIN_CROP = 32  # the network has stride 32: a smaller crop has no pixel of pool5 context
+
+
+class ParamsError(ValueError):
+    """A params.yaml mistake; the message names the file and the key path."""
+
+
+# --- a tiny schema language: a spec is a type check plus optional constraints -------------------
+
+
+class Spec:
+    def __init__(self, kind: str, check: Callable[[Any], str | None] | None = None, **kw: Any):
+        self.kind, self.check, self.kw = kind, check, kw
+
+    def validate(self, value: Any, path: str) -> list[str]:
+        nullable = self.kw.get("nullable", False)
+        if value is None:
+            return [] if nullable else [f"{path}: must be set ({self.kind}), got null"]
+        ok = {
+            "int": isinstance(value, int) and not isinstance(value, bool),
+            "float": isinstance(value, int | float) and not isinstance(value, bool),
+            "bool": isinstance(value, bool),
+            "str": isinstance(value, str),
+            "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "pair[float]": isinstance(value, list)
+            and len(value) == 2
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value),
+        }[self.kind]
+        if not ok:
+            return [f"{path}: expected {self.kind}, got {type(value).__name__} {value!r}"]
+        choices = self.kw.get("choices")
+        if choices is not None and value not in choices:
+            return [f"{path}: {value!r} is not one of {', '.join(map(str, choices))}"]
+        if "min" in self.kw and value < self.kw["min"]:
+            return [f"{path}: must be >= {self.kw['min']}, got {value!r}"]
+        if "gt" in self.kw and value <= self.kw["gt"]:
+            return [f"{path}: must be > {self.kw['gt']}, got {value!r}"]
+        if "max" in self.kw and value > self.kw["max"]:
+            return [f"{path}: must be <= {self.kw['max']}, got {value!r}"]
+        if self.check is not None:
+            msg = self.check(value)
+            if msg:
+                return [f"{path}: {msg}"]
+        return []
+
+
+def _int(**kw: Any) -> Spec:
+    return Spec("int", **kw)
+
+
+def _float(**kw: Any) -> Spec:
+    return Spec("float", **kw)
+
+
+def _str(**kw: Any) -> Spec:
+    return Spec("str", **kw)
+
+
+def _bool() -> Spec:
+    return Spec("bool")
+
+
+def _check_urls(urls: list[str]) -> str | None:
+    from urllib.parse import urlparse
+
+    for u in urls:
+        scheme = urlparse(u).scheme.lower()
+        # a bare path (no scheme, or a Windows drive letter) is a local source
+        if scheme not in ("http", "https", "file", "") and len(scheme) > 1:
+            return f"source {u!r} has scheme {scheme!r}; only http(s)://, file:// or a local path"
+    return None
+
+
+def _check_scale(v: list[float]) -> str | None:
+    lo, hi = v
+    if not 0 < lo <= hi:
+        return f"needs 0 < low <= high, got {v!r}"
+    return None
+
+
+def _source() -> dict[str, Any]:
+    return {
+        "urls": Spec("list[str]", _check_urls),
+        "md5": _str(nullable=True, check=None),
+        "size": _int(nullable=True, min=1),
+    }
+
+
+_DEVICE = _str(choices=("auto", "cpu", "cuda"))
+_PRECISION = _str(choices=("auto", "fp32", "bf16", "fp16"))
+
+SCHEMA: dict[str, Any] = {
+    "download": {
+        "generate_sample": _bool(),
+        "sample": {
+            "seed": _int(min=0),
+            "voc_train": _int(min=2),
+            "voc_val": _int(min=1),
+            "coco_train": _int(min=0),
+            "coco_val": _int(min=0),
+            "min_side": _int(min=33),
+            "max_side": _int(min=33, max=4096),
+        },
+        "voc": _source(),
+        "coco_train": _source(),
+        "coco_val": _source(),
+        "coco_annotations": _source(),
+        "vgg16": {
+            "urls": Spec("list[str]", _check_urls),
+            "sha256_prefix": _str(nullable=True),
+            "size": _int(nullable=True, min=1),
+        },
+        "retries": _int(min=0, max=100),
+        "timeout_s": _float(gt=0),
+    },
+    "coco_to_voc": {
+        "splits": Spec(
+            "list[str]",
+            lambda v: None
+            if set(v) <= {"train2017", "val2017"}
+            else f"unknown split(s) {sorted(set(v) - {'train2017', 'val2017'})}; use train2017/val2017",
+        ),
+        "min_pixels": _int(min=0),
+        "workers": _int(min=1, max=256),
+        "shard_size": _int(min=1),
+    },
+    "preprocess": {
+        "max_size": _int(min=MIN_CROP, max=4096),
+        "jpeg_quality": _int(min=1, max=100),
+        "shard_size": _int(min=1),
+        "use_coco": _bool(),
+        "workers": _int(min=1, max=256),
+        "max_bad_fraction": _float(min=0, max=1),
+    },
+    "model": {
+        "width": _float(gt=0, max=1),
+        "backbone_init": _str(choices=("vgg16", "random")),
+    },
+    "train": {
+        "device": _DEVICE,
+        "precision": _PRECISION,
+        "channels_last": _bool(),
+        "nproc": _int(min=1, max=1024),
+        "batch_size": _int(min=1),
+        "accumulate": _int(min=1),
+        "workers": _int(min=0, max=256),
+        "seed": _int(min=0),
+        "crop_size": _int(min=MIN_CROP, max=4096),
+        "scale_range": Spec("pair[float]", _check_scale),
+        "hflip": _bool(),
+        "color_jitter": _float(min=0, max=1),
+        "loss": _str(choices=("mean", "sum")),
+        "momentum": _float(min=0, max=1),  # max=1 inclusive is still nonsense; see below
+        "weight_decay": _float(min=0),
+        "checkpoint_every": _int(min=1),
+        "val_every": _int(min=1),
+        **{m: {"epochs": _int(min=1), "lr": _float(gt=0)} for m in MODEL_NAMES},
+    },
+    "evaluate": {
+        "device": _DEVICE,
+        "precision": _PRECISION,
+        "batch_size": _int(min=1),
+        "qualitative_images": _int(min=0, max=64),
+    },
+}
+
+
+def _validate(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
+    if not isinstance(tree, dict):
+        return [f"{path}: expected a mapping, got {type(tree).__name__} {tree!r}"]
+    errors = []
+    for key in tree:
+        if key not in schema:
+            known = ", ".join(schema)
+            errors.append(f"{path}.{key}: unknown key (known keys here: {known})")
+    for key, spec in schema.items():
+        sub = f"{path}.{key}"
+        if key not in tree:
+            errors.append(f"{sub}: missing")
+        elif isinstance(spec, dict):
+            errors.extend(_validate(tree[key], spec, sub))
+        else:
+            errors.extend(spec.validate(tree[key], sub))
+    return errors
+
+
+def _cross_checks(cfg: dict[str, Any], path: str) -> list[str]:
+    errors = []
+    s = cfg["download"]["sample"]
+    if s["min_side"] > s["max_side"]:
+        errors.append(f"{path}.download.sample.min_side: {s['min_side']} > max_side {s['max_side']}")
+    if cfg["train"]["momentum"] >= 1:
+        errors.append(f"{path}.train.momentum: must be < 1, got {cfg['train']['momentum']}")
+    if not cfg["download"]["generate_sample"]:
+        for name in ("voc", "coco_train", "coco_val", "coco_annotations", "vgg16"):
+            if not cfg["download"][name]["urls"]:
+                errors.append(f"{path}.download.{name}.urls: no source given for a real download")
+    return errors
+
+
+def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
+    """Validate the whole file (both profiles) and return the active profile's section."""
+    if not isinstance(params, dict):
+        raise ParamsError(f"{source}: expected a mapping at the top level")
+    errors = []
+    for key in params:
+        if key not in ("profile", *PROFILES):
+            errors.append(f"{key}: unknown top-level key (known: profile, {', '.join(PROFILES)})")
+    profile = params.get("profile")
+    if profile not in PROFILES:
+        errors.append(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
+    for name in PROFILES:
+        if name in params:
+            errs = _validate(params[name], SCHEMA, name)
+            errors.extend(errs)
+            if not errs:
+                errors.extend(_cross_checks(params[name], name))
+        elif name == profile:
+            errors.append(f"{name}: the active profile's section is missing")
+    if errors:
+        raise ParamsError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return params[profile]
+
+
+def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
+    """Read params.yaml, validate it and return the active profile's section (plus `profile`)."""
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
+        raise ParamsError(f"{path}: not found (run from the repository root)") from None
+    try:
+        params = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise ParamsError(f"{path}: not valid YAML: {e}") from None
+    cfg = validate_params(params, str(path))
+    return {"profile": params["profile"], **cfg}
