@@ -152,6 +152,7 @@ SCHEMA: dict[str, Any] = {
     "model": {
         "width": _float(gt=0, max=1),
         "backbone_init": _str(choices=("vgg16", "random")),
+        "dropout": _float(min=0, max=0.99),
     },
     "train": {
         "device": _DEVICE,

@@ -1,0 +1,79 @@
+"""params.yaml mistakes are rejected before any work starts, with the key's path."""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline.config import ParamsError, load_params, validate_params
+
+
+@pytest.fixture
+def params(repo_root: Path) -> dict:
+    return yaml.safe_load((repo_root / "params.yaml").read_text())
+
+
+def _error(params: dict) -> str:
+    with pytest.raises(ParamsError) as e:
+        validate_params(params)
+    return str(e.value)
+
+
+def test_shipped_params_are_valid_in_both_profiles(params):
+    for profile in ("sample", "full"):
+        p = copy.deepcopy(params)
+        p["profile"] = profile
+        cfg = validate_params(p)
+        assert cfg is p[profile]
+
+
+def test_load_params_returns_active_profile(repo_root):
+    cfg = load_params(repo_root / "params.yaml")
+    assert cfg["profile"] == "sample"
+    assert cfg["model"]["width"] < 1  # the sample trains a width-reduced VGG16 on CPU
+
+
+@pytest.mark.parametrize(
+    "mutate, expected",
+    [
+        (lambda p: p["sample"]["train"].update(lr_typo=1), "sample.train.lr_typo: unknown key"),
+        (lambda p: p["sample"]["train"]["fcn8s"].update(lr=-0.1), "sample.train.fcn8s.lr: must be > 0"),
+        (lambda p: p["sample"]["train"]["fcn8s"].update(lr="fast"), "sample.train.fcn8s.lr: expected float"),
+        (lambda p: p["sample"]["train"].update(batch_size=2.5), "sample.train.batch_size: expected int"),
+        (lambda p: p["sample"]["train"].update(crop_size=16), "sample.train.crop_size: must be >= 32"),
+        (lambda p: p["sample"]["train"].update(precision="fp8"), "sample.train.precision: 'fp8' is not one of"),
+        (lambda p: p["full"]["train"].update(momentum=1.0), "full.train.momentum: must be < 1"),
+        (lambda p: p.update(profile="huge"), "profile: 'huge' is not one of"),
+        (lambda p: p["sample"]["model"].update(width=0), "sample.model.width: must be > 0"),
+        (lambda p: p["sample"]["model"].update(backbone_init="resnet"), "sample.model.backbone_init"),
+        (lambda p: p["sample"]["coco_to_voc"].update(splits=["test2017"]), "unknown split"),
+        (lambda p: p["full"]["download"]["voc"].update(urls=["ftp://x/VOC.tar"]), "scheme 'ftp'"),
+        (lambda p: p["full"]["download"]["voc"].update(urls=[]), "full.download.voc.urls: no source"),
+        (lambda p: p["sample"]["train"].update(scale_range=[2.0, 1.0]), "sample.train.scale_range"),
+        (lambda p: p["sample"].pop("evaluate"), "sample.evaluate: missing"),
+        (lambda p: p["sample"]["train"].update(hflip="yes"), "sample.train.hflip: expected bool"),
+    ],
+)
+def test_mistakes_are_rejected_with_the_key_path(params, mutate, expected):
+    mutate(params)
+    assert expected in _error(params)
+
+
+def test_all_problems_are_reported_at_once(params):
+    params["sample"]["train"]["fcn8s"]["lr"] = -1
+    params["sample"]["train"]["epochs"] = 3
+    msg = _error(params)
+    assert "2 problem(s)" in msg
+    assert "sample.train.fcn8s.lr" in msg and "sample.train.epochs: unknown key" in msg
+
+
+def test_bad_yaml_names_the_file(tmp_path):
+    bad = tmp_path / "params.yaml"
+    bad.write_text("profile: [unclosed\n")
+    with pytest.raises(ParamsError, match=str(bad)):
+        load_params(bad)
+    with pytest.raises(ParamsError, match="not found"):
+        load_params(tmp_path / "missing.yaml")
