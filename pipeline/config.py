@@ -133,9 +133,11 @@ SCHEMA: dict[str, Any] = {
     "coco_to_voc": {
         "splits": Spec(
             "list[str]",
-            lambda v: None
-            if set(v) <= {"train2017", "val2017"}
-            else f"unknown split(s) {sorted(set(v) - {'train2017', 'val2017'})}; use train2017/val2017",
+            lambda v: (
+                None
+                if set(v) <= {"train2017", "val2017"}
+                else f"unknown split(s) {sorted(set(v) - {'train2017', 'val2017'})}; use train2017/val2017"
+            ),
         ),
         "min_pixels": _int(min=0),
         "workers": _int(min=1, max=256),
@@ -206,7 +208,9 @@ def _cross_checks(cfg: dict[str, Any], path: str) -> list[str]:
     errors = []
     s = cfg["download"]["sample"]
     if s["min_side"] > s["max_side"]:
-        errors.append(f"{path}.download.sample.min_side: {s['min_side']} > max_side {s['max_side']}")
+        errors.append(
+            f"{path}.download.sample.min_side: {s['min_side']} > max_side {s['max_side']}"
+        )
     if cfg["train"]["momentum"] >= 1:
         errors.append(f"{path}.train.momentum: must be < 1, got {cfg['train']['momentum']}")
     if not cfg["download"]["generate_sample"]:

@@ -63,7 +63,9 @@ class ShardWriter:
         self._fh = open(self._tmp / name, "wb")
         self._offset = 0
 
-    def add(self, key: str, blobs: Mapping[str, bytes], meta: Mapping[str, Any] | None = None) -> None:
+    def add(
+        self, key: str, blobs: Mapping[str, bytes], meta: Mapping[str, Any] | None = None
+    ) -> None:
         if key in self._keys:
             raise ValueError(f"duplicate record key {key!r} in {self.out_dir}")
         self._keys.add(key)

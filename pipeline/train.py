@@ -176,6 +176,26 @@ def step_normaliser(targets: list[torch.Tensor], loss: str, world: int) -> float
     return max(float(valid.item()), 1.0) / world
 
 
+def forward_backward(
+    model: nn.Module,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    norm: float,
+    device: torch.device,
+    amp_dtype: torch.dtype | None,
+    channels_last: bool,
+) -> float:
+    """One micro-batch: forward under autocast, summed loss / `norm`, backward. Returns the loss."""
+    x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    with autocast(device, amp_dtype):
+        logits = model(x)
+    loss = summed_loss(logits, y) / norm
+    loss.backward()
+    return float(loss.detach())
+
+
 # --- model construction ----------------------------------------------------------------------
 
 
@@ -391,7 +411,9 @@ def train(
         start_epoch, start_iter, history = state["epoch"], state["iteration"], state["history"]
         _set_rng_state(state["rng"])
         if rank == 0:
-            print(f"[train] {name}: resuming from {ckpt_path} at iteration {start_iter}", flush=True)
+            print(
+                f"[train] {name}: resuming from {ckpt_path} at iteration {start_iter}", flush=True
+            )
     elif rank == 0:
         print(f"[train] {name}: {'; '.join(init_log)}", flush=True)
 
@@ -454,20 +476,16 @@ def train(
             optimizer.zero_grad(set_to_none=True)
             step_loss = 0.0
             for k, (x, y) in enumerate(micro):
-                x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-                if tcfg["channels_last"]:
-                    x = x.contiguous(memory_format=torch.channels_last)
                 sync = (
                     ddp_model.no_sync()
                     if distributed and k < len(micro) - 1
                     else contextlib.nullcontext()
                 )
                 with sync:
-                    with autocast(device, amp_dtype):
-                        logits = ddp_model(x)
-                    loss = summed_loss(logits, y) / norm
-                    loss.backward()
-                step_loss += float(loss.detach()) * (1 if tcfg["loss"] == "sum" else world)
+                    loss = forward_backward(
+                        ddp_model, x, y, norm, device, amp_dtype, tcfg["channels_last"]
+                    )
+                step_loss += loss * (1 if tcfg["loss"] == "sum" else world)
             if not math.isfinite(step_loss):
                 raise FloatingPointError(
                     f"{name}: loss is {step_loss} at iteration {iteration}; lower "
@@ -481,7 +499,14 @@ def train(
             bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4g}")
             if iteration % tcfg["checkpoint_every"] == 0 and iteration < total_steps:
                 _checkpoint(
-                    ckpt_path, rank, model, optimizer, epoch, iteration, history, fp,
+                    ckpt_path,
+                    rank,
+                    model,
+                    optimizer,
+                    epoch,
+                    iteration,
+                    history,
+                    fp,
                     epoch_losses,
                 )
         # end of epoch: validate and log
@@ -491,9 +516,7 @@ def train(
             "epoch": epoch + 1,
         }
         if (epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == epochs:
-            scores = validate(
-                model, val_set, device, amp_dtype, tcfg["channels_last"], rank, world
-            )
+            scores = validate(model, val_set, device, amp_dtype, tcfg["channels_last"], rank, world)
             entry.update(
                 {
                     "val/mean_iou": scores["mean_iou"],

@@ -30,8 +30,16 @@ def main(argv: list[str] | None = None) -> int:
     nproc = cfg["train"]["nproc"]
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         # Re-launch under torchrun: one DDP process per slot, same arguments.
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-               f"--nproc-per-node={nproc}", __file__, *(argv if argv is not None else sys.argv[1:])]
+        cmd = [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc-per-node={nproc}",
+            "-m",
+            "stages.train",
+            *(argv if argv is not None else sys.argv[1:]),
+        ]
         print(f"[train] launching {nproc} processes: {' '.join(cmd)}", flush=True)
         os.execv(sys.executable, cmd)
 
@@ -54,8 +62,11 @@ def main(argv: list[str] | None = None) -> int:
     if int(os.environ.get("RANK", "0")) == 0:
         s = result["scores"]
         if s:
-            print(f"[train] {args.model}: val mean IoU {s['mean_iou']:.4f}, "
-                  f"pixel accuracy {s['pixel_accuracy']:.4f}", flush=True)
+            print(
+                f"[train] {args.model}: val mean IoU {s['mean_iou']:.4f}, "
+                f"pixel accuracy {s['pixel_accuracy']:.4f}",
+                flush=True,
+            )
     return 0
 
 

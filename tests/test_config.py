@@ -40,18 +40,39 @@ def test_load_params_returns_active_profile(repo_root):
     "mutate, expected",
     [
         (lambda p: p["sample"]["train"].update(lr_typo=1), "sample.train.lr_typo: unknown key"),
-        (lambda p: p["sample"]["train"]["fcn8s"].update(lr=-0.1), "sample.train.fcn8s.lr: must be > 0"),
-        (lambda p: p["sample"]["train"]["fcn8s"].update(lr="fast"), "sample.train.fcn8s.lr: expected float"),
-        (lambda p: p["sample"]["train"].update(batch_size=2.5), "sample.train.batch_size: expected int"),
-        (lambda p: p["sample"]["train"].update(crop_size=16), "sample.train.crop_size: must be >= 32"),
-        (lambda p: p["sample"]["train"].update(precision="fp8"), "sample.train.precision: 'fp8' is not one of"),
+        (
+            lambda p: p["sample"]["train"]["fcn8s"].update(lr=-0.1),
+            "sample.train.fcn8s.lr: must be > 0",
+        ),
+        (
+            lambda p: p["sample"]["train"]["fcn8s"].update(lr="fast"),
+            "sample.train.fcn8s.lr: expected float",
+        ),
+        (
+            lambda p: p["sample"]["train"].update(batch_size=2.5),
+            "sample.train.batch_size: expected int",
+        ),
+        (
+            lambda p: p["sample"]["train"].update(crop_size=16),
+            "sample.train.crop_size: must be >= 32",
+        ),
+        (
+            lambda p: p["sample"]["train"].update(precision="fp8"),
+            "sample.train.precision: 'fp8' is not one of",
+        ),
         (lambda p: p["full"]["train"].update(momentum=1.0), "full.train.momentum: must be < 1"),
         (lambda p: p.update(profile="huge"), "profile: 'huge' is not one of"),
         (lambda p: p["sample"]["model"].update(width=0), "sample.model.width: must be > 0"),
-        (lambda p: p["sample"]["model"].update(backbone_init="resnet"), "sample.model.backbone_init"),
+        (
+            lambda p: p["sample"]["model"].update(backbone_init="resnet"),
+            "sample.model.backbone_init",
+        ),
         (lambda p: p["sample"]["coco_to_voc"].update(splits=["test2017"]), "unknown split"),
         (lambda p: p["full"]["download"]["voc"].update(urls=["ftp://x/VOC.tar"]), "scheme 'ftp'"),
-        (lambda p: p["full"]["download"]["voc"].update(urls=[]), "full.download.voc.urls: no source"),
+        (
+            lambda p: p["full"]["download"]["voc"].update(urls=[]),
+            "full.download.voc.urls: no source",
+        ),
         (lambda p: p["sample"]["train"].update(scale_range=[2.0, 1.0]), "sample.train.scale_range"),
         (lambda p: p["sample"].pop("evaluate"), "sample.evaluate: missing"),
         (lambda p: p["sample"]["train"].update(hflip="yes"), "sample.train.hflip: expected bool"),

@@ -1,0 +1,109 @@
+"""Training throughput of FCN-8s: the project's loop vs a plain fp32 NCHW loop, side by side.
+
+The project's step (pipeline.train.forward_backward + SGD) runs with the precision and memory
+format the params choose (`auto`: bf16 autocast where the CPU has native bf16, AMP on CUDA;
+channels_last); the baseline is the same model and optimiser in fp32 NCHW. Variants are
+interleaved in one process, median of the timed steps, so machine noise hits both alike.
+
+    python benchmarks/bench_train.py                 # width 1/8 and full width, CPU
+    python benchmarks/bench_train.py --widths 0.125  # quick
+    python benchmarks/bench_train.py --device cuda   # where a GPU is lent
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import statistics
+import time
+
+import torch
+
+from pipeline.classes import NUM_CLASSES
+from pipeline.models.fcn import build_model
+from pipeline.train import forward_backward, make_optimizer, resolve_precision
+
+
+def machine_line() -> str:
+    cpu = platform.processor() or "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def make_variant(width, device, amp_dtype, channels_last, seed=0):
+    torch.manual_seed(seed)
+    model = build_model("fcn8s", num_classes=NUM_CLASSES, width=width).to(device)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model.train()
+    opt = make_optimizer(model, 1e-10, 0.99, 5e-4)
+    return model, opt, amp_dtype, channels_last
+
+
+def step(variant, x, y, device):
+    model, opt, amp_dtype, channels_last = variant
+    opt.zero_grad(set_to_none=True)
+    forward_backward(model, x, y, 1.0, device, amp_dtype, channels_last)
+    opt.step()
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def bench_width(width, args, device):
+    amp = resolve_precision(args.precision, device)
+    variants = {
+        "baseline fp32 NCHW": make_variant(width, device, None, False),
+        f"project ({'fp32' if amp is None else str(amp).split('.')[-1]}"
+        f"{', channels_last' if args.channels_last else ''})": make_variant(
+            width, device, amp, args.channels_last
+        ),
+    }
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
+    y = torch.randint(0, NUM_CLASSES, (args.batch, args.size, args.size), generator=g)
+    times = {k: [] for k in variants}
+    for k, v in variants.items():  # warm-up (allocator, oneDNN kernels)
+        for _ in range(args.warmup):
+            step(v, x, y, device)
+    for _ in range(args.steps):
+        for k, v in variants.items():  # interleaved
+            t = time.perf_counter()
+            step(v, x, y, device)
+            times[k].append(time.perf_counter() - t)
+    rates = {k: args.batch / statistics.median(t) for k, t in times.items()}
+    params = sum(p.numel() for p in variants["baseline fp32 NCHW"][0].parameters())
+    base = rates["baseline fp32 NCHW"]
+    print(f"\nFCN-8s width {width:g} ({params:,} params), train {args.size}x{args.size}, "
+          f"batch {args.batch}, {args.steps} timed steps, device {device}")
+    for k, r in rates.items():
+        print(f"  {k:<40s} {r:8.3f} img/s   {r / base:5.2f}x")
+    return rates
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--widths", type=float, nargs="+", default=[0.125, 1.0])
+    ap.add_argument("--size", type=int, default=320)
+    ap.add_argument("--batch", type=int, default=2)
+    ap.add_argument("--steps", type=int, default=5)
+    ap.add_argument("--warmup", type=int, default=1)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
+    ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    print(machine_line())
+    for w in args.widths:
+        bench_width(w, args, device)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Helpers for integration tests that drive the real `git` and `dvc` CLIs in a copy of the repo."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A sample run small enough for the test suite: same stages and code, fewer/smaller images.
+FAST_SAMPLE: dict[str, Any] = {
+    "sample.download.sample.voc_train": 12,
+    "sample.download.sample.voc_val": 6,
+    "sample.download.sample.coco_train": 8,
+    "sample.download.sample.coco_val": 4,
+    "sample.download.sample.max_side": 160,
+    "sample.preprocess.max_size": 96,
+    "sample.train.crop_size": 64,
+    "sample.train.workers": 0,
+    "sample.train.fcn32s.epochs": 2,
+    "sample.train.fcn16s.epochs": 1,
+    "sample.train.fcn8s.epochs": 1,
+    "sample.evaluate.qualitative_images": 2,
+}
+
+
+def env() -> dict[str, str]:
+    e = dict(os.environ)
+    e.update(
+        DVC_NO_ANALYTICS="1",
+        GIT_AUTHOR_NAME="test",
+        GIT_AUTHOR_EMAIL="test@example.com",
+        GIT_COMMITTER_NAME="test",
+        GIT_COMMITTER_EMAIL="test@example.com",
+        PYTHONUNBUFFERED="1",
+    )
+    # stages run `python -m stages.x` from the copy's root, so the copy's own code is used
+    e.pop("PYTHONPATH", None)
+    bindir = str(Path(sys.executable).parent)
+    e["PATH"] = bindir + os.pathsep + e.get("PATH", "")
+    return e
+
+
+def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
+    p = subprocess.run(
+        args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
+    )
+    if check and p.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(args)} failed ({p.returncode}) in {cwd}\n"
+            f"--- stdout\n{p.stdout[-4000:]}\n--- stderr\n{p.stderr[-4000:]}"
+        )
+    return p
+
+
+def copy_repo(dst: Path) -> Path:
+    """Copy the project's tracked and untracked-but-not-ignored files, then commit them."""
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+        cwd=REPO, capture_output=True, check=True,
+    ).stdout.decode().split("\0")
+    dst.mkdir(parents=True, exist_ok=True)
+    for f in filter(None, files):
+        src = REPO / f
+        if not src.is_file():
+            continue
+        (dst / f).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(src, dst / f)
+    run(["git", "init", "-q", "-b", "main"], dst)
+    run(["git", "add", "-A"], dst)
+    run(["git", "commit", "-qm", "copy of the project"], dst)
+    return dst
+
+
+def set_params(repo: Path, overrides: dict[str, Any]) -> None:
+    path = repo / "params.yaml"
+    params = yaml.safe_load(path.read_text())
+    for dotted, value in overrides.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        node[last] = value
+    path.write_text(yaml.safe_dump(params, sort_keys=False))
+
+
+def stages_run(output: str) -> list[str]:
+    """Names of the stages `dvc repro` actually ran (not skipped) from its output."""
+    ran = []
+    for line in output.splitlines():
+        line = line.strip()
+        if line.startswith("Running stage '"):
+            ran.append(line.split("'")[1])
+    return ran

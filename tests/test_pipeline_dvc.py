@@ -1,0 +1,142 @@
+"""The walking pipeline and the team workflows, driven through the real `dvc` and `git` CLIs.
+
+One small sample run (same stages and code as the default, fewer/smaller images, fewer
+epochs) is reproduced once per session; each test works on its own copy of it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+
+from tests.repo_utils import FAST_SAMPLE, copy_repo, run, set_params, stages_run
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = [
+    "download_voc",
+    "download_coco",
+    "download_vgg16",
+    "coco_to_voc",
+    "preprocess",
+    "train_fcn32s",
+    "train_fcn16s",
+    "train_fcn8s",
+    "evaluate",
+]
+FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory) -> tuple[Path, str]:
+    repo = copy_repo(tmp_path_factory.mktemp("run") / "repo")
+    set_params(repo, FAST_SAMPLE)
+    run(["git", "commit", "-qam", "small sample for tests"], repo)
+    out = run(["dvc", "repro"], repo, timeout=1200)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "first run"], repo)
+    return repo, out.stdout + out.stderr
+
+
+@pytest.fixture
+def run_copy(sample_run, tmp_path) -> Path:
+    """A private copy of the reproduced repo (git history, outputs and DVC cache included)."""
+    dst = tmp_path / "repo"
+    shutil.copytree(sample_run[0], dst, symlinks=True)
+    return dst
+
+
+def test_repro_runs_every_stage_then_nothing(sample_run):
+    repo, out = sample_run
+    assert stages_run(out) == ALL_STAGES, out
+    again = run(["dvc", "repro"], repo)
+    assert stages_run(again.stdout) == [], again.stdout
+    status = run(["dvc", "status"], repo)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_metrics_show_lists_the_four_metrics_per_model(sample_run):
+    repo, _ = sample_run
+    shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
+    data = next(iter(shown.values()))["data"]
+    for model in ("fcn32s", "fcn16s", "fcn8s"):
+        metrics = data[f"metrics/{model}.json"]["data"]
+        for key in FOUR:
+            assert 0.0 <= metrics[key] <= 1.0, (model, key, metrics)
+    table = run(["dvc", "metrics", "show"], repo).stdout
+    assert "mean_iou" in table and "metrics/fcn8s.json" in table
+
+
+def test_models_are_loadable_with_weights_only(sample_run):
+    import torch
+
+    repo, _ = sample_run
+    for model in ("fcn32s", "fcn16s", "fcn8s"):
+        state = torch.load(repo / "models" / f"{model}.pt", weights_only=True)
+        assert state["arch"] == model
+
+
+def test_fcn8s_param_change_reruns_only_fcn8s_and_evaluate(run_copy):
+    repo = run_copy
+    set_params(repo, {"sample.train.fcn8s.lr": 0.001})
+    out = run(["dvc", "repro"], repo)
+    assert stages_run(out.stdout) == ["train_fcn8s", "evaluate"], out.stdout
+    # compare across commits: the param and the FCN-8s metrics changed, FCN-32s did not
+    params = run(["dvc", "params", "diff"], repo).stdout
+    assert "sample.train.fcn8s.lr" in params, params
+    diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
+    assert "metrics/fcn8s.json" in diff and "metrics/fcn32s.json" not in diff, diff
+    assert run(["dvc", "metrics", "diff"], repo).stdout.strip()  # readable table too
+    html = repo / "plots_diff"
+    run(["dvc", "plots", "diff", "HEAD", "-o", str(html)], repo)
+    page = (html / "index.html").read_text()
+    assert "fcn8s" in page
+
+
+def test_experiments_show_params_and_metrics(run_copy):
+    repo = run_copy
+    run(["dvc", "exp", "run", "-n", "lr-low", "-S", "sample.train.fcn8s.lr=0.0005"], repo)
+    shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
+    header, *rows = shown.splitlines()
+    assert "lr-low" in shown
+    assert "mean_iou" in header and "sample.train.fcn8s.lr" in header, header
+    # queue two more and run them; then branch off the first one
+    for lr in ("0.004", "0.008"):
+        run(["dvc", "exp", "run", "--queue", "-S", f"sample.train.fcn8s.lr={lr}"], repo)
+    run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], repo, timeout=1200)
+    table = run(["dvc", "exp", "show", "--csv"], repo).stdout
+    assert "0.004" in table and "0.008" in table, table
+    run(["dvc", "exp", "branch", "lr-low", "lr-low-branch"], repo)
+    assert "lr-low-branch" in run(["git", "branch"], repo).stdout
+
+
+def _push_clone_pull(repo: Path, remote_url: str, clone_dir: Path, extra_config=()) -> str:
+    run(["dvc", "remote", "add", "-d", "team", remote_url], repo)
+    for args in extra_config:
+        run(["dvc", "remote", "modify", "team", *args], repo)
+    run(["git", "add", ".dvc/config"], repo)
+    run(["git", "commit", "-qm", "shared remote"], repo)
+    run(["dvc", "push"], repo)
+    run(["git", "clone", "-q", str(repo), str(clone_dir)], clone_dir.parent)
+    run(["dvc", "pull"], clone_dir)
+    status = run(["dvc", "status"], clone_dir).stdout
+    assert "up to date" in status, status
+    again = run(["dvc", "repro"], clone_dir)
+    assert stages_run(again.stdout) == [], again.stdout
+    for model in ("fcn32s", "fcn16s", "fcn8s"):
+        assert (clone_dir / "models" / f"{model}.pt").is_file()
+        assert (clone_dir / "metrics" / f"{model}.json").is_file()
+    return status
+
+
+def test_push_clone_pull_to_local_remote(run_copy, tmp_path):
+    _push_clone_pull(run_copy, str(tmp_path / "remote"), tmp_path / "clone")
+    # pulling only the datasets, to retrain elsewhere, works too
+    only = tmp_path / "datasets-only"
+    run(["git", "clone", "-q", str(run_copy), str(only)], tmp_path)
+    run(["dvc", "pull", "download_voc", "download_coco", "download_vgg16"], only)
+    assert (only / "data/raw/voc/VOCtrainval_11-May-2012.tar").is_file()
+    assert not (only / "models" / "fcn8s.pt").exists()
