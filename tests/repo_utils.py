@@ -47,10 +47,10 @@ def env() -> dict[str, str]:
     return e
 
 
-def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess:
-    p = subprocess.run(
-        args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout
-    )
+def run(
+    args: list[str], cwd: Path, check: bool = True, timeout: float = 900
+) -> subprocess.CompletedProcess:
+    p = subprocess.run(args, cwd=cwd, env=env(), capture_output=True, text=True, timeout=timeout)
     if check and p.returncode != 0:
         raise AssertionError(
             f"{' '.join(args)} failed ({p.returncode}) in {cwd}\n"
@@ -61,10 +61,16 @@ def run(args: list[str], cwd: Path, check: bool = True, timeout: float = 900) ->
 
 def copy_repo(dst: Path) -> Path:
     """Copy the project's tracked and untracked-but-not-ignored files, then commit them."""
-    files = subprocess.run(
-        ["git", "ls-files", "-co", "--exclude-standard", "-z"],
-        cwd=REPO, capture_output=True, check=True,
-    ).stdout.decode().split("\0")
+    files = (
+        subprocess.run(
+            ["git", "ls-files", "-co", "--exclude-standard", "-z"],
+            cwd=REPO,
+            capture_output=True,
+            check=True,
+        )
+        .stdout.decode()
+        .split("\0")
+    )
     dst.mkdir(parents=True, exist_ok=True)
     for f in filter(None, files):
         src = REPO / f
