@@ -95,10 +95,20 @@ def _check_scale(v: list[float]) -> str | None:
     return None
 
 
+def _hex(length: int | None) -> Callable[[str], str | None]:
+    def check(v: str) -> str | None:
+        ok = all(c in "0123456789abcdefABCDEF" for c in v) and v
+        if not ok or (length is not None and len(v) != length):
+            return f"expected {length or 'some'} hex digits, got {v!r}"
+        return None
+
+    return check
+
+
 def _source() -> dict[str, Any]:
     return {
         "urls": Spec("list[str]", _check_urls),
-        "md5": _str(nullable=True, check=None),
+        "md5": Spec("str", _hex(32), nullable=True),
         "size": _int(nullable=True, min=1),
     }
 
@@ -124,7 +134,7 @@ SCHEMA: dict[str, Any] = {
         "coco_annotations": _source(),
         "vgg16": {
             "urls": Spec("list[str]", _check_urls),
-            "sha256_prefix": _str(nullable=True),
+            "sha256_prefix": Spec("str", _hex(None), nullable=True),
             "size": _int(nullable=True, min=1),
         },
         "retries": _int(min=0, max=100),

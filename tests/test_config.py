@@ -76,6 +76,14 @@ def test_load_params_returns_active_profile(repo_root):
         (lambda p: p["sample"]["train"].update(scale_range=[2.0, 1.0]), "sample.train.scale_range"),
         (lambda p: p["sample"].pop("evaluate"), "sample.evaluate: missing"),
         (lambda p: p["sample"]["train"].update(hflip="yes"), "sample.train.hflip: expected bool"),
+        (
+            lambda p: p["full"]["download"]["voc"].update(md5="6cd6e1"),
+            "full.download.voc.md5: expected 32 hex",
+        ),
+        (
+            lambda p: p["full"]["download"]["vgg16"].update(sha256_prefix="xyz"),
+            "sha256_prefix: expected",
+        ),
     ],
 )
 def test_mistakes_are_rejected_with_the_key_path(params, mutate, expected):

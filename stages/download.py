@@ -1,0 +1,124 @@
+"""DVC stages `download_voc`, `download_coco`, `download_vgg16`: put the raw inputs in data/raw/.
+
+With `download.generate_sample: true` (the `sample` profile) the archives are generated offline
+by pipeline/sample.py in the real layout; otherwise they are fetched from the `urls` of the
+active profile (tried in order: official, mirrors, local paths / file:// URLs) and verified
+against the pinned md5 / sha256 prefix and size before they appear.
+
+Partial downloads live in data/partial/, outside the DVC outputs: DVC deletes a stage's outputs
+before running it, and a 19 GB partial must survive that to be resumed by the next run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+from pathlib import Path
+from typing import Any
+
+if __package__ in (None, ""):  # run as `python stages/download.py`: make `pipeline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.download import DownloadError, fetch  # noqa: E402
+
+RAW = Path("data/raw")
+PARTIAL = Path("data/partial")
+VOC_TAR = RAW / "voc" / "VOCtrainval_11-May-2012.tar"
+COCO_DIR = RAW / "coco"
+COCO_FILES = {  # params key -> file name
+    "coco_train": "train2017.zip",
+    "coco_val": "val2017.zip",
+    "coco_annotations": "annotations_trainval2017.zip",
+}
+VGG16 = RAW / "vgg16" / "vgg16.pth"
+TARGETS = ("voc", "coco", "vgg16")
+
+
+def _fetch_source(cfg: dict[str, Any], key: str, dest: Path, progress: bool) -> Path:
+    src = cfg["download"][key]
+    return fetch(
+        src["urls"],
+        dest,
+        md5=src.get("md5"),
+        sha256_prefix=src.get("sha256_prefix"),
+        size=src.get("size"),
+        retries=cfg["download"]["retries"],
+        timeout=float(cfg["download"]["timeout_s"]),
+        progress=progress,
+        partial_dir=PARTIAL,
+        hint=(
+            "To use a copy you already have, add its local path or a file:// URL to "
+            f"`{cfg['profile']}.download.{key}.urls` in params.yaml (sources are tried in order)."
+        ),
+    )
+
+
+def download(target: str, cfg: dict[str, Any], progress: bool = True) -> list[Path]:
+    """Fetch the real files of `target` (voc | coco | vgg16) into data/raw/; return them."""
+    if target == "voc":
+        return [_fetch_source(cfg, "voc", VOC_TAR, progress)]
+    if target == "coco":
+        return [_fetch_source(cfg, k, COCO_DIR / n, progress) for k, n in COCO_FILES.items()]
+    if target == "vgg16":
+        return [_fetch_source(cfg, "vgg16", VGG16, progress)]
+    raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
+
+
+def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
+    """Generate the offline sample of `target` in the real layout (the `sample` profile)."""
+    s = cfg["download"]["sample"]
+    sizes = {"seed": s["seed"], "min_side": s["min_side"], "max_side": s["max_side"]}
+    if target == "voc":
+        from pipeline.sample import make_voc_sample
+
+        make_voc_sample(VOC_TAR, n_train=s["voc_train"], n_val=s["voc_val"], **sizes)
+        return [VOC_TAR]
+    if target == "coco":
+        from pipeline.sample import make_coco_sample
+
+        make_coco_sample(COCO_DIR, n_train=s["coco_train"], n_val=s["coco_val"], **sizes)
+        return [COCO_DIR / n for n in COCO_FILES.values()]
+    if target == "vgg16":
+        import torch
+
+        from pipeline.atomic import atomic_path
+        from pipeline.surgery import random_vgg16_state_dict
+
+        state = random_vgg16_state_dict(width=cfg["model"]["width"], seed=s["seed"])
+        with atomic_path(VGG16) as tmp:
+            torch.save(state, tmp)
+        return [VGG16]
+    raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument(
+        "target",
+        choices=TARGETS,
+        help="voc: data/raw/voc/VOCtrainval_11-May-2012.tar\n"
+        "coco: data/raw/coco/{train2017,val2017,annotations_trainval2017}.zip\n"
+        "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict)",
+    )
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
+    try:
+        cfg = load_params(args.params)
+        if cfg["download"]["generate_sample"]:
+            paths = generate(args.target, cfg)
+        else:
+            paths = download(args.target, cfg, progress=not args.no_progress)
+    except (ParamsError, DownloadError, ValueError) as e:  # ValueError: a malformed pin
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for p in paths:
+        logging.info("ready: %s (%d bytes)", p, p.stat().st_size)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
