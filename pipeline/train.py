@@ -232,7 +232,7 @@ def build_initial_model(
             state = torch.load(vgg16_path, map_location="cpu", weights_only=True)
         except Exception as e:
             raise ValueError(f"{vgg16_path}: not a loadable VGG16 state dict ({e})") from None
-        load_vgg16_backbone(model, state)
+        load_vgg16_backbone(model, state, source=str(vgg16_path))
         return model, [f"VGG16 backbone from {vgg16_path}"]
     return model, ["random initialisation"]
 

@@ -1,0 +1,23 @@
+"""FCN models: `build_model(name, num_classes, width)`, model files (`save_model`/`load_model`)."""
+
+from pipeline.models.fcn import (
+    MODELS,
+    FCN8s,
+    FCN16s,
+    FCN32s,
+    ModelFileError,
+    build_model,
+    load_model,
+    save_model,
+)
+
+__all__ = [
+    "MODELS",
+    "FCN8s",
+    "FCN16s",
+    "FCN32s",
+    "ModelFileError",
+    "build_model",
+    "load_model",
+    "save_model",
+]

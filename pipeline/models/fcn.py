@@ -1,0 +1,317 @@
+"""FCN-32s, FCN-16s and FCN-8s on VGG16 (Long, Shelhamer and Darrell), as released in Caffe.
+
+Faithful to the original nets (and to pytorch-fcn): conv1_1 pads by 100 and the max pools round
+up (ceil mode), so every input size, 1x1 included, yields a score map that covers it; fixed crop
+offsets then align each skip and the output with the input. The offsets follow from the layer
+geometry: a pixel of a layer with total stride s sits at input coordinate s*i + b, e.g.
+conv1_1 (pad 100) gives b = -99, each 2x2 pool b -> b + s/2, fc6 (7x7, no pad) b -> b + 3*32:
+    pool3: 8i - 95.5   pool4: 16i - 91.5   score_fr: 32i + 12.5
+and a transposed conv (kernel k, stride t) puts output j at input i = (j - (k-1)/2) / t. Hence
+    FCN-32s  upscore (k64 s32): 32*(j-31.5)/32 + 12.5 = j - 19                  -> crop 19
+    FCN-16s  upscore2 (k4 s2) at 16j - 11.5; score_pool4 16(j+c) - 91.5 -> c = 5;
+             upscore16 (k32 s16): j - 15.5 - 11.5 = j - 27                      -> crop 27
+    FCN-8s   upscore_pool4 (k4 s2) at 8j - 23.5; score_pool3 8(j+c) - 95.5 -> c = 9;
+             upscore8 (k16 s8): j - 7.5 - 23.5 = j - 31                         -> crop 31
+(tests/test_models.py re-derives them from the modules and checks them by flip symmetry.)
+
+Layer names are shared across the three classes so that `pipeline.surgery.transplant` carries
+the staged training by name; `features` keeps torchvision's VGG16 indices (`features.0` ...
+`features.28`) so ImageNet weights copy 1:1. Inputs: RGB in 0..1 normalised with the ImageNet
+mean/std (`normalization = "imagenet"`), what torchvision's VGG16 weights expect.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from pipeline.atomic import atomic_path
+from pipeline.surgery import (
+    VGG16_CFG,
+    init_upsampling,
+    scale_channels,
+    vgg16_channels,
+    zero_init_scores,
+)
+
+NORMALIZATION = "imagenet"
+CONV1_PAD = 100
+# Positions of pool3 and pool4 in `features` (torchvision's layout: conv, relu, ..., pool).
+_LAYERS = [layer for v in VGG16_CFG for layer in (("pool",) if v == "M" else ("conv", "relu"))]
+_POOLS = [i for i, v in enumerate(_LAYERS) if v == "pool"]
+POOL3, POOL4 = _POOLS[2], _POOLS[3]  # 16, 23
+
+
+def make_vgg16_features(width: float) -> nn.Sequential:
+    """VGG16's conv blocks with torchvision's indices; conv1_1 pads 100, pools round up."""
+    layers: list[nn.Module] = []
+    in_c = 3
+    for v in VGG16_CFG:
+        if v == "M":
+            layers.append(nn.MaxPool2d(2, stride=2, ceil_mode=True))
+        else:
+            out_c = scale_channels(v, width)
+            pad = CONV1_PAD if not layers else 1
+            layers += [nn.Conv2d(in_c, out_c, 3, padding=pad), nn.ReLU(inplace=True)]
+            in_c = out_c
+    return nn.Sequential(*layers)
+
+
+def _crop(h: torch.Tensor, offset: int, height: int, width: int) -> torch.Tensor:
+    return h[:, :, offset : offset + height, offset : offset + width]
+
+
+def _crop_output(h: torch.Tensor, offset: int, x: torch.Tensor) -> torch.Tensor:
+    # A fresh, compact tensor in the input's memory format: a view would pin the whole
+    # uncropped map in memory and surprise callers that `.view()` the output.
+    fmt = (
+        torch.channels_last
+        if x.is_contiguous(memory_format=torch.channels_last) and not x.is_contiguous()
+        else torch.contiguous_format
+    )
+    return _crop(h, offset, x.shape[2], x.shape[3]).contiguous(memory_format=fmt)
+
+
+def _upsample(channels: int, factor: int, learnable: bool) -> nn.ConvTranspose2d:
+    up = nn.ConvTranspose2d(channels, channels, 2 * factor, stride=factor, bias=False)
+    up.weight.requires_grad_(learnable)
+    return up
+
+
+class _FCN(nn.Module):
+    """VGG16 features + fc6/fc7 as convolutions + score_fr; subclasses add the decoder."""
+
+    arch = ""
+    normalization = NORMALIZATION
+    crops: dict[str, int] = {}
+
+    def __init__(self, num_classes: int = 21, width: float = 1.0) -> None:
+        super().__init__()
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 1:
+            raise ValueError(f"num_classes must be an int >= 1, got {num_classes!r}")
+        convs, fc = vgg16_channels(width)  # validates width
+        self.num_classes = num_classes
+        self.width = float(width)
+        self.features = make_vgg16_features(width)
+        self.fc6 = nn.Conv2d(convs[-1], fc, 7)
+        self.relu6 = nn.ReLU(inplace=True)
+        self.drop6 = nn.Dropout(0.5)  # element-wise, as Caffe's Dropout layer
+        self.fc7 = nn.Conv2d(fc, fc, 1)
+        self.relu7 = nn.ReLU(inplace=True)
+        self.drop7 = nn.Dropout(0.5)
+        self.score_fr = nn.Conv2d(fc, num_classes, 1)
+        self._build_decoder(pool3_channels=convs[6], pool4_channels=convs[9])
+        init_upsampling(self)
+        zero_init_scores(self)
+
+    def _build_decoder(self, pool3_channels: int, pool4_channels: int) -> None:
+        raise NotImplementedError
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(pool3, pool4, score_fr) of an [N,3,H,W] batch."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"{self.arch}: expected input [N,3,H,W], got {tuple(x.shape)}")
+        h = x
+        pool3 = pool4 = h
+        for i, layer in enumerate(self.features):
+            h = layer(h)
+            if i == POOL3:
+                pool3 = h
+            elif i == POOL4:
+                pool4 = h
+        h = self.drop6(self.relu6(self.fc6(h)))
+        h = self.drop7(self.relu7(self.fc7(h)))
+        return pool3, pool4, self.score_fr(h)
+
+    def extra_repr(self) -> str:
+        return f"arch={self.arch}, num_classes={self.num_classes}, width={self.width}"
+
+
+class FCN32s(_FCN):
+    """Single stream: score_fr upsampled 32x by a fixed bilinear transposed conv."""
+
+    arch = "fcn32s"
+    crops = {"upscore": 19}
+
+    def _build_decoder(self, pool3_channels: int, pool4_channels: int) -> None:
+        self.upscore = _upsample(self.num_classes, 32, learnable=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, _, score_fr = self._encode(x)
+        return _crop_output(self.upscore(score_fr), self.crops["upscore"], x)
+
+
+class FCN16s(_FCN):
+    """score_fr upsampled 2x (learnable) + scores of pool4, then a fixed 16x upsampling."""
+
+    arch = "fcn16s"
+    crops = {"score_pool4": 5, "upscore16": 27}
+
+    def _build_decoder(self, pool3_channels: int, pool4_channels: int) -> None:
+        self.upscore2 = _upsample(self.num_classes, 2, learnable=True)
+        self.score_pool4 = nn.Conv2d(pool4_channels, self.num_classes, 1)
+        self.upscore16 = _upsample(self.num_classes, 16, learnable=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        _, pool4, score_fr = self._encode(x)
+        up2 = self.upscore2(score_fr)
+        skip4 = _crop(self.score_pool4(pool4), self.crops["score_pool4"], *up2.shape[2:])
+        return _crop_output(self.upscore16(up2 + skip4), self.crops["upscore16"], x)
+
+
+class FCN8s(_FCN):
+    """FCN-16s's fusion, upsampled 2x (learnable) + scores of pool3, then a fixed 8x."""
+
+    arch = "fcn8s"
+    crops = {"score_pool4": 5, "score_pool3": 9, "upscore8": 31}
+
+    def _build_decoder(self, pool3_channels: int, pool4_channels: int) -> None:
+        self.upscore2 = _upsample(self.num_classes, 2, learnable=True)
+        self.score_pool4 = nn.Conv2d(pool4_channels, self.num_classes, 1)
+        self.upscore_pool4 = _upsample(self.num_classes, 2, learnable=True)
+        self.score_pool3 = nn.Conv2d(pool3_channels, self.num_classes, 1)
+        self.upscore8 = _upsample(self.num_classes, 8, learnable=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool3, pool4, score_fr = self._encode(x)
+        up2 = self.upscore2(score_fr)
+        skip4 = _crop(self.score_pool4(pool4), self.crops["score_pool4"], *up2.shape[2:])
+        up4 = self.upscore_pool4(up2 + skip4)
+        skip3 = _crop(self.score_pool3(pool3), self.crops["score_pool3"], *up4.shape[2:])
+        return _crop_output(self.upscore8(up4 + skip3), self.crops["upscore8"], x)
+
+
+MODELS: dict[str, type[_FCN]] = {"fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s}
+
+
+def build_model(name: str, num_classes: int = 21, width: float = 1.0) -> nn.Module:
+    """A fresh FCN: PyTorch-default convs, zero score layers, bilinear upsampling.
+
+    Follow with `surgery.load_vgg16_backbone` (ImageNet init), `surgery.init_random` (from
+    scratch) or `surgery.transplant` (from the previous stage).
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    return MODELS[name](num_classes=num_classes, width=width)
+
+
+# --- model files -----------------------------------------------------------------------------
+
+_RESERVED = ("arch", "num_classes", "width", "normalization", "state_dict")
+
+
+class ModelFileError(ValueError):
+    """A model file that is not one `save_model` wrote (or was damaged); names the path."""
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    # DistributedDataParallel (`.module`) and torch.compile (`._orig_mod`) wrap the real model.
+    while True:
+        inner = getattr(model, "module", None) or getattr(model, "_orig_mod", None)
+        if not isinstance(inner, nn.Module):
+            return model
+        model = inner
+
+
+def _check_plain(value: Any, where: str) -> None:
+    """Only what `torch.load(weights_only=True)` reads back: tensors and plain Python data."""
+    if value is None or isinstance(value, bool | int | float | str | torch.Tensor):
+        return
+    if isinstance(value, list | tuple):
+        for i, v in enumerate(value):
+            _check_plain(v, f"{where}[{i}]")
+        return
+    if isinstance(value, dict):
+        for k, v in value.items():
+            if not isinstance(k, str | int):
+                raise TypeError(f"{where}: dict key {k!r} must be str or int")
+            _check_plain(v, f"{where}[{k!r}]")
+        return
+    raise TypeError(
+        f"{where}: {type(value).__name__} cannot go in a model file (only tensors, str, int, "
+        "float, bool, None, lists and dicts: the file must load with weights_only=True)"
+    )
+
+
+def save_model(path: str | os.PathLike, model: nn.Module, **extra_meta: Any) -> None:
+    """Write {"arch", "num_classes", "width", "normalization", "state_dict", **extra_meta}.
+
+    Atomic (no half-written file on failure); CPU tensors and plain Python values only, so the
+    file loads with `torch.load(path, weights_only=True)`.
+    """
+    model = _unwrap(model)
+    if not isinstance(model, _FCN):
+        raise TypeError(f"{path}: save_model wants an FCN model, got {type(model).__name__}")
+    clash = sorted(set(extra_meta) & set(_RESERVED))
+    if clash:
+        raise ValueError(f"{path}: extra metadata may not override {clash}")
+    for k, v in extra_meta.items():
+        _check_plain(v, f"{path}: {k}")
+    payload = {
+        "arch": model.arch,
+        "num_classes": model.num_classes,
+        "width": model.width,
+        "normalization": model.normalization,
+        "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
+        **extra_meta,
+    }
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
+
+
+def _unpickler_reason(e: Exception) -> str:
+    # torch's message is a page of advice; the line naming the refused global is the news.
+    lines = [ln.strip() for ln in str(e).splitlines()]
+    hit = [ln for ln in lines if ln.startswith("WeightsUnpickler error")]
+    return (hit[0] if hit else lines[0] if lines else type(e).__name__)[:300]
+
+
+def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
+    """Rebuild the model `save_model` wrote, in eval mode; extra metadata in `model.meta`.
+
+    Reads with `weights_only=True`: a file that pickles arbitrary objects is refused, never run.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: model file not found")
+    try:
+        payload = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ModelFileError(
+            f"{path}: refused: the file pickles Python objects other than tensors and plain "
+            f"data ({_unpickler_reason(e)}); only load model files written by save_model"
+        ) from None
+    except OSError:
+        raise
+    except Exception as e:  # torch raises many types on foreign bytes (KeyError, RuntimeError...)
+        raise ModelFileError(f"{path}: not a torch model file ({type(e).__name__}: {e})") from e
+    if not isinstance(payload, dict):
+        raise ModelFileError(f"{path}: expected a dict of model data, got {type(payload).__name__}")
+    missing = [k for k in _RESERVED if k not in payload]
+    if missing:
+        raise ModelFileError(f"{path}: not a model file of this pipeline (missing {missing})")
+    arch, num_classes, width = payload["arch"], payload["num_classes"], payload["width"]
+    if arch not in MODELS:
+        raise ModelFileError(f"{path}: unknown arch {arch!r}; valid: {', '.join(MODELS)}")
+    if payload["normalization"] != NORMALIZATION:
+        raise ModelFileError(
+            f"{path}: normalization {payload['normalization']!r}, this pipeline feeds "
+            f"{NORMALIZATION!r}"
+        )
+    state_dict = payload["state_dict"]
+    if not isinstance(state_dict, dict):
+        raise ModelFileError(f"{path}: state_dict is a {type(state_dict).__name__}, not a dict")
+    try:
+        # Built on the meta device: no time spent initialising weights that are overwritten.
+        with torch.device("meta"):
+            model = build_model(arch, num_classes=num_classes, width=width)
+        model.load_state_dict(state_dict, strict=True, assign=True)
+    except (RuntimeError, ValueError, TypeError) as e:
+        raise ModelFileError(f"{path}: weights do not fit {arch} (width {width}): {e}") from None
+    model.meta = {k: v for k, v in payload.items() if k not in _RESERVED}
+    return model.eval()
