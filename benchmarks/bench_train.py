@@ -70,7 +70,7 @@ def bench_width(width, args, device):
     x = torch.randn(args.batch, 3, args.size, args.size, generator=g)
     y = torch.randint(0, NUM_CLASSES, (args.batch, args.size, args.size), generator=g)
     times = {k: [] for k in variants}
-    for k, v in variants.items():  # warm-up (allocator, oneDNN kernels)
+    for v in variants.values():  # warm-up (allocator, oneDNN kernels)
         for _ in range(args.warmup):
             step(v, x, y, device)
     for _ in range(args.steps):
@@ -81,8 +81,10 @@ def bench_width(width, args, device):
     rates = {k: args.batch / statistics.median(t) for k, t in times.items()}
     params = sum(p.numel() for p in variants["baseline fp32 NCHW"][0].parameters())
     base = rates["baseline fp32 NCHW"]
-    print(f"\nFCN-8s width {width:g} ({params:,} params), train {args.size}x{args.size}, "
-          f"batch {args.batch}, {args.steps} timed steps, device {device}")
+    print(
+        f"\nFCN-8s width {width:g} ({params:,} params), train {args.size}x{args.size}, "
+        f"batch {args.batch}, {args.steps} timed steps, device {device}"
+    )
     for k, r in rates.items():
         print(f"  {k:<40s} {r:8.3f} img/s   {r / base:5.2f}x")
     return rates

@@ -16,6 +16,7 @@ The writer is deterministic: identical records in identical order give identical
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from collections.abc import Iterator, Mapping
@@ -60,7 +61,7 @@ class ShardWriter:
             self._fh.close()
         name = f"shard-{len(self._shards):05d}.bin"
         self._shards.append(name)
-        self._fh = open(self._tmp / name, "wb")
+        self._fh = open(self._tmp / name, "wb")  # noqa: SIM115 - closed by the next shard/close()
         self._offset = 0
 
     def add(
@@ -100,10 +101,9 @@ class ShardWriter:
         if self._fh is not None:
             self._fh.close()
             self._fh = None
-        try:
+        # atomic_dir removes the temporary directory, then may re-raise what it was given
+        with contextlib.suppress(BaseException):
             self._ctx.__exit__(type(exc) if exc else RuntimeError, exc, None)
-        except BaseException:  # atomic_dir re-raises the exception it was given
-            pass
 
     def __len__(self) -> int:
         return len(self._records)

@@ -1,0 +1,168 @@
+"""Datasets over preprocessed shards: decode JPEG/PNG records into tv_tensors, seeded per sample.
+
+A record of `data/preprocessed/{train,val}` holds `{"image": JPEG, "label": PNG}`. The image is
+decoded by torchvision (libjpeg-turbo, about twice as fast as PIL here, shared/NOTES.md) straight
+to RGB, so a grayscale or CMYK JPEG still gives 3 channels. The label PNG holds class indices:
+mode L (written by preprocess) or the original VOC palette PNG (val), whose palette indices *are*
+the class ids - it is decoded to indices, never to colours.
+
+Seeding: `__getitem__` runs the transform under a private copy of torch's CPU generator seeded
+with `sample_seed(seed, epoch, index)`, so sample i of epoch e gets the same crop, flip and jitter
+whatever the number of DataLoader workers or DDP ranks, and the caller's global RNG (dropout, the
+sampler) is left exactly as it was. Call `set_epoch(e)` before building each epoch's DataLoader
+(its workers get a copy of the dataset when they start; with `persistent_workers=True` they would
+keep the old epoch).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import struct
+import warnings
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.io import ImageReadMode, decode_jpeg, decode_png
+
+from pipeline.shards import ShardReader
+
+# torchvision 0.29 (pinned) deprecates its image codecs in favour of TorchCodec and warns on every
+# call; they are what this project measured and uses, so silence exactly that message.
+warnings.filterwarnings(
+    "ignore",
+    message="The image decoding and encoding capabilities of TorchVision",
+    category=DeprecationWarning,
+)
+
+_JPEG_MAGIC = b"\xff\xd8\xff"
+_PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+_PNG_GRAY, _PNG_PALETTE = 0, 3  # IHDR colour types whose single channel is a class index
+
+
+def _as_tensor(data: bytes) -> Tensor:
+    # bytearray: a writable copy (torch warns on read-only buffers); ~10 us for 100 KB
+    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
+
+
+def _tv_reason(e: Exception) -> str:
+    # torchvision prefixes "decode_jpeg, /path/to/decode_jpeg.cpp:171, "; keep libjpeg's words
+    return str(e).rsplit(".cpp:", 1)[-1].split(", ", 1)[-1].strip() or type(e).__name__
+
+
+def decode_image_rgb(data: bytes, name: str) -> Tensor:
+    """Decode JPEG or PNG bytes to a uint8 RGB tensor [3, H, W] (grayscale and CMYK included).
+
+    EXIF orientation is not applied: VOC and COCO annotations are drawn on the stored pixels.
+    Raises ValueError naming `name` for data that is not a JPEG/PNG or does not decode fully.
+    """
+    if data[:3] == _JPEG_MAGIC:
+        decode = decode_jpeg
+    elif data[:8] == _PNG_MAGIC:
+        decode = decode_png
+    else:
+        raise ValueError(f"{name}: not a JPEG or PNG image (starts with {bytes(data[:8])!r})")
+    try:
+        image = decode(_as_tensor(data), mode=ImageReadMode.RGB)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: corrupt image ({_tv_reason(e)})") from None
+    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
+        raise ValueError(f"{name}: decoded to {tuple(image.shape)} {image.dtype}, not 8-bit RGB")
+    return image
+
+
+def decode_label(data: bytes, name: str) -> Tensor:
+    """Decode a label PNG (8-bit grayscale or palette) to its class indices, uint8 [H, W].
+
+    Only 8-bit gray/palette PNGs are accepted: libpng would rescale a 1/2/4-bit gray PNG to
+    0..255 and an RGB PNG holds colours, not class ids - both would silently invent classes.
+    """
+    if data[:8] != _PNG_MAGIC or data[12:16] != b"IHDR" or len(data) < 33:
+        raise ValueError(f"{name}: not a PNG file (starts with {bytes(data[:8])!r})")
+    bit_depth, colour_type = data[24], data[25]
+    if bit_depth != 8 or colour_type not in (_PNG_GRAY, _PNG_PALETTE):
+        raise ValueError(
+            f"{name}: label PNG must be 8-bit grayscale or palette (class indices), got bit "
+            f"depth {bit_depth}, colour type {colour_type}"
+        )
+    try:
+        label = decode_png(_as_tensor(data), mode=ImageReadMode.UNCHANGED)
+    except RuntimeError as e:
+        raise ValueError(f"{name}: corrupt PNG ({_tv_reason(e)})") from None
+    if label.ndim != 3 or label.shape[0] != 1:  # e.g. a palette PNG expanded by tRNS
+        raise ValueError(f"{name}: label decoded to {tuple(label.shape)}, expected one channel")
+    return label[0]
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed for one sample of one epoch; a hash, so neighbouring samples are unrelated."""
+    digest = hashlib.blake2b(struct.pack("<3q", seed, epoch, index), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
+class SegmentationShards(Dataset):
+    """(image, mask) pairs of a preprocess shard directory (`data/preprocessed/train` or `val`).
+
+    Without a transform: image uint8 [3, H, W] `tv_tensors.Image`, mask int64 [H, W]
+    `tv_tensors.Mask` (0..20, 255 = ignore). With one, `transform(image, mask)` receives the uint8
+    image and uint8 mask and its result is returned (masks always come back int64). Index-based,
+    so DistributedSampler and any sampler work; picklable into DataLoader workers (shard files
+    are opened lazily per process).
+    """
+
+    def __init__(
+        self, directory: str | os.PathLike, transform: Callable | None = None, seed: int = 0
+    ) -> None:
+        self.reader = ShardReader(directory)
+        self.directory = self.reader.directory
+        self.transform = transform
+        self.seed = seed
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.reader)
+
+    def set_epoch(self, epoch: int) -> None:
+        """Pick the augmentation stream of `epoch` (call before creating the epoch's DataLoader)."""
+        self.epoch = epoch
+
+    def _index(self, i: int) -> int:
+        n = len(self.reader)
+        j = i + n if i < 0 else i
+        if not 0 <= j < n:
+            raise IndexError(f"index {i} out of range for {n} records in {self.directory}")
+        return j
+
+    def key(self, i: int) -> str:
+        return self.reader.records[self._index(i)]["key"]
+
+    def meta(self, i: int) -> dict:
+        return self.reader.meta(self._index(i))
+
+    def load(self, i: int) -> tuple[tv_tensors.Image, tv_tensors.Mask]:
+        """Record i decoded, untransformed: uint8 image [3, H, W] and uint8 mask [H, W]."""
+        i = self._index(i)
+        where = f"{self.directory}[{i}] {self.key(i)!r}"
+        image = decode_image_rgb(self.reader.blob(i, "image"), f"{where} image")
+        mask = decode_label(self.reader.blob(i, "label"), f"{where} label")
+        if image.shape[1:] != mask.shape:
+            raise ValueError(
+                f"{where}: image is {tuple(image.shape[1:])} but label is {tuple(mask.shape)}"
+            )
+        return tv_tensors.Image(image), tv_tensors.Mask(mask)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        i = self._index(i)
+        image, mask = self.load(i)
+        if self.transform is not None:
+            # fork_rng(devices=[]) restores only the CPU generator, and only that one is seeded
+            # (torch.manual_seed would also reseed every CUDA generator of a training process)
+            with torch.random.fork_rng(devices=[]):
+                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
+                image, mask = self.transform(image, mask)
+        if mask.dtype != torch.int64:  # the loss wants long targets
+            mask = tv_tensors.Mask(mask, dtype=torch.int64)
+        return image, mask

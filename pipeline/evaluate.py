@@ -1,0 +1,360 @@
+"""Score FCN-32s/16s/8s on VOC 2012 val at original resolution, as the paper's Table 2 does.
+
+Each model runs on every val image at its original size (batch 1 unless consecutive images
+share a size), one confusion matrix is accumulated over the whole set on the model's device,
+and the four metrics come from it (pipeline.metrics). Outputs, all written atomically:
+
+    metrics/<model>.json                 DVC metrics: the four metrics + per-class IoU
+    plots/<model>/per_class_iou.csv      class,iou (one row per class; `dvc plots` bar chart)
+    plots/<model>/confusion.png          row-normalised confusion matrix
+    plots/<model>/qualitative.png        image | ground truth | prediction, first val keys
+    reports/summary.md                   FCN-32s vs 16s vs 8s in %, like the paper's Table 2
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
+from pipeline.classes import NUM_CLASSES, VOC_CLASSES
+from pipeline.metrics import confusion_matrix, segmentation_scores
+from pipeline.predict import forward_labels, predict_labels
+from pipeline.visualize import confusion_png, qualitative_png
+
+METRIC_COLUMNS = (  # (key, the paper's column name)
+    ("pixel_accuracy", "pixel acc."),
+    ("mean_class_accuracy", "mean acc."),
+    ("mean_iou", "mean IU"),
+    ("fw_iou", "f.w. IU"),
+)
+
+
+def display_name(name: str) -> str:
+    """fcn32s -> FCN-32s."""
+    return f"FCN-{name[3:]}" if name.startswith("fcn") else name
+
+
+def _resolve(device: str | torch.device, precision: str | torch.dtype | None):
+    from pipeline.train import resolve_device, resolve_precision
+
+    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
+    amp = resolve_precision(precision, dev) if isinstance(precision, str) else precision
+    return dev, amp
+
+
+def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
+    model.to(device).eval()
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
+    return model
+
+
+# --- the val set -----------------------------------------------------------------------------
+
+
+def val_datasets(val_dir: str | Path) -> tuple[Any, Any]:
+    """(normalised dataset for scoring, raw uint8 dataset for pictures) over the val shards."""
+    from pipeline.datasets import SegmentationShards
+    from pipeline.transforms import eval_transform
+
+    return SegmentationShards(val_dir, transform=eval_transform()), SegmentationShards(val_dir)
+
+
+def _key(dataset: Any, i: int) -> str:
+    return dataset.key(i) if hasattr(dataset, "key") else f"{i:06d}"
+
+
+# --- scoring ---------------------------------------------------------------------------------
+
+
+def _identity(x):
+    return x
+
+
+def evaluate_model(
+    model: nn.Module,
+    dataset: Any,
+    *,
+    device: str | torch.device = "auto",
+    precision: str | torch.dtype | None = "auto",
+    channels_last: bool = True,
+    batch_size: int = 1,
+    workers: int = 0,
+    num_classes: int = NUM_CLASSES,
+    progress: bool = True,
+    desc: str = "evaluate",
+) -> torch.Tensor:
+    """The (C, C) int64 confusion matrix of `model` over `dataset` (normalised images, masks).
+
+    Images are scored at their own size; up to `batch_size` consecutive images of equal size
+    share a forward pass. The matrix is accumulated on `device` and returned on the CPU.
+    The model is moved to `device` and put in eval mode.
+    """
+    from tqdm import tqdm
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    dev, amp = _resolve(device, precision)
+    _prepare(model, dev, channels_last)
+    loader = torch.utils.data.DataLoader(
+        dataset,
+        batch_size=None,  # sizes differ: group by hand below
+        num_workers=workers,
+        pin_memory=dev.type == "cuda",
+        collate_fn=_identity,
+    )
+    hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
+    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
+
+    def flush() -> None:
+        x = torch.stack([im for _, im, _ in pending]).to(dev, non_blocking=True)
+        y = torch.stack([m for _, _, m in pending]).to(dev, non_blocking=True)
+        pred = forward_labels(model, x, amp_dtype=amp, channels_last=channels_last)
+        try:
+            hist.add_(confusion_matrix(pred, y, num_classes))
+        except ValueError as e:  # name the records: a bad label map is a data problem
+            keys = [_key(dataset, i) for i, _, _ in pending]
+            raise ValueError(f"val record(s) {keys}: {e}") from None
+        pending.clear()
+
+    with tqdm(
+        total=len(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True
+    ) as bar:
+        for i, (image, mask) in enumerate(loader):  # sequential: i is the dataset index
+            if image.shape[-2:] != mask.shape[-2:]:
+                raise ValueError(
+                    f"val record {_key(dataset, i)!r}: image {tuple(image.shape)} and mask "
+                    f"{tuple(mask.shape)} differ in size"
+                )
+            if pending and (image.shape != pending[0][1].shape or len(pending) == batch_size):
+                flush()
+            pending.append((i, torch.as_tensor(image), torch.as_tensor(mask)))
+            bar.update(1)
+        if pending:
+            flush()
+    return hist.cpu()
+
+
+# --- reports ---------------------------------------------------------------------------------
+
+
+def _json_safe(v: float | None) -> float | None:
+    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
+
+
+def metrics_json(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> dict:
+    """The DVC metrics file: four metrics, then per-class IoU by class name (null if absent)."""
+    out: dict[str, Any] = {key: _json_safe(scores[key]) for key, _ in METRIC_COLUMNS}
+    out["per_class_iou"] = {
+        name: _json_safe(v) for name, v in zip(class_names, scores["per_class_iou"], strict=True)
+    }
+    return out
+
+
+def per_class_iou_csv(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> str:
+    """class,iou rows, one per class; an absent class has an empty iou (CSV null)."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["class", "iou"])
+    for name, v in zip(class_names, scores["per_class_iou"], strict=True):
+        w.writerow([name, "" if v is None else f"{v:.6f}"])
+    return buf.getvalue()
+
+
+def qualitative_indices(dataset: Any, n: int) -> list[int]:
+    """The first `n` records of the val set by key order (fixed whatever the shard order)."""
+    return sorted(range(len(dataset)), key=lambda i: _key(dataset, i))[:n]
+
+
+def qualitative_samples(
+    model: nn.Module,
+    raw_dataset: Any,
+    indices: Sequence[int],
+    *,
+    device: str | torch.device = "auto",
+    precision: str | torch.dtype | None = "auto",
+    channels_last: bool = True,
+) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
+    """(key, RGB image, ground truth, prediction) for the qualitative sheet."""
+    dev, amp = _resolve(device, precision)
+    _prepare(model, dev, channels_last)
+    samples = []
+    for i in indices:
+        image, mask = raw_dataset[i]
+        image = torch.as_tensor(image)
+        pred = predict_labels(model, image[None], amp_dtype=amp, channels_last=channels_last)
+        samples.append(
+            (
+                _key(raw_dataset, i),
+                image.permute(1, 2, 0).numpy(),
+                torch.as_tensor(mask).numpy(),
+                pred[0].cpu().numpy(),
+            )
+        )
+    return samples
+
+
+def write_model_report(
+    name: str,
+    hist: torch.Tensor,
+    model: nn.Module,
+    dataset: Any,
+    out_root: str | Path,
+    qualitative_images: int,
+    *,
+    device: str | torch.device = "auto",
+    precision: str | torch.dtype | None = "auto",
+    channels_last: bool = True,
+    class_names: Sequence[str] = VOC_CLASSES,
+) -> dict[str, Any]:
+    """Write metrics/<name>.json and plots/<name>/{per_class_iou.csv,confusion.png,qualitative.png}.
+
+    `dataset` is the raw val set (uint8 images) the qualitative sheet is drawn from.
+    Returns the scores.
+    """
+    out_root = Path(out_root)
+    scores = segmentation_scores(hist)
+    label = display_name(name)
+    samples = qualitative_samples(
+        model,
+        dataset,
+        qualitative_indices(dataset, qualitative_images),
+        device=device,
+        precision=precision,
+        channels_last=channels_last,
+    )
+    plots = out_root / "plots" / name
+    atomic_write_text(plots / "per_class_iou.csv", per_class_iou_csv(scores, class_names))
+    title = (
+        f"{label}: mean IU {100 * scores['mean_iou']:.1f}%"
+        if not math.isnan(scores["mean_iou"])
+        else label
+    )
+    atomic_write_bytes(
+        plots / "confusion.png", confusion_png(hist.cpu().numpy(), class_names, title)
+    )
+    atomic_write_bytes(plots / "qualitative.png", qualitative_png(samples, class_names, label))
+    atomic_write_json(out_root / "metrics" / f"{name}.json", metrics_json(scores, class_names))
+    return scores
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+
+
+def summary_table(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """Markdown: one row per model, the four metrics in % (the paper's Table 2 layout)."""
+    lines = [
+        "| model | " + " | ".join(col for _, col in METRIC_COLUMNS) + " |",
+        "|---|" + "---:|" * len(METRIC_COLUMNS),
+    ]
+    for name, s in results.items():
+        lines.append(
+            f"| {display_name(name)} | " + " | ".join(_pct(s[k]) for k, _ in METRIC_COLUMNS) + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def per_class_table(
+    results: Mapping[str, Mapping[str, Any]], class_names: Sequence[str] = VOC_CLASSES
+) -> str:
+    """Markdown: IoU per class (rows) and model (columns) in %; n/a for absent classes."""
+    lines = [
+        "| class | " + " | ".join(display_name(n) for n in results) + " |",
+        "|---|" + "---:|" * len(results),
+    ]
+    for c, cname in enumerate(class_names):
+        lines.append(
+            f"| {cname} | "
+            + " | ".join(_pct(s["per_class_iou"][c]) for s in results.values())
+            + " |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def summary_markdown(
+    results: Mapping[str, Mapping[str, Any]],
+    *,
+    num_images: int,
+    setting: str = "",
+    class_names: Sequence[str] = VOC_CLASSES,
+) -> str:
+    pixels = next(iter(results.values()))["num_pixels"] if results else 0
+    return (
+        "# FCN on PASCAL VOC 2012 val\n\n"
+        f"{num_images} val images at original resolution, {pixels:,} labelled pixels "
+        f"(255 ignored){'; ' + setting if setting else ''}. Metrics as in Long et al., "
+        "Table 2, in %.\n\n"
+        + summary_table(results)
+        + "\n## IoU per class (%)\n\nn/a: the class is in neither the ground truth nor the "
+        "predictions of this val set, so it is left out of the mean.\n\n"
+        + per_class_table(results, class_names)
+    )
+
+
+def evaluate_all(
+    load_model: Callable[[str], nn.Module],
+    names: Sequence[str],
+    val_dir: str | Path,
+    out_root: str | Path,
+    *,
+    device: str = "auto",
+    precision: str = "auto",
+    batch_size: int = 1,
+    qualitative_images: int = 6,
+    workers: int = 0,
+    channels_last: bool = True,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """Evaluate each named model (loaded one at a time), write its report and reports/summary.md."""
+    out_root = Path(out_root)
+    eval_set, raw_set = val_datasets(val_dir)
+    if len(eval_set) == 0:
+        raise ValueError(f"{val_dir}: the val set is empty")
+    dev, amp = _resolve(device, precision)
+    results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        model = load_model(name)
+        hist = evaluate_model(
+            model,
+            eval_set,
+            device=dev,
+            precision=amp,
+            channels_last=channels_last,
+            batch_size=batch_size,
+            workers=workers,
+            progress=progress,
+            desc=f"evaluate {name}",
+        )
+        results[name] = write_model_report(
+            name,
+            hist,
+            model,
+            raw_set,
+            out_root,
+            qualitative_images,
+            device=dev,
+            precision=amp,
+            channels_last=channels_last,
+        )
+        s = results[name]
+        print(
+            f"[evaluate] {name}: mean IU {_pct(s['mean_iou'])}%, pixel acc. "
+            f"{_pct(s['pixel_accuracy'])}%",
+            flush=True,
+        )
+        del model
+    setting = f"device {dev.type}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}"
+    md = summary_markdown(results, num_images=len(eval_set), setting=setting)
+    atomic_write_text(out_root / "reports" / "summary.md", md)
+    print("\n" + summary_table(results), flush=True)
+    return results

@@ -1,0 +1,72 @@
+"""DVC stage `evaluate`: score FCN-32s, FCN-16s and FCN-8s on VOC 2012 val (original resolution).
+
+Reads models/<name>.pt and data/preprocessed/val; writes metrics/<name>.json,
+plots/<name>/{per_class_iou.csv,confusion.png,qualitative.png} and reports/summary.md
+(Table 2 of the paper: pixel acc., mean acc., mean IU, f.w. IU). Settings come from the
+`evaluate` section of the active params profile: device, precision, batch_size,
+qualitative_images.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pipeline.config import MODEL_NAMES, load_params
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap.add_argument(
+        "--data", default="data/preprocessed/val", help="val shard dir (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--models", default="models", help="where <name>.pt are read (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--out", default=".", help="root of metrics/, plots/, reports/ (default: %(default)s)"
+    )
+    ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
+                    help="evaluate only these models (default: all three)")  # fmt: skip
+    ap.add_argument(
+        "--workers", type=int, default=2, help="decoding processes (default: %(default)s)"
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bars")
+    args = ap.parse_args(argv)
+
+    cfg = load_params(args.params)["evaluate"]
+    models = Path(args.models)
+    missing = [models / f"{n}.pt" for n in args.only if not (models / f"{n}.pt").is_file()]
+    if missing:  # fail before an hour of scoring, not after
+        for p in missing:
+            print(
+                f"error: {p}: model file not found (run `dvc repro train_{p.stem}`)",
+                file=sys.stderr,
+            )
+        return 1
+    if not (Path(args.data) / "index.json").is_file():
+        print(f"error: {args.data}: no val shards (run `dvc repro preprocess`)", file=sys.stderr)
+        return 1
+
+    from pipeline.evaluate import evaluate_all
+    from pipeline.models.fcn import load_model
+
+    evaluate_all(
+        lambda name: load_model(models / f"{name}.pt", map_location="cpu"),
+        args.only,
+        args.data,
+        args.out,
+        device=cfg["device"],
+        precision=cfg["precision"],
+        batch_size=cfg["batch_size"],
+        qualitative_images=cfg["qualitative_images"],
+        workers=args.workers,
+        progress=not args.no_progress,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,83 @@
+"""DVC stage `preprocess`: VOC 2012 (+ COCO's VOC classes) -> data/preprocessed/{train,val}.
+
+train: VOC train.txt images and, with `preprocess.use_coco`, every COCO-VOC label record of the
+`coco_to_voc.splits`, resized so the longer side is at most `preprocess.max_size` (never
+upscaled; label maps nearest-neighbour), as JPEG (`jpeg_quality`) + PNG shards.
+val: VOC val.txt at original resolution, original bytes (scores use original label maps).
+report.json lists every skipped input; the stage fails, writing nothing, when more than
+`preprocess.max_bad_fraction` of the inputs are unusable.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python stages/preprocess.py`: make `pipeline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.archives import ArchiveError  # noqa: E402
+from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.preprocess import PreprocessError, preprocess  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap.add_argument(
+        "--voc-tar",
+        type=Path,
+        default=Path("data/raw/voc/VOCtrainval_11-May-2012.tar"),
+        help="VOC 2012 trainval tar (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--coco-voc",
+        type=Path,
+        default=Path("data/coco_voc"),
+        help="coco_to_voc output, one shard dir per split (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--coco-dir",
+        type=Path,
+        default=Path("data/raw/coco"),
+        help="folder of the COCO image zips <split>.zip (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("data/preprocessed"),
+        help="output folder: train/, val/, report.json (default: %(default)s)",
+    )
+    ap.add_argument("--no-progress", action="store_true", help="no progress bar")
+    args = ap.parse_args(argv)
+    try:
+        cfg = load_params(args.params)
+        p = cfg["preprocess"]
+        report = preprocess(
+            args.voc_tar,
+            args.coco_voc,
+            args.coco_dir,
+            args.out,
+            max_size=p["max_size"],
+            jpeg_quality=p["jpeg_quality"],
+            shard_size=p["shard_size"],
+            use_coco=p["use_coco"],
+            workers=p["workers"],
+            max_bad_fraction=p["max_bad_fraction"],
+            coco_splits=cfg["coco_to_voc"]["splits"],
+            progress=not args.no_progress,
+        )
+    except (ParamsError, PreprocessError, ArchiveError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"preprocess: train {report['train']['records']} {report['train']['by_source']}, "
+        f"val {report['val']['records']}, skipped {report['bad']} of {report['inputs']} "
+        f"(details: {args.out / 'report.json'})"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,224 @@
+"""pipeline.evaluate + stages/evaluate.py on real VOC val images in a tiny shard dir."""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import io
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+from torch import nn
+
+from pipeline.classes import NUM_CLASSES, VOC_CLASSES
+from pipeline.config import MODEL_NAMES
+from pipeline.evaluate import (
+    evaluate_all,
+    evaluate_model,
+    qualitative_indices,
+    qualitative_samples,
+    summary_table,
+    val_datasets,
+)
+from pipeline.metrics import confusion_matrix
+from pipeline.shards import ShardWriter
+from pipeline.transforms import normalize
+
+REPO = Path(__file__).resolve().parents[1]
+# torchvision 0.29 warns on every decode_jpeg call (pipeline.datasets silences it outside pytest)
+pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
+
+
+def load_stage():
+    """stages/evaluate.py as a module (its name would clash with other `evaluate` modules)."""
+    spec = importlib.util.spec_from_file_location("stage_evaluate", REPO / "stages" / "evaluate.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+class TinyFCN(nn.Module):
+    """Stand-in with the FCN contract: [N, 3, H, W] -> [N, 21, H, W] logits at the input size."""
+
+    normalization = "imagenet"
+
+    def __init__(self, seed: int = 0) -> None:
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1)
+        self.score = nn.Conv2d(8, NUM_CLASSES, 1)
+        g = torch.Generator().manual_seed(seed)
+        with torch.no_grad():
+            for p in self.parameters():
+                p.copy_(torch.randn(p.shape, generator=g))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.score(torch.relu(self.conv(x)))
+
+
+def write_val_shards(
+    out: Path, voc: Path, ids: list[str], labels: dict[str, bytes] | None = None
+) -> Path:
+    """A val shard dir as preprocess writes it: original JPEG bytes + original label PNG bytes."""
+    with ShardWriter(out, shard_size=2) as w:
+        for i in ids:
+            jpg = (voc / "JPEGImages" / f"{i}.jpg").read_bytes()
+            png = (labels or {}).get(i) or (voc / "SegmentationClass" / f"{i}.png").read_bytes()
+            with Image.open(io.BytesIO(jpg)) as im:
+                width, height = im.size
+            w.add(
+                f"voc/{i}",
+                {"image": jpg, "label": png},
+                {"height": height, "width": width, "source": "voc"},
+            )
+    return out
+
+
+@pytest.fixture(scope="module")
+def val_ids(voc_sample: Path) -> list[str]:
+    ids = (voc_sample / "ImageSets" / "Segmentation" / "val.txt").read_text().split()
+    # not in key order, and three 500x375 images in a row (batched together)
+    return [ids[4], ids[0], ids[2], ids[1], ids[3]]
+
+
+@pytest.fixture(scope="module")
+def val_dir(tmp_path_factory, voc_sample: Path, val_ids: list[str]) -> Path:
+    return write_val_shards(tmp_path_factory.mktemp("data") / "val", voc_sample, val_ids)
+
+
+@pytest.fixture(scope="module")
+def small_val_dir(tmp_path_factory, voc_sample: Path, val_ids: list[str]) -> Path:
+    """Three images: enough for the report files, quick for three models."""
+    return write_val_shards(tmp_path_factory.mktemp("small") / "val", voc_sample, val_ids[:3])
+
+
+def test_evaluate_model_counts_every_labelled_pixel_once(val_dir: Path):
+    eval_set, raw_set = val_datasets(val_dir)
+    model = TinyFCN(0)
+    hist = evaluate_model(
+        model, eval_set, device="cpu", precision="fp32", channels_last=False, progress=False
+    )
+    assert hist.dtype == torch.int64 and hist.shape == (NUM_CLASSES, NUM_CLASSES)
+    # reference: one image at a time from the raw uint8 images, normalised here
+    ref = torch.zeros_like(hist)
+    labelled = 0
+    with torch.no_grad():
+        for i in range(len(raw_set)):
+            image, mask = raw_set[i]
+            pred = model(normalize(torch.as_tensor(image)[None])).argmax(1)
+            ref += confusion_matrix(pred, torch.as_tensor(mask)[None])
+            labelled += int((torch.as_tensor(mask) != 255).sum())
+    assert int(hist.sum()) == labelled
+    assert hist.sum(1).tolist() == ref.sum(1).tolist()  # ground-truth counts: exact
+    assert (hist - ref).abs().sum() <= 1e-4 * labelled  # predictions: up to float rounding
+    batched = evaluate_model(
+        model, eval_set, device="cpu", precision="fp32", batch_size=3, progress=False
+    )
+    assert batched.sum(1).tolist() == hist.sum(1).tolist()
+    assert (batched - hist).abs().sum() <= 1e-4 * labelled
+
+
+def test_a_bad_label_map_is_named(tmp_path: Path, voc_sample: Path, val_ids: list[str]):
+    bad = np.zeros((375, 500), np.uint8)
+    bad[10, 10] = 30
+    buf = io.BytesIO()
+    Image.fromarray(bad).save(buf, format="PNG")
+    d = write_val_shards(tmp_path / "val", voc_sample, val_ids[:2], {val_ids[1]: buf.getvalue()})
+    eval_set, _ = val_datasets(d)
+    with pytest.raises(ValueError, match=rf"voc/{val_ids[1]}.*\[30\]"):
+        evaluate_model(TinyFCN(), eval_set, device="cpu", precision="fp32", progress=False)
+
+
+def test_qualitative_images_are_the_first_keys(val_dir: Path, val_ids: list[str]):
+    _, raw_set = val_datasets(val_dir)
+    idx = qualitative_indices(raw_set, 3)
+    assert [raw_set.key(i) for i in idx] == [f"voc/{k}" for k in sorted(val_ids)[:3]]
+    samples = qualitative_samples(TinyFCN(), raw_set, idx, device="cpu", precision="fp32")
+    for key, image, gt, pred in samples:
+        assert image.dtype == np.uint8 and image.shape == (*gt.shape, 3)
+        assert pred.shape == gt.shape and pred.max() < NUM_CLASSES
+        assert key.startswith("voc/")
+
+
+def check_outputs(out: Path, results: dict, n_qualitative: int) -> None:
+    for name in MODEL_NAMES:
+        m = json.loads((out / "metrics" / f"{name}.json").read_text())
+        assert list(m) == [
+            "pixel_accuracy",
+            "mean_class_accuracy",
+            "mean_iou",
+            "fw_iou",
+            "per_class_iou",
+        ]
+        assert list(m["per_class_iou"]) == list(VOC_CLASSES)
+        assert m["mean_iou"] == pytest.approx(results[name]["mean_iou"])
+        assert 0.0 <= m["pixel_accuracy"] <= 1.0
+        rows = list(csv.DictReader((out / "plots" / name / "per_class_iou.csv").open()))
+        assert len(rows) == 21 and [r["class"] for r in rows] == list(VOC_CLASSES)
+        for r, v in zip(rows, results[name]["per_class_iou"], strict=True):
+            assert (r["iou"] == "") if v is None else float(r["iou"]) == pytest.approx(v, abs=1e-6)
+        for png in ("confusion.png", "qualitative.png"):
+            with Image.open(out / "plots" / name / png) as im:
+                assert im.format == "PNG" and im.width > 200
+                if png == "qualitative.png":
+                    assert im.height > 150 * n_qualitative
+    summary = (out / "reports" / "summary.md").read_text()
+    for name, label in zip(MODEL_NAMES, ("FCN-32s", "FCN-16s", "FCN-8s"), strict=True):
+        assert f"| {label} | {100 * results[name]['pixel_accuracy']:.1f} |" in summary
+    assert "| pixel acc. | mean acc. | mean IU | f.w. IU |" in summary
+    assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
+
+
+def test_evaluate_all_writes_every_output(tmp_path: Path, small_val_dir: Path, capsys):
+    seeds = {name: k for k, name in enumerate(MODEL_NAMES)}
+    results = evaluate_all(
+        lambda name: TinyFCN(seeds[name]),
+        MODEL_NAMES,
+        small_val_dir,
+        tmp_path,
+        device="cpu",
+        precision="fp32",
+        qualitative_images=2,
+        progress=False,
+    )
+    assert list(results) == list(MODEL_NAMES)
+    check_outputs(tmp_path, results, 2)
+    printed = capsys.readouterr().out
+    assert summary_table(results) in printed  # the table is printed at the end
+
+
+def test_stage_refuses_missing_models(tmp_path: Path, val_dir: Path, capsys):
+    stage = load_stage()
+    rc = stage.main(
+        ["--params", str(REPO / "params.yaml"), "--models", str(tmp_path), "--data", str(val_dir)]
+    )
+    assert rc == 1
+    assert "fcn32s.pt: model file not found" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_stage_end_to_end_with_real_models(tmp_path: Path, small_val_dir: Path):
+    fcn = pytest.importorskip("pipeline.models.fcn")
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "sample"
+    params["sample"]["evaluate"].update(precision="fp32", qualitative_images=1)  # quick
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    models = tmp_path / "models"
+    for name in MODEL_NAMES:
+        torch.manual_seed(0)
+        fcn.save_model(
+            models / f"{name}.pt", fcn.build_model(name, num_classes=NUM_CLASSES, width=1 / 32)
+        )
+    stage = load_stage()
+    out = tmp_path / "out"
+    args = ["--params", tmp_path / "params.yaml", "--models", models, "--data", small_val_dir]
+    rc = stage.main([str(a) for a in [*args, "--out", out, "--workers", 0, "--no-progress"]])
+    assert rc == 0
+    results = {n: json.loads((out / "metrics" / f"{n}.json").read_text()) for n in MODEL_NAMES}
+    for r in results.values():
+        r["per_class_iou"] = list(r["per_class_iou"].values())
+    check_outputs(out, results, 1)
