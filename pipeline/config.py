@@ -180,6 +180,7 @@ SCHEMA: dict[str, Any] = {
         "hflip": _bool(),
         "color_jitter": _float(min=0, max=1),
         "loss": _str(choices=("mean", "sum")),
+        "lr_policy": _str(choices=("fixed", "poly")),
         "momentum": _float(min=0, max=1),  # max=1 inclusive is still nonsense; see below
         "weight_decay": _float(min=0),
         "checkpoint_every": _int(min=1),
