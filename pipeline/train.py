@@ -37,10 +37,11 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
 
 CHECKPOINT_NAME = "last.pt"
+COMPLETE_NAME = "complete.json"
 
 
 # --- devices and precision -------------------------------------------------------------------
@@ -555,12 +556,24 @@ def train(
 
     if rank == 0:
         save_model(out_model, model, trained_iterations=iteration, seconds=time.time() - t0)
+        finish_checkpoints(Path(checkpoint_dir), fp, iteration)
         if live is not None:
             live.end()
     if distributed:
         dist.barrier()
         dist.destroy_process_group()
     return {"iterations": iteration, "history": history, "scores": scores}
+
+
+def finish_checkpoints(checkpoint_dir: Path, fp: str, iteration: int) -> None:
+    """After a successful run the resume state is spent: replace it by a small marker.
+
+    The checkpoint folder stays a (persist) DVC output, but a few bytes instead of a model plus
+    momentum buffers (1 GB at full width), so `dvc push`/`pull` carry no dead weight.
+    """
+    atomic_write_json(checkpoint_dir / COMPLETE_NAME, {"fingerprint": fp, "iterations": iteration})
+    with contextlib.suppress(FileNotFoundError):
+        (checkpoint_dir / CHECKPOINT_NAME).unlink()
 
 
 def _checkpoint(path, rank, model, optimizer, epoch, iteration, history, fp, epoch_losses):
