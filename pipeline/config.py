@@ -7,6 +7,7 @@ allowed, so that a typo fails in a second instead of after an hour of preprocess
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -255,6 +256,18 @@ def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
     return params[profile]
 
 
+class _ParamsLoader(yaml.SafeLoader):
+    """PyYAML's YAML 1.1 plus YAML 1.2 floats without a dot (`1e-10`): DVC writes params.yaml
+    in YAML 1.2, so `dvc exp run -S full.train.fcn32s.lr=1e-10` leaves `lr: 1e-10` there."""
+
+
+_ParamsLoader.add_implicit_resolver(
+    "tag:yaml.org,2002:float",
+    re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
+    list("-+0123456789"),
+)
+
+
 def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     """Read params.yaml, validate it and return the active profile's section (plus `profile`)."""
     path = Path(path)
@@ -263,7 +276,7 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the repository root)") from None
     try:
-        params = yaml.safe_load(text)
+        params = yaml.load(text, Loader=_ParamsLoader)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     cfg = validate_params(params, str(path))

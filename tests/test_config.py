@@ -106,3 +106,12 @@ def test_bad_yaml_names_the_file(tmp_path):
         load_params(bad)
     with pytest.raises(ParamsError, match="not found"):
         load_params(tmp_path / "missing.yaml")
+
+
+def test_yaml12_exponent_floats_as_dvc_writes_them(repo_root, tmp_path):
+    # `dvc exp run -S full.train.fcn32s.lr=1e-10` writes `lr: 1e-10` (no dot): still a float
+    text = (repo_root / "params.yaml").read_text().replace("lr: 1.0e-10", "lr: 1e-10")
+    assert "lr: 1e-10" in text
+    (tmp_path / "params.yaml").write_text(text.replace("profile: sample", "profile: full"))
+    cfg = load_params(tmp_path / "params.yaml")
+    assert cfg["train"]["fcn32s"]["lr"] == 1e-10

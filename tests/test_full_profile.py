@@ -1,0 +1,325 @@
+"""The `full` profile end to end on real data, every download served by a local HTTP server.
+
+`dvc exp run -S profile=full` with `-S` overrides that point every `full.download.*` URL and
+checksum at a server on 127.0.0.1. It serves archives in the official layout built here from
+the real VOC/COCO samples, and a randomly initialised torchvision VGG16 state dict at the
+model's width. Tiny sizes and epochs keep it short on a CPU; the stages, code and every other
+`full` setting (fixed lr policy, scale range, dropout 0.5, device/precision auto, ...) are a real
+full run's, except a per-pixel mean loss (see TINY).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import math
+import tarfile
+import threading
+import zipfile
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+import pytest
+import torch
+
+from pipeline.surgery import random_vgg16_state_dict
+from tests.repo_utils import copy_repo, run, stages_run
+
+pytestmark = pytest.mark.slow
+
+ALL_STAGES = [
+    "download_voc",
+    "download_coco",
+    "download_vgg16",
+    "coco_to_voc",
+    "preprocess",
+    "train_fcn32s",
+    "train_fcn16s",
+    "train_fcn8s",
+    "evaluate",
+]
+MODELS = ("fcn32s", "fcn16s", "fcn8s")
+FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
+WIDTH = 0.0625  # CPU-sized VGG16; the served weights must have the model's width
+TRAIN_IMAGES, VAL_IMAGES = 32, 12  # of the sample's 76 VOC train and 32 val images
+VGG_SEED = 1234  # not the sample profile's seed: the served file is not what `generate` makes
+
+# Tiny sizes and epochs; everything not named here stays as params.yaml's `full` section has it.
+TINY: dict[str, Any] = {
+    "full.model.width": WIDTH,
+    "full.coco_to_voc.min_pixels": 100,
+    "full.preprocess.max_size": 96,
+    "full.train.crop_size": 64,
+    "full.train.batch_size": 4,
+    "full.train.workers": 0,
+    # A per-pixel mean loss at lr 0.01. The full profile's summed loss needs rates like 1e-8,
+    # and DVC writes such `-S` floats without a dot (`1e-08`), which pipeline.config's YAML 1.1
+    # reader (yaml.safe_load) takes for a string and refuses.
+    "full.train.loss": "mean",
+    "full.train.momentum": 0.9,
+    **{f"full.train.{m}.{k}": v for m in MODELS for k, v in (("epochs", 1), ("lr", 0.01))},
+    "full.evaluate.qualitative_images": 2,
+}
+
+
+# --- a real server that counts what it serves ------------------------------------------------
+
+
+class _Handler(BaseHTTPRequestHandler):
+    def log_message(self, *args: object) -> None:  # keep pytest output clean
+        pass
+
+    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
+        srv: CountingServer = self.server.owner  # type: ignore[attr-defined]
+        path = urlparse(self.path).path
+        data = srv.files.get(path)
+        rec = {"path": path, "range": self.headers.get("Range"), "status": 404, "sent": 0}
+        with srv.lock:
+            srv.requests.append(rec)
+        if data is None:
+            self.send_error(404)
+            return
+        # whole files only: a client resuming with Range must cope with a plain 200
+        rec["status"] = 200
+        self.send_response(200)
+        self.send_header("Content-Length", str(len(data)))
+        self.send_header("Content-Type", "application/octet-stream")
+        self.end_headers()
+        view = memoryview(data)
+        for i in range(0, len(data), 1 << 16):
+            self.wfile.write(view[i : i + (1 << 16)])
+            rec["sent"] += len(view[i : i + (1 << 16)])
+        self.close_connection = True
+
+
+class CountingServer:
+    """Serves `files` (URL path -> bytes) on 127.0.0.1 and records every request."""
+
+    def __init__(self, files: dict[str, bytes]) -> None:
+        self.files = files
+        self.requests: list[dict[str, Any]] = []
+        self.lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.owner = self  # type: ignore[attr-defined]
+        self.thread = threading.Thread(
+            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
+        )
+        self.thread.start()
+
+    def url(self, path: str) -> str:
+        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
+
+    def hits(self, path: str) -> list[dict[str, Any]]:
+        with self.lock:
+            return [r for r in self.requests if r["path"] == path]
+
+    def close(self) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+# --- the served files, in the official layouts, from the real samples -----------------------
+
+
+def _add_bytes(tf: tarfile.TarFile, name: str, data: bytes) -> None:
+    info = tarfile.TarInfo(name)
+    info.size, info.mode = len(data), 0o644
+    tf.addfile(info, io.BytesIO(data))
+
+
+def voc_tar(voc_sample: Path, train_images: int, val_images: int) -> bytes:
+    """VOCtrainval_11-May-2012.tar: VOCdevkit/VOC2012/{JPEGImages,SegmentationClass,ImageSets}.
+
+    Every sample file goes in, but train.txt / val.txt list only their first `train_images` /
+    `val_images` ids (fewer iterations and validation passes on a CPU); trainval.txt is
+    train + val, as in the real tar.
+    """
+    seg = voc_sample / "ImageSets" / "Segmentation"
+    train = (seg / "train.txt").read_text().split()[:train_images]
+    val = (seg / "val.txt").read_text().split()[:val_images]
+    lists = {"train.txt": train, "val.txt": val, "trainval.txt": train + val}
+    root = "VOCdevkit/VOC2012"
+    buf = io.BytesIO()
+    with tarfile.open(fileobj=buf, mode="w", format=tarfile.GNU_FORMAT) as tf:
+        for path in sorted(voc_sample.rglob("*")):
+            if path.is_file() and path.parent != seg:
+                tf.add(path, arcname=f"{root}/{path.relative_to(voc_sample)}")
+        for name, ids in lists.items():
+            text = "".join(f"{i}\n" for i in ids).encode()
+            _add_bytes(tf, f"{root}/ImageSets/Segmentation/{name}", text)
+    return buf.getvalue()
+
+
+def _train_name(file_name: str) -> str:
+    # The sample has val2017 images only; train2017 reuses them under other names (same ids),
+    # because record keys are file stems and the two splits must not share one.
+    return f"9{file_name[1:]}"
+
+
+def coco_zips(coco_sample: Path) -> dict[str, bytes]:
+    """train2017.zip, val2017.zip, annotations_trainval2017.zip as the official ones nest them."""
+    val_json = json.loads((coco_sample / "annotations" / "instances_val2017.json").read_text())
+    train_json = dict(val_json)
+    train_json["images"] = [
+        {**img, "file_name": _train_name(img["file_name"])} for img in val_json["images"]
+    ]
+    images = sorted((coco_sample / "images" / "val2017").glob("*.jpg"))
+    out = {}
+    for split, rename in (("train2017", _train_name), ("val2017", str)):
+        buf = io.BytesIO()
+        with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as zf:
+            for p in images:
+                zf.write(p, f"{split}/{rename(p.name)}")
+        out[f"{split}.zip"] = buf.getvalue()
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("annotations/instances_train2017.json", json.dumps(train_json))
+        zf.writestr("annotations/instances_val2017.json", json.dumps(val_json))
+    out["annotations_trainval2017.zip"] = buf.getvalue()
+    return out
+
+
+def vgg16_pth(width: float, seed: int) -> bytes:
+    buf = io.BytesIO()
+    torch.save(random_vgg16_state_dict(width=width, seed=seed), buf)
+    return buf.getvalue()
+
+
+def _md5(data: bytes) -> str:
+    return hashlib.md5(data).hexdigest()
+
+
+def _override(value: Any) -> str:
+    # `-S` values use Hydra's override grammar; JSON scalars and lists of strings are valid
+    # there, and quoted strings stay strings (an all-digit sha256 prefix is not a number)
+    return json.dumps(value)
+
+
+def download_overrides(server: CountingServer, served: dict[str, bytes]) -> dict[str, Any]:
+    """`full.download.*` pointing every source at `server`, with its md5/sha256 and size."""
+    out: dict[str, Any] = {}
+    for key, name in (
+        ("voc", "VOCtrainval_11-May-2012.tar"),
+        ("coco_train", "train2017.zip"),
+        ("coco_val", "val2017.zip"),
+        ("coco_annotations", "annotations_trainval2017.zip"),
+    ):
+        data = served[f"/{name}"]
+        out[f"full.download.{key}.urls"] = [server.url(f"/{name}")]
+        out[f"full.download.{key}.md5"] = _md5(data)
+        out[f"full.download.{key}.size"] = len(data)
+    (path,) = (p for p in served if p.endswith(".pth"))
+    out["full.download.vgg16.urls"] = [server.url(path)]
+    out["full.download.vgg16.sha256_prefix"] = path.removeprefix("/vgg16-").removesuffix(".pth")
+    out["full.download.vgg16.size"] = len(served[path])
+    out["full.download.retries"] = 1
+    return out
+
+
+# --- one full run per module -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def full_run(tmp_path_factory, voc_sample, coco_sample):
+    vgg = vgg16_pth(WIDTH, VGG_SEED)
+    # torchvision's naming: vgg16-<first 8 hex digits of the sha256>.pth
+    served = {
+        "/VOCtrainval_11-May-2012.tar": voc_tar(voc_sample, TRAIN_IMAGES, VAL_IMAGES),
+        **{f"/{name}": data for name, data in coco_zips(coco_sample).items()},
+        f"/vgg16-{hashlib.sha256(vgg).hexdigest()[:8]}.pth": vgg,
+    }
+    server = CountingServer(served)
+    try:
+        repo = copy_repo(tmp_path_factory.mktemp("full") / "repo")
+        overrides = {"profile": "full", **download_overrides(server, served), **TINY}
+        args = ["dvc", "exp", "run", "-n", "full-local"]
+        for key, value in overrides.items():
+            args += ["-S", f"{key}={_override(value)}"]
+        out = run(args, repo, timeout=900)
+        yield repo, out.stdout + out.stderr, server, served
+    finally:
+        server.close()
+
+
+def test_every_stage_ran_from_download_to_metrics(full_run):
+    repo, out, _, _ = full_run
+    assert stages_run(out) == ALL_STAGES, out
+    status = run(["dvc", "status"], repo)
+    assert "up to date" in status.stdout, status.stdout
+
+
+def test_the_server_served_each_file_once_and_it_arrived_intact(full_run):
+    repo, _, server, served = full_run
+    raw = repo / "data" / "raw"
+    landed = {
+        "/VOCtrainval_11-May-2012.tar": raw / "voc" / "VOCtrainval_11-May-2012.tar",
+        "/train2017.zip": raw / "coco" / "train2017.zip",
+        "/val2017.zip": raw / "coco" / "val2017.zip",
+        "/annotations_trainval2017.zip": raw / "coco" / "annotations_trainval2017.zip",
+    }
+    (vgg_path,) = (p for p in served if p.endswith(".pth"))
+    landed[vgg_path] = raw / "vgg16" / "vgg16.pth"
+    assert sorted(landed) == sorted(served)
+    for path, dest in landed.items():
+        hits = server.hits(path)
+        assert [(r["status"], r["sent"]) for r in hits] == [(200, len(served[path]))], hits
+        assert dest.read_bytes() == served[path], dest
+    assert all(r["path"] in served for r in server.requests), server.requests
+
+
+def test_the_experiment_ran_the_full_profile(full_run):
+    repo, _, _, _ = full_run
+    import yaml
+
+    params = yaml.safe_load((repo / "params.yaml").read_text())
+    assert params["profile"] == "full"
+    assert params["full"]["model"]["width"] == WIDTH
+    shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
+    assert "full-local" in shown and "full.train.fcn8s.lr" in shown, shown
+
+
+def test_coco_report_has_images_from_both_splits(full_run):
+    repo, _, _, _ = full_run
+    report = json.loads((repo / "data" / "coco_voc" / "report.json").read_text())
+    assert report["params"]["min_pixels"] == 100
+    for split in ("train2017", "val2017"):
+        r = report["splits"][split]
+        assert 0 < r["images_kept"] <= r["images_total"] == 32, (split, r)
+    pre = json.loads((repo / "data" / "preprocessed" / "report.json").read_text())
+    assert pre["train"]["by_source"]["voc"] == TRAIN_IMAGES, pre["train"]
+    assert pre["train"]["by_source"]["coco"] == sum(
+        report["splits"][s]["images_kept"] for s in ("train2017", "val2017")
+    ), (pre["train"], report)
+    assert pre["val"]["records"] == VAL_IMAGES  # val.txt as served, at original resolution
+
+
+def test_fcn32s_started_from_the_served_vgg16(full_run):
+    repo, out, _, served = full_run
+    assert "VGG16 backbone from data/raw/vgg16/vgg16.pth" in out, out
+    (vgg_path,) = (p for p in served if p.endswith(".pth"))
+    served_vgg = torch.load(io.BytesIO(served[vgg_path]), weights_only=True)
+    model = torch.load(repo / "models" / "fcn32s.pt", weights_only=True)
+    assert model["width"] == WIDTH
+    # one short epoch moves conv1_1 a little: it is still the served one, not a fresh init
+    a = model["state_dict"]["features.0.weight"].flatten().float()
+    b = served_vgg["features.0.weight"].flatten()
+    assert torch.nn.functional.cosine_similarity(a, b, dim=0) > 0.9
+
+
+def test_metrics_of_the_three_models(full_run):
+    repo, _, _, _ = full_run
+    for name in MODELS:
+        metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        for key in FOUR:
+            assert 0.0 <= metrics[key] <= 1.0, (name, key, metrics)
+        live = json.loads((repo / "dvclive" / name / "metrics.json").read_text())
+        loss = live["train"]["loss"]
+        assert math.isfinite(loss), (name, live)
+        for plot in ("per_class_iou.csv", "confusion.png", "qualitative.png"):
+            assert (repo / "plots" / name / plot).stat().st_size > 0
+    summary = (repo / "reports" / "summary.md").read_text()
+    assert all(f"| FCN-{n} |" in summary for n in ("32s", "16s", "8s")), summary
