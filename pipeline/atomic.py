@@ -47,6 +47,10 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
         _fsync_dir(target.parent)
+    except OSError as e:
+        if e.filename is None:  # a full disk says "No space left on device" and names nothing
+            raise OSError(e.errno, e.strerror, str(target)) from e
+        raise
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp_path.unlink()

@@ -75,7 +75,10 @@ class ShardWriter:
         spans = {}
         for name in sorted(blobs):
             data = bytes(blobs[name])
-            self._fh.write(data)
+            try:
+                self._fh.write(data)
+            except OSError as e:  # "No space left on device" alone names nothing
+                raise OSError(e.errno, e.strerror, self._fh.name) from e
             spans[name] = [self._offset, len(data)]
             self._offset += len(data)
         self._records.append(
@@ -99,8 +102,9 @@ class ShardWriter:
 
     def abort(self, exc: BaseException | None = None) -> None:
         if self._fh is not None:
-            self._fh.close()
-            self._fh = None
+            fh, self._fh = self._fh, None
+            with contextlib.suppress(OSError):  # a full disk fails the flush again: discard
+                fh.close()
         # atomic_dir removes the temporary directory, then may re-raise what it was given
         with contextlib.suppress(BaseException):
             self._ctx.__exit__(type(exc) if exc else RuntimeError, exc, None)

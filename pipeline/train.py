@@ -270,8 +270,9 @@ def fingerprint(obj: Any) -> str:
 
 
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
-    with atomic_path(path) as tmp:
-        torch.save(state, tmp)
+    # into an open file: given a path, torch names the zip root after the random temporary
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(state, f)
 
 
 def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
@@ -466,7 +467,8 @@ def train(
         mininterval=0.5 if sys.stderr.isatty() else 15.0,  # logs (dvc repro | tee) stay short
     )
     scores: dict[str, Any] = history[-1] if history else {}
-    epoch_losses: list[float] = []
+    # a resume mid-epoch continues that epoch's losses (its train/loss is the whole epoch's)
+    epoch_losses: list[float] = list(state["epoch_losses"]) if state is not None else []
     lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], iteration, total_steps)
     t0 = time.time()
     for epoch in range(start_epoch, epochs):
@@ -515,7 +517,7 @@ def train(
             iteration += 1
             epoch_losses.append(step_loss)
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4g}")
+            bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4g}", refresh=False)
             if iteration % tcfg["checkpoint_every"] == 0 and iteration < total_steps:
                 _checkpoint(
                     ckpt_path,
@@ -555,7 +557,8 @@ def train(
     bar.close()
 
     if rank == 0:
-        save_model(out_model, model, trained_iterations=iteration, seconds=time.time() - t0)
+        save_model(out_model, model, trained_iterations=iteration)
+        print(f"[train] {name}: {iteration} iterations in {time.time() - t0:.1f} s", flush=True)
         finish_checkpoints(Path(checkpoint_dir), fp, iteration)
         if live is not None:
             live.end()

@@ -87,8 +87,9 @@ def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
         from pipeline.surgery import random_vgg16_state_dict
 
         state = random_vgg16_state_dict(width=cfg["model"]["width"], seed=s["seed"])
-        with atomic_path(VGG16) as tmp:
-            torch.save(state, tmp)
+        # into an open file: given a path, torch names the zip root after the random temporary
+        with atomic_path(VGG16) as tmp, open(tmp, "wb") as f:
+            torch.save(state, f)
         return [VGG16]
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 

@@ -260,8 +260,9 @@ def save_model(path: str | os.PathLike, model: nn.Module, **extra_meta: Any) -> 
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         **extra_meta,
     }
-    with atomic_path(path) as tmp:
-        torch.save(payload, tmp)
+    # into an open file: given a path, torch names the zip root after the random temporary
+    with atomic_path(path) as tmp, open(tmp, "wb") as f:
+        torch.save(payload, f)
 
 
 def _unpickler_reason(e: Exception) -> str:
