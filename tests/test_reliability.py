@@ -1,0 +1,482 @@
+"""Faults and hostile files that the other test files do not already cover (RELIABILITY.md).
+
+- kill -9 (real SIGKILL to `dvc repro` and its stage process) mid-conversion, mid-shard-write,
+  mid-training and mid-evaluation; then `dvc repro` completes with the results of an
+  uninterrupted run, and no partial output ever reaches the DVC cache or a remote;
+- a disk that fills mid-write (a small tmpfs; RLIMIT_FSIZE where mounting is not allowed);
+- training checkpoints and VGG16 weights that pickle code: refused, never run.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import hashlib
+import json
+import os
+import resource
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from pipeline.atomic import atomic_write_bytes
+from pipeline.shards import ShardReader, ShardWriter
+from pipeline.train import build_initial_model, load_checkpoint, save_checkpoint
+from tests.repo_utils import FAST_SAMPLE, REPO, copy_repo, env, run, set_params, stages_run
+
+# --- kill -9 during `dvc repro` ------------------------------------------------------------------
+
+# Deterministic on CPU (fp32, no loader workers), a little smaller than FAST_SAMPLE (two runs
+# share the machine), and a checkpoint mid-epoch: the kill lands between two checkpoints of the
+# first epoch (4 iterations), so the resumed run has to skip half an epoch.
+KILL_PARAMS = {
+    **FAST_SAMPLE,
+    "sample.download.sample.voc_train": 8,
+    "sample.download.sample.voc_val": 4,
+    "sample.download.sample.coco_train": 4,
+    "sample.train.precision": "fp32",
+    "sample.evaluate.precision": "fp32",
+    "sample.train.checkpoint_every": 2,
+}
+MODELS = ("fcn32s", "fcn16s", "fcn8s")
+DATA_STAGES = ("download_voc", "download_coco", "download_vgg16", "coco_to_voc", "preprocess")
+POLL_S = 0.02
+STAGE_TIMEOUT_S = 300
+
+
+def _start_repro(repo: Path, log: Path, started: list[subprocess.Popen]) -> subprocess.Popen:
+    """`dvc repro` in a session of its own: killpg reaches dvc and the stage it runs."""
+    with open(log, "w") as f:
+        proc = subprocess.Popen(
+            ["dvc", "repro"],
+            cwd=repo,
+            env=env(),
+            stdout=f,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    started.append(proc)
+    return proc
+
+
+def _wait_for(proc: subprocess.Popen, log: Path, ready: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + STAGE_TIMEOUT_S
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"dvc repro ended ({proc.returncode}) before {what}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()}")
+        time.sleep(POLL_S)
+
+
+def _live_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that are not zombies (PID 1 of a container may never reap)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+def _kill_9(proc: subprocess.Popen) -> None:
+    """SIGKILL to dvc and every stage process: nothing gets to clean up after itself."""
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while _live_members(proc.pid):
+        assert time.monotonic() < deadline, f"processes survived SIGKILL: {_live_members(proc.pid)}"
+        time.sleep(POLL_S)
+
+
+@pytest.fixture
+def started() -> Iterator[list[subprocess.Popen]]:
+    """The `dvc repro` runs a test starts; a failed test leaves none of them running."""
+    procs: list[subprocess.Popen] = []
+    yield procs
+    for proc in procs:
+        if proc.poll() is None:
+            _kill_9(proc)
+
+
+def _new_temporary(parent: Path, name: str, before: set[Path]) -> Callable[[], bool]:
+    """True once a new `.<name>.*.tmp` (an atomic output being written) exists in `parent`."""
+    return lambda: bool(set(parent.glob(f".{name}.*.tmp")) - before)
+
+
+def _identity(path: Path) -> tuple[int, int] | None:
+    """(inode, mtime) of a file, None when absent: an atomic rewrite changes it."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
+def _changed_stages(repo: Path) -> set[str]:
+    return set(json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}"))
+
+
+def _md5(path: Path) -> str:
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _verified_objects(store: Path) -> dict[str, Path]:
+    """Every object of a DVC 3 cache or local remote hashes to its name, and every directory
+    manifest's files are present; returns {object name: path}."""
+    root = store / "files" / "md5"
+    objects = {}
+    for p in root.rglob("*"):
+        if p.is_file():
+            name = p.parent.name + p.name
+            assert _md5(p) == name.removesuffix(".dir"), f"corrupt object {p}"
+            objects[name] = p
+    for name, p in objects.items():
+        if name.endswith(".dir"):
+            for entry in json.loads(p.read_text()):
+                assert entry["md5"] in objects, f"{p}: {entry['relpath']} missing from {store}"
+    return objects
+
+
+def _assert_outputs_whole(repo: Path) -> None:
+    """Whatever output exists after a kill is complete: shard dirs read to the last byte,
+    directory outputs have all their parts, JSON and torch files load."""
+    coco_voc, pre = repo / "data" / "coco_voc", repo / "data" / "preprocessed"
+    shard_dirs = []
+    if coco_voc.exists():
+        assert (coco_voc / "report.json").is_file(), "data/coco_voc without its report"
+        shard_dirs += [coco_voc / "train2017", coco_voc / "val2017"]
+    if pre.exists():
+        assert (pre / "report.json").is_file(), "data/preprocessed without its report"
+        shard_dirs += [pre / "train", pre / "val"]
+    for d in shard_dirs:
+        reader = ShardReader(d)
+        for i in range(len(reader)):
+            reader[i]  # raises on a truncated shard
+        reader.close()
+    jsons = ("metrics/*.json", "dvclive/*/metrics.json", "checkpoints/*/complete.json")
+    for p in (p for pattern in jsons for p in repo.glob(pattern)):
+        json.loads(p.read_text())
+    for p in list(repo.glob("models/*.pt")) + list(repo.glob("checkpoints/*/last.pt")):
+        torch.load(p, map_location="cpu", weights_only=True)
+
+
+def _lock_outs(repo: Path) -> dict[str, str]:
+    lock = yaml.safe_load((repo / "dvc.lock").read_text())
+    return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+@pytest.mark.slow
+def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, started):
+    repo = copy_repo(tmp_path / "killed")
+    set_params(repo, KILL_PARAMS)
+    run(["git", "commit", "-qam", "deterministic small sample"], repo)
+    reference = tmp_path / "reference"
+    shutil.copytree(repo, reference, symlinks=True)
+    # the uninterrupted run, meanwhile (on the second core when there is one)
+    ref_proc = _start_repro(reference, tmp_path / "reference.log", started)
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    data = repo / "data"
+
+    # 1. mid-conversion: the COCO->VOC stage is writing its shard directory
+    proc = _start_repro(repo, log := logs / "1.log", started)
+    _wait_for(proc, log, _new_temporary(data, "coco_voc", set()), "coco_to_voc writes")
+    _kill_9(proc)
+    assert not (data / "coco_voc").exists()
+    changed = _changed_stages(repo)
+    assert "coco_to_voc" in changed and not changed & {"download_voc", "download_coco"}, changed
+    _assert_outputs_whole(repo)
+
+    # 2. mid-shard-write: preprocess is writing data/preprocessed (coco_to_voc reruns first)
+    before = set(data.glob(".preprocessed.*.tmp"))
+    proc = _start_repro(repo, log := logs / "2.log", started)
+    _wait_for(proc, log, _new_temporary(data, "preprocessed", before), "preprocess writes")
+    _kill_9(proc)
+    assert stages_run(log.read_text()) == ["coco_to_voc", "preprocess"], log.read_text()
+    assert not list(data.glob(".coco_voc.*.tmp")), "coco_to_voc left the killed run's temporary"
+    assert not (data / "preprocessed").exists()
+    assert "preprocess" in _changed_stages(repo) - {"coco_to_voc"}
+    _assert_outputs_whole(repo)
+
+    # 3. mid-training: right after FCN-32s saved its first checkpoint (iteration 2 of 8)
+    ckpt = repo / "checkpoints" / "fcn32s" / "last.pt"
+    proc = _start_repro(repo, log := logs / "3.log", started)
+    _wait_for(proc, log, ckpt.exists, "the first FCN-32s checkpoint")
+    _kill_9(proc)
+    assert stages_run(log.read_text()) == ["preprocess", "train_fcn32s"], log.read_text()
+    assert not (repo / "models" / "fcn32s.pt").exists()
+    assert "train_fcn32s" in _changed_stages(repo) - {"preprocess"}
+    _assert_outputs_whole(repo)
+
+    # 4. mid-evaluation: FCN-32s is scored, FCN-16s and FCN-8s are not yet
+    first_metrics = repo / "metrics" / "fcn32s.json"  # may be committed: wait for a new one
+    old = _identity(first_metrics)
+    proc = _start_repro(repo, log := logs / "4.log", started)
+    _wait_for(proc, log, lambda: _identity(first_metrics) not in (None, old), "new metrics")
+    _kill_9(proc)
+    out = log.read_text()
+    assert "[train] fcn32s: resuming from checkpoints/fcn32s/last.pt at iteration" in out, out
+    assert stages_run(out) == ["train_fcn32s", "train_fcn16s", "train_fcn8s", "evaluate"], out
+    assert not (repo / "reports" / "summary.md").exists()
+    assert _changed_stages(repo) == {"evaluate"}
+    _assert_outputs_whole(repo)
+
+    # Each kill left the cache with whole objects only
+    _verified_objects(repo / ".dvc" / "cache")
+
+    # 5. `dvc repro` completes: only the killed evaluation runs again
+    out = run(["dvc", "repro"], repo, timeout=STAGE_TIMEOUT_S)
+    assert stages_run(out.stdout) == ["evaluate"], out.stdout
+    assert "up to date" in run(["dvc", "status"], repo).stdout
+    assert not list(data.glob(".*.tmp")), "a killed run's temporaries survived"
+
+    # ...with the results of the uninterrupted run
+    assert ref_proc.wait(timeout=STAGE_TIMEOUT_S) == 0, (tmp_path / "reference.log").read_text()
+    for name in MODELS:
+        got = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        assert got == json.loads((reference / "metrics" / f"{name}.json").read_text()), name
+        ours, theirs = (
+            _state_dict(repo / "models" / f"{name}.pt"),
+            _state_dict(reference / "models" / f"{name}.pt"),
+        )
+        assert ours.keys() == theirs.keys()
+        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f"{name} weights differ"
+        got = json.loads((repo / "dvclive" / name / "metrics.json").read_text())
+        assert got == json.loads((reference / "dvclive" / name / "metrics.json").read_text())
+    assert (repo / "reports" / "summary.md").read_text() == (
+        reference / "reports" / "summary.md"
+    ).read_text()
+    # the training curves too, point for point (the interrupted epoch's loss included)
+    curves = sorted(p.relative_to(reference) for p in reference.glob("dvclive/*/plots/**/*.tsv"))
+    assert len(curves) == 3 * 5, curves
+    for curve in curves:
+        assert (repo / curve).read_text() == (reference / curve).read_text(), curve
+    # every data output is byte-identical, the generated VGG16 weights included
+    ours, theirs = _lock_outs(repo), _lock_outs(reference)
+    data_outs = [p for p in ours if p.startswith("data/")]
+    assert len(data_outs) == 7 and all(ours[p] == theirs[p] for p in data_outs), (ours, theirs)
+
+    # Nothing partial was ever cached: every object is also in the uninterrupted run's cache
+    cached = _verified_objects(repo / ".dvc" / "cache")
+    for name in MODELS:
+        marker = json.loads((repo / "checkpoints" / name / "complete.json").read_text())
+        assert (
+            marker["iterations"]
+            == json.loads((reference / "checkpoints" / name / "complete.json").read_text())[
+                "iterations"
+            ]
+        )
+    extra = cached.keys() - _verified_objects(reference / ".dvc" / "cache").keys()
+    assert extra == set(), extra
+    # ...nor pushed
+    run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo)
+    run(["dvc", "push"], repo)
+    assert _verified_objects(tmp_path / "remote").keys() == cached.keys()
+
+
+# --- a disk that fills mid-write -----------------------------------------------------------------
+
+
+class SmallDisk:
+    """A 1 MiB tmpfs, or (where mounting is not permitted) a folder whose writers run under
+    RLIMIT_FSIZE with SIGXFSZ ignored, so a write past the limit fails with EFBIG."""
+
+    SIZE = 1 << 20
+
+    def __init__(self, path: Path, mounted: bool) -> None:
+        self.path, self.mounted = path, mounted
+        self.limit = self.SIZE
+        self.errnos = {errno.ENOSPC} if mounted else {errno.EFBIG}
+
+    def leave_free(self, nbytes: int) -> None:
+        """Fill the disk until about `nbytes` are left (or lower the file size limit to it)."""
+        if not self.mounted:
+            self.limit = nbytes
+            return
+        st = os.statvfs(self.path)
+        free = st.f_bavail * st.f_frsize
+        (self.path / "filler").write_bytes(b"\0" * max(free - nbytes, 0))
+
+    def files(self) -> list[str]:
+        return sorted(p.name for p in self.path.iterdir() if p.name != "filler")
+
+    def _apply_limit(self) -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, resource.RLIM_INFINITY))
+
+    def preexec(self) -> Callable[[], None] | None:
+        return None if self.mounted else self._apply_limit
+
+    @contextlib.contextmanager
+    def writing(self) -> Iterator[None]:
+        """In-process writes under the limit (nothing to do on a real small disk)."""
+        if self.mounted:
+            yield
+            return
+        old_limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+        old_handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (self.limit, old_limit[1]))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_FSIZE, old_limit)
+            signal.signal(signal.SIGXFSZ, old_handler)
+
+
+@pytest.fixture
+def small_disk(tmp_path) -> Iterator[SmallDisk]:
+    mnt = tmp_path / "small-disk"
+    mnt.mkdir()
+    mounted = not os.environ.get("FCN_TEST_NO_TMPFS") and (
+        subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={SmallDisk.SIZE}", "tmpfs", str(mnt)],
+            capture_output=True,
+        ).returncode
+        == 0
+    )
+    try:
+        yield SmallDisk(mnt, mounted)
+    finally:
+        if mounted and subprocess.run(["umount", str(mnt)], capture_output=True).returncode:
+            subprocess.run(["umount", "-l", str(mnt)], capture_output=True)
+
+
+def test_atomic_write_on_a_full_disk_keeps_the_previous_file(small_disk):
+    target = small_disk.path / "report.json"
+    atomic_write_bytes(target, b'{"version": 1}\n')
+    small_disk.leave_free(64 << 10)
+    with small_disk.writing(), pytest.raises(OSError) as e:
+        atomic_write_bytes(target, os.urandom(256 << 10))
+    assert e.value.errno in small_disk.errnos, e.value
+    assert str(target) in str(e.value)  # the message names the file
+    assert target.read_bytes() == b'{"version": 1}\n'
+    assert small_disk.files() == ["report.json"]  # no temporary left behind
+
+
+def test_shard_writer_on_a_full_disk_leaves_no_directory(small_disk):
+    small_disk.leave_free(64 << 10)
+    out = small_disk.path / "train"
+    with (
+        small_disk.writing(),
+        pytest.raises(OSError) as e,
+        ShardWriter(out, shard_size=1000) as w,
+    ):
+        for i in range(256):  # 256 KiB in small records: the disk fills inside a flush
+            w.add(f"voc/{i:06d}", {"image": os.urandom(1000)}, {"i": i})
+    assert e.value.errno in small_disk.errnos, e.value
+    assert not out.exists()
+    assert str(small_disk.path) in str(e.value)  # the message names the shard file
+    assert small_disk.files() == []  # no temporary directory left behind
+
+
+def _write_checkpoint(path: Path, fp: str, n: int) -> None:
+    save_checkpoint(path, {"fingerprint": fp, "model": {"w": torch.arange(n, dtype=torch.float32)}})
+
+
+def test_checkpoint_on_a_full_disk_keeps_the_previous_checkpoint(small_disk):
+    ckpt = small_disk.path / "fcn32s" / "last.pt"
+    _write_checkpoint(ckpt, "fp", 1000)
+    small_disk.leave_free(64 << 10)
+    with small_disk.writing(), pytest.raises((OSError, RuntimeError)):  # torch raises RuntimeError
+        _write_checkpoint(ckpt, "fp", 256 << 10)  # 1 MiB of weights
+    state = load_checkpoint(ckpt, "fp")
+    assert state is not None and torch.equal(state["model"]["w"], torch.arange(1000.0))
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["last.pt"]
+
+
+def test_preprocess_stage_on_a_full_disk_fails_and_leaves_nothing(small_disk, tmp_path):
+    from pipeline.sample import make_voc_sample
+
+    tar = tmp_path / "VOCtrainval_11-May-2012.tar"
+    make_voc_sample(tar, seed=0, n_train=12, n_val=6, min_side=120, max_side=200)
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["profile"] = "sample"
+    params["sample"]["preprocess"]["use_coco"] = False
+    params["sample"]["preprocess"]["workers"] = 1
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    out = small_disk.path / "preprocessed"
+    small_disk.leave_free(32 << 10)
+    args = ["--params", str(tmp_path / "params.yaml"), "--voc-tar", str(tar), "--no-progress"]
+    cmd = [sys.executable, "-m", "stages.preprocess", *args, "--out", str(out)]
+    p = subprocess.run(
+        cmd, cwd=REPO, env=env(), capture_output=True, text=True, preexec_fn=small_disk.preexec()
+    )
+    assert p.returncode != 0
+    assert os.strerror(next(iter(small_disk.errnos))) in p.stderr, p.stderr
+    assert small_disk.files() == [], small_disk.files()  # no output, no temporaries
+    # with room again, the same command succeeds
+    (small_disk.path / "filler").unlink(missing_ok=True)
+    p = subprocess.run(cmd, cwd=REPO, env=env(), capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    assert len(ShardReader(out / "val")) == 6 and small_disk.files() == ["preprocessed"]
+
+
+# --- checkpoints and weights that pickle code ----------------------------------------------------
+
+
+class _Payload:
+    """Unpickling this calls open(marker, "w"): the marker file shows the code ran."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_pickle_bearing_checkpoint_is_refused_never_run(tmp_path, capsys):
+    marker = tmp_path / "pwned"
+    ckpt = tmp_path / "checkpoints" / "fcn32s" / "last.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"fingerprint": "fp", "model": {}, "epoch": _Payload(marker)}, ckpt)
+    assert load_checkpoint(ckpt, "fp") is None  # training starts from scratch
+    assert not marker.exists()
+    out = capsys.readouterr().out
+    assert (
+        f"ignoring unreadable checkpoint {ckpt}" in out
+        and "weights only" in out.lower().replace("_", " ")
+    ), out
+
+
+def test_torn_checkpoint_is_ignored(tmp_path, capsys):
+    ckpt = tmp_path / "last.pt"
+    _write_checkpoint(ckpt, "fp", 4096)
+    data = ckpt.read_bytes()
+    ckpt.write_bytes(data[: len(data) // 2])  # what a non-atomic writer leaves after kill -9
+    assert load_checkpoint(ckpt, "fp") is None
+    assert f"ignoring unreadable checkpoint {ckpt}" in capsys.readouterr().out
+
+
+def test_pickle_bearing_vgg16_weights_are_refused_never_run(tmp_path):
+    marker = tmp_path / "pwned"
+    weights = tmp_path / "vgg16.pth"
+    torch.save({"features.0.weight": torch.zeros(1), "x": _Payload(marker)}, weights)
+    with pytest.raises(ValueError, match=f"{weights}: not a loadable VGG16 state dict"):
+        build_initial_model(
+            "fcn32s",
+            width=0.125,
+            backbone_init="vgg16",
+            vgg16_path=weights,
+            init_from=None,
+            seed=0,
+        )
+    assert not marker.exists()
