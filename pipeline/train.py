@@ -506,7 +506,11 @@ def train(
                     loss = forward_backward(
                         ddp_model, x, y, norm, device, amp_dtype, tcfg["channels_last"]
                     )
-                step_loss += loss * (1 if tcfg["loss"] == "sum" else world)
+                step_loss += loss
+            if world > 1:  # a rank's loss is its share x world: the mean over ranks is exact
+                total = torch.tensor([step_loss], dtype=torch.float64, device=device)
+                dist.all_reduce(total)
+                step_loss = float(total.item()) / world
             if not math.isfinite(step_loss):
                 raise FloatingPointError(
                     f"{name}: loss is {step_loss} at iteration {iteration}; lower "
