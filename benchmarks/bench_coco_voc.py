@@ -32,7 +32,6 @@ import contextlib
 import io
 import json
 import os
-import platform
 import resource
 import statistics
 import subprocess
@@ -49,6 +48,7 @@ if __package__ in (None, ""):
 import numpy as np  # noqa: E402
 import psutil  # noqa: E402
 import yaml  # noqa: E402
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from pycocotools import mask as mask_utils  # noqa: E402
 
 from pipeline.coco_voc import (  # noqa: E402
@@ -63,16 +63,6 @@ TRAIN2017_IMAGES = 118287
 ANNS_PER_IMAGE = 860001 / TRAIN2017_IMAGES
 # the 80 COCO 2017 category ids (1..90 without the 10 unused ones)
 COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 # --- 1. synthetic train2017 -------------------------------------------------------------------

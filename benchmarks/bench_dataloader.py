@@ -47,14 +47,7 @@ SHARED = Path(
 VOC = SHARED / "voc2012-sample" / "VOCdevkit" / "VOC2012"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "unknown"
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 
 def build_shards(out: Path, max_size: int) -> Path:

@@ -114,14 +114,7 @@ def run_child(kind: str, url: str, dest: Path, md5: str, size: int) -> dict:
     return result
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 
 def main() -> None:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import io
 import os
-import platform
 import statistics
 import sys
 import tarfile
@@ -51,14 +50,7 @@ VOC = SHARED / "voc2012-sample" / "VOCdevkit" / "VOC2012"
 COCO = SHARED / "coco2017-sample" / "images" / "val2017"
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
+from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 
 def load_jpegs(n: int) -> list[bytes]:

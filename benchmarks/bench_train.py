@@ -13,12 +13,11 @@ interleaved in one process, median of the timed steps, so machine noise hits bot
 from __future__ import annotations
 
 import argparse
-import os
-import platform
 import statistics
 import time
 
 import torch
+from machine import machine_line as base_machine_line  # benchmarks/machine.py
 
 from pipeline.classes import NUM_CLASSES
 from pipeline.models.fcn import build_model
@@ -26,16 +25,7 @@ from pipeline.train import forward_backward, make_optimizer, resolve_precision
 
 
 def machine_line() -> str:
-    cpu = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
-    return f"{os.cpu_count()} cores, {cpu}, torch {torch.__version__}, {torch.get_num_threads()} threads"
+    return f"{base_machine_line()}, torch {torch.__version__}, {torch.get_num_threads()} threads"
 
 
 def make_variant(width, device, amp_dtype, channels_last, seed=0):

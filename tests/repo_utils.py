@@ -13,6 +13,20 @@ import yaml
 
 REPO = Path(__file__).resolve().parents[1]
 
+# dvc.yaml's stages in the order `dvc repro` runs them, and the four FCN metrics
+ALL_STAGES = [
+    "download_voc",
+    "download_coco",
+    "download_vgg16",
+    "coco_to_voc",
+    "preprocess",
+    "train_fcn32s",
+    "train_fcn16s",
+    "train_fcn8s",
+    "evaluate",
+]
+FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
+
 # A sample run small enough for the test suite: same stages and code, fewer/smaller images.
 FAST_SAMPLE: dict[str, Any] = {
     "sample.download.sample.voc_train": 12,

@@ -26,23 +26,11 @@ import pytest
 import torch
 
 from pipeline.surgery import random_vgg16_state_dict
-from tests.repo_utils import copy_repo, run, stages_run
+from tests.repo_utils import ALL_STAGES, FOUR, copy_repo, run, stages_run
 
 pytestmark = pytest.mark.slow
 
-ALL_STAGES = [
-    "download_voc",
-    "download_coco",
-    "download_vgg16",
-    "coco_to_voc",
-    "preprocess",
-    "train_fcn32s",
-    "train_fcn16s",
-    "train_fcn8s",
-    "evaluate",
-]
 MODELS = ("fcn32s", "fcn16s", "fcn8s")
-FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
 WIDTH = 0.0625  # CPU-sized VGG16; the served weights must have the model's width
 TRAIN_IMAGES, VAL_IMAGES = 32, 12  # of the sample's 76 VOC train and 32 val images
 VGG_SEED = 1234  # not the sample profile's seed: the served file is not what `generate` makes

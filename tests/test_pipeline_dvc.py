@@ -12,22 +12,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.repo_utils import FAST_SAMPLE, copy_repo, run, set_params, stages_run
+from tests.repo_utils import ALL_STAGES, FAST_SAMPLE, FOUR, copy_repo, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
-
-ALL_STAGES = [
-    "download_voc",
-    "download_coco",
-    "download_vgg16",
-    "coco_to_voc",
-    "preprocess",
-    "train_fcn32s",
-    "train_fcn16s",
-    "train_fcn8s",
-    "evaluate",
-]
-FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
 
 
 @pytest.fixture(scope="session")
