@@ -23,7 +23,8 @@ def _umask() -> int:
     return mask
 
 
-def _fsync_dir(path: Path) -> None:
+def fsync_dir(path: Path) -> None:
+    """Make a rename inside `path` durable (best effort: not every filesystem allows it)."""
     with contextlib.suppress(OSError):
         fd = os.open(path, os.O_RDONLY)
         try:
@@ -46,7 +47,7 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
         with open(tmp_path, "rb+") as f:
             os.fsync(f.fileno())
         os.replace(tmp_path, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
     except OSError as e:
         if e.filename is None:  # a full disk says "No space left on device" and names nothing
             raise OSError(e.errno, e.strerror, str(target)) from e
@@ -94,7 +95,7 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
             remove_path(old)
             os.replace(target, old)
         os.replace(tmp, target)
-        _fsync_dir(target.parent)
+        fsync_dir(target.parent)
         if old is not None:
             remove_path(old)
     finally:

@@ -42,7 +42,7 @@ from urllib.parse import urlparse
 
 from tqdm import tqdm
 
-from pipeline.atomic import atomic_path
+from pipeline.atomic import atomic_path, fsync_dir
 
 log = logging.getLogger(__name__)
 
@@ -204,15 +204,6 @@ def check_free_space(directory: Path, needed: int | None, what: str) -> None:
         )
 
 
-def _fsync_dir(directory: Path) -> None:
-    with contextlib.suppress(OSError):
-        fd = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-
-
 def _move_into_place(src: Path, dest: Path) -> None:
     """Rename a verified file onto `dest`; across filesystems, copy to a sibling temp first."""
     with open(src, "rb+") as f:
@@ -226,7 +217,7 @@ def _move_into_place(src: Path, dest: Path) -> None:
         with atomic_path(dest) as tmp:
             shutil.copyfile(src, tmp)
         src.unlink()
-    _fsync_dir(dest.parent)
+    fsync_dir(dest.parent)
 
 
 # --- local sources -------------------------------------------------------------------------------
@@ -258,7 +249,7 @@ def _fetch_local(path: Path, dest: Path, pin: Pin, progress: bool) -> str:
         if problem:
             raise _SourceFailed(problem)
         os.replace(tmp, dest)
-        _fsync_dir(dest.parent)
+        fsync_dir(dest.parent)
         return how
     finally:
         with contextlib.suppress(FileNotFoundError):
