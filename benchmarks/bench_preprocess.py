@@ -8,8 +8,9 @@ re-used to reach the requested count. Per image, both paths decode and resize so
 max_size (the issue's baseline), then also encode a JPEG (quality 90), which is what a training
 record stores:
 
-    project  pipeline.preprocess.prepare_image: torchvision decode_jpeg (RGB) + uint8 antialiased
-             bilinear resize + torchvision encode_jpeg
+    project  pipeline.preprocess.prepare_image: libjpeg-turbo decode (simplejpeg) with 1/2, 1/4
+             or 1/8 DCT scaling where the target allows it + torch's channels-last uint8
+             antialiased bilinear resize + libjpeg-turbo encode (4:2:0), no layout copies
     naive    PIL Image.open + convert("RGB") (full decode) + resize(BILINEAR) + save(JPEG)
 
 Both run in this process on one core (torch.set_num_threads(1)), interleaved repeat by repeat;
@@ -35,11 +36,10 @@ if __package__ in (None, ""):
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from pipeline.datasets import decode_image_rgb  # noqa: E402
 from pipeline.preprocess import (  # noqa: E402
+    decode_resized,
     prepare_image,
     preprocess_voc,
-    resize_image,
     target_size,
 )
 
@@ -81,8 +81,7 @@ def naive_no_encode(data: bytes, max_size: int, quality: int) -> Image.Image:
 
 
 def project_no_encode(data: bytes, max_size: int, quality: int) -> torch.Tensor:
-    image = decode_image_rgb(data, "bench.jpg")
-    return resize_image(image, target_size(*image.shape[1:], max_size))
+    return decode_resized(data, "bench.jpg", max_size)[0]
 
 
 def compare(jpegs: list[bytes], max_size: int, repeats: int) -> None:

@@ -10,11 +10,15 @@ Paper ideas, each in one function: `target_size` (keep aspect, never upscale), `
 (bilinear + antialias), `resize_label` (nearest only: an interpolated label map invents classes
 at every boundary), `check_label_values` (0..20 and 255 only).
 
-Decoding dominates the cost, so images go through torchvision's libjpeg-turbo decoder and uint8
-antialiased resize (about 2x PIL, shared/NOTES.md) in `workers` processes; the parent reads the
-archives and writes shards in a fixed order, so the output is byte-identical whatever the number
-of workers. A training image that needs no resize and already is a 3-channel JPEG is stored as
-its original bytes: re-encoding would only add JPEG loss.
+Decoding dominates the cost (about 80% of it), so `decode_resized` decodes JPEGs with
+libjpeg-turbo (simplejpeg) straight into an interleaved RGB array, shrinking by 1/2, 1/4 or 1/8
+inside the IDCT where the target allows it (`jpeg_scale_denominator`, what PIL's `draft` does),
+and resizes that array as it lies (channels-last) with torch's uint8 antialiased kernel; the
+same libjpeg-turbo encodes the result without a layout copy. This runs in `workers` processes;
+the parent reads the archives and writes shards in a fixed order, so the output is byte-identical
+whatever the number of workers. A training image that needs no resize and already is a
+3-channel JPEG is stored as its original bytes (re-encoding would only add JPEG loss), after a
+1/8-scale decode that still entropy-decodes, and so checks, every byte of it.
 
 Bad inputs: an image that does not decode, a label map that is not 8-bit indices or holds values
 outside 0..20/255, or an image/label size mismatch is skipped and listed in the report; the stage
@@ -25,7 +29,6 @@ id with no image or label, or COCO-VOC records without their image, stop the sta
 from __future__ import annotations
 
 import collections
-import io
 import multiprocessing
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -33,10 +36,11 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+import simplejpeg
 import torch
-from PIL import Image
 from torch import Tensor
-from torchvision.io import encode_jpeg, encode_png
+from torchvision.io import encode_png
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
@@ -108,22 +112,74 @@ def check_label_values(label: Tensor, name: str) -> None:
         raise BadSample(name, f"label values outside 0..{NUM_CLASSES - 1}/{IGNORE_INDEX}: {bad}")
 
 
+def jpeg_scale_denominator(height: int, width: int, size: tuple[int, int]) -> int:
+    """The largest of 1, 2, 4, 8 by which a JPEG can shrink while it decodes and still cover `size`.
+
+    libjpeg-turbo scales in the IDCT: a 1/2 decode computes a 4x4 IDCT of each block's low
+    frequencies, a band-limited (alias-free) downsample for a fraction of the work. Only powers
+    of two: its 3/4, 5/8 ... kernels have no SIMD and decode slower than full size. Never below
+    `size`, so the final antialiased resize only shrinks.
+    """
+    denominator = 1
+    while denominator < 8:
+        d = 2 * denominator
+        if -(-height // d) < size[0] or -(-width // d) < size[1]:
+            break
+        denominator = d
+    return denominator
+
+
+def decode_resized(data: bytes, name: str, max_size: int) -> tuple[Tensor, tuple[int, int]]:
+    """Decode image bytes to RGB resized so the longer side is <= max_size; also its stored (H, W).
+
+    JPEGs in YCbCr, RGB or grayscale go through `jpeg_scale_denominator` and a channels-last
+    `resize_image` (the result is a [3, h, w] view of an [h, w, 3] array). Everything else - PNG,
+    CMYK/YCCK JPEG, and any JPEG libjpeg-turbo's strict mode refuses - takes the
+    `decode_image_rgb` path, which accepts what it always accepted and names the file in a
+    BadSample when the data is really broken.
+    """
+    header = _jpeg_header(data)
+    if header is not None:
+        height, width, _ = header
+        size = target_size(height, width, max_size)
+        d = jpeg_scale_denominator(height, width, size)
+        try:
+            array = simplejpeg.decode_jpeg(
+                data, colorspace="RGB", min_height=-(-height // d), min_width=-(-width // d)
+            )
+        except ValueError:
+            pass  # warnings are errors in strict mode: let torchvision decide, as before
+        else:
+            return resize_image(torch.from_numpy(array).permute(2, 0, 1), size), (height, width)
+    image = _decode_image(data, name)
+    height, width = image.shape[1:]
+    return resize_image(image, target_size(height, width, max_size)), (height, width)
+
+
+def _jpeg_header(data: bytes) -> tuple[int, int, str] | None:
+    """(height, width, colorspace) of a JPEG that libjpeg-turbo turns into RGB itself, else None."""
+    if data[:3] != b"\xff\xd8\xff":
+        return None
+    try:
+        height, width, colorspace, _ = simplejpeg.decode_jpeg_header(data)
+    except ValueError:
+        return None
+    return (height, width, colorspace) if colorspace in _RGB_ABLE else None
+
+
+_RGB_ABLE = ("YCbCr", "RGB", "Gray")  # CMYK/YCCK: torchvision inverts Adobe CMYK correctly
+_PASS_THROUGH = ("YCbCr", "RGB")  # 3-component JPEGs: stored as they are when not resized
+
+
 def encode_image_jpeg(image: Tensor, quality: int) -> bytes:
-    return encode_jpeg(image, quality=quality).numpy().tobytes()
+    """uint8 RGB [3, h, w] -> JPEG (4:2:0, the libjpeg default); no copy if channels-last."""
+    hwc = np.ascontiguousarray(image.permute(1, 2, 0).numpy())
+    return simplejpeg.encode_jpeg(hwc, quality=quality, colorspace="RGB", colorsubsampling="420")
 
 
 def encode_label_png(label: Tensor) -> bytes:
     """One-channel 8-bit PNG (mode L): class ids as they are, no palette."""
     return encode_png(label[None].contiguous(), compression_level=6).numpy().tobytes()
-
-
-def _is_rgb_jpeg(data: bytes) -> bool:
-    # header only (PIL parses lazily): a 3-component JPEG already decodes to RGB
-    try:
-        with Image.open(io.BytesIO(data)) as im:
-            return im.format == "JPEG" and im.mode == "RGB"
-    except Exception:
-        return False
 
 
 def _decode_image(data: bytes, name: str) -> Tensor:
@@ -144,25 +200,45 @@ def _decode_label(data: bytes, name: str) -> Tensor:
 
 def prepare_image(data: bytes, name: str, *, max_size: int, jpeg_quality: int) -> bytes:
     """One training image: decode to RGB, resize (longer side <= max_size), encode JPEG."""
-    image = _decode_image(data, name)
-    return _image_bytes(data, image, target_size(*image.shape[1:], max_size), jpeg_quality)
+    return _train_image(data, name, max_size, jpeg_quality)[0]
 
 
-def _image_bytes(data: bytes, image: Tensor, size: tuple[int, int], jpeg_quality: int) -> bytes:
-    if tuple(image.shape[1:]) == size and _is_rgb_jpeg(data):
-        return bytes(data)
-    return encode_image_jpeg(resize_image(image, size), jpeg_quality)
+def _train_image(
+    data: bytes, name: str, max_size: int, jpeg_quality: int
+) -> tuple[bytes, tuple[int, int]]:
+    """The stored bytes of a training image and the input's (H, W)."""
+    header = _jpeg_header(data)
+    fits = header is not None and header[2] in _PASS_THROUGH and max(header[:2]) <= max_size
+    if fits and _decodes_at_one_eighth(data):
+        return bytes(data), header[:2]  # type: ignore[index]
+    image, stored_size = decode_resized(data, name, max_size)
+    return encode_image_jpeg(image, jpeg_quality), stored_size
 
 
-def _decode_pair(
-    image_bytes: bytes, image_name: str, label_bytes: bytes, label_name: str
-) -> tuple[Tensor, Tensor]:
-    image = _decode_image(image_bytes, image_name)
-    label = _decode_label(label_bytes, label_name)
-    if tuple(image.shape[1:]) != tuple(label.shape):
-        (h, w), (lh, lw) = image.shape[1:], label.shape
+def _image_size(data: bytes, name: str) -> tuple[int, int]:
+    """(H, W) of an image that decodes completely; BadSample naming `name` if it does not."""
+    header = _jpeg_header(data)
+    if header is not None and _decodes_at_one_eighth(data):
+        return header[:2]
+    return tuple(_decode_image(data, name).shape[1:])  # type: ignore[return-value]
+
+
+def _decodes_at_one_eighth(data: bytes) -> bool:
+    # a 1/8 decode entropy-decodes every byte (a truncated or corrupt stream fails as it would at
+    # full size) but its IDCT is one coefficient per block: a validity check at ~1/4 of the cost
+    try:
+        simplejpeg.decode_jpeg(data, colorspace="RGB", min_height=1, min_width=1)
+    except ValueError:
+        return False
+    return True
+
+
+def _check_pair_size(
+    image_size: tuple[int, int], image_name: str, label: Tensor, label_name: str
+) -> None:
+    if tuple(image_size) != tuple(label.shape):
+        (h, w), (lh, lw) = image_size, label.shape
         raise BadSample(label_name, f"label is {lw}x{lh} but its image {image_name} is {w}x{h}")
-    return image, label
 
 
 def prepare_train_pair(
@@ -176,12 +252,11 @@ def prepare_train_pair(
     source: str,
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """A training record: resized RGB JPEG + resized mode-L PNG label; BadSample if unusable."""
-    image, label = _decode_pair(image_bytes, image_name, label_bytes, label_name)
+    image, stored_size = _train_image(image_bytes, image_name, max_size, jpeg_quality)
+    label = _decode_label(label_bytes, label_name)
+    _check_pair_size(stored_size, image_name, label, label_name)
     size = target_size(*label.shape, max_size)
-    blobs = {
-        "image": _image_bytes(image_bytes, image, size, jpeg_quality),
-        "label": encode_label_png(resize_label(label, size)),
-    }
+    blobs = {"image": image, "label": encode_label_png(resize_label(label, size))}
     return blobs, {"height": size[0], "width": size[1], "source": source}
 
 
@@ -189,7 +264,9 @@ def prepare_val_pair(
     image_bytes: bytes, label_bytes: bytes, *, image_name: str, label_name: str, source: str
 ) -> tuple[dict[str, bytes], dict[str, Any]]:
     """An evaluation record: the original bytes, checked to decode and to hold valid labels."""
-    _, label = _decode_pair(image_bytes, image_name, label_bytes, label_name)
+    image_size = _image_size(image_bytes, image_name)
+    label = _decode_label(label_bytes, label_name)
+    _check_pair_size(image_size, image_name, label, label_name)
     meta = {"height": int(label.shape[0]), "width": int(label.shape[1]), "source": source}
     return {"image": bytes(image_bytes), "label": bytes(label_bytes)}, meta
 

@@ -21,6 +21,8 @@ from pipeline.preprocess import (
     BadSample,
     PreprocessError,
     check_label_values,
+    decode_resized,
+    jpeg_scale_denominator,
     prepare_image,
     preprocess,
     preprocess_voc,
@@ -251,6 +253,64 @@ def test_gray_and_cmyk_jpegs_come_out_rgb(voc_sample, mode):
     assert np.abs(np.asarray(out, dtype=np.int16) - reference).mean() < 3
     # an RGB JPEG that needs no resize is kept byte for byte (no second JPEG loss)
     assert prepare_image(original, "x.jpg", max_size=1000, jpeg_quality=95) == original
+
+
+@pytest.mark.parametrize(
+    ("height", "width", "size", "expected"),
+    [
+        (375, 500, (240, 320), 1),  # 1/2 would be 250 wide: below the target, no upscaling
+        (480, 640, (240, 320), 2),  # exactly 2x
+        (375, 500, (120, 160), 2),
+        (375, 500, (30, 40), 8),  # never beyond libjpeg-turbo's 1/8
+        (333, 500, (107, 160), 2),  # ceil(333 / 2) = 167 >= 107
+        (481, 641, (160, 160), 2),  # the smaller side decides: ceil(481 / 4) = 121 < 160
+        (100, 100, (100, 100), 1),
+    ],
+)
+def test_jpeg_scale_denominator(height, width, size, expected):
+    assert jpeg_scale_denominator(height, width, size) == expected
+
+
+def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = float(((a.float() - b.float()) ** 2).mean())
+    return float("inf") if mse == 0 else 10 * np.log10(255**2 / mse)
+
+
+def test_decode_resized_matches_full_decode_and_resize(voc_sample, coco_sample):
+    """The fast path gives the pixels of decode-then-resize: to rounding where it decodes at full
+    size, and close (a sharper, band-limited shrink inside the IDCT) where it decodes at 1/2."""
+    from pipeline.datasets import decode_image_rgb
+
+    files = sorted((voc_sample / "JPEGImages").glob("*.jpg"))[:6]
+    files += sorted((coco_sample / "images" / COCO_SPLIT).glob("*.jpg"))[:4]
+    seen = set()
+    for f in files:
+        data = f.read_bytes()
+        full = decode_image_rgb(data, f.name)
+        for max_size in (320, 160, 100):
+            size = target_size(*full.shape[1:], max_size)
+            ours, stored = decode_resized(data, f.name, max_size)
+            assert stored == tuple(full.shape[1:]) and tuple(ours.shape) == (3, *size)
+            reference = resize_image(full, size)
+            denominator = jpeg_scale_denominator(*full.shape[1:], size)
+            seen.add(denominator)
+            if denominator == 1:
+                assert (ours.int() - reference.int()).abs().max() <= 2, f.name
+            else:
+                assert _psnr(ours, reference) > 30, (f.name, max_size, denominator)
+    assert seen >= {1, 2}  # both paths were exercised
+
+
+def test_decode_resized_falls_back_for_png_and_names_broken_files(voc_sample):
+    data = (voc_sample / "JPEGImages" / "2007_000039.jpg").read_bytes()
+    png = io.BytesIO()
+    Image.open(io.BytesIO(data)).save(png, "PNG")
+    image, stored = decode_resized(png.getvalue(), "x.png", 160)
+    assert tuple(image.shape) == (3, *target_size(*stored, 160))
+    with pytest.raises(BadSample, match=r"^cut\.jpg: .*truncated"):
+        decode_resized(data[: len(data) // 2], "cut.jpg", 160)
+    with pytest.raises(BadSample, match=r"^cut\.jpg: .*truncated"):  # also when it needs no resize
+        prepare_image(data[: len(data) // 2], "cut.jpg", max_size=1000, jpeg_quality=90)
 
 
 # --- the stage end to end -------------------------------------------------------------------------
