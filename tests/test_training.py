@@ -1,8 +1,9 @@
 """The training loop (pipeline.train, stages/train.py) on real VOC images: issue 6 acceptance.
 
-Everything trains for real on a handful of VOC 2012 images shrunk to 64-96 px at width 1/16 or
+Everything trains for real on a handful of VOC 2012 images, shrunk to 64-96 px at width 1/16 or
 1/8: an overfit check, bit-exact resume after a SIGKILL, DDP == one process, accumulation == one
-big batch, FCN-32s -> FCN-16s transplant agreement on a trained net, and checkpoint refusal.
+big batch and checkpoint refusal; and at full size (~500x375) at width 1/4: FCN-32s -> FCN-16s
+transplant agreement on a trained net.
 """
 
 from __future__ import annotations
@@ -29,10 +30,15 @@ from PIL import Image
 from pipeline.config import load_params
 from pipeline.datasets import SegmentationShards
 from pipeline.metrics import confusion_matrix, segmentation_scores
-from pipeline.models.fcn import build_model, load_model
+from pipeline.models.fcn import load_model
 from pipeline.shards import ShardWriter
-from pipeline.surgery import transplant
-from pipeline.train import CHECKPOINT_NAME, load_checkpoint, make_optimizer, train
+from pipeline.train import (
+    CHECKPOINT_NAME,
+    build_initial_model,
+    load_checkpoint,
+    make_optimizer,
+    train,
+)
 from pipeline.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
@@ -47,9 +53,10 @@ def voc_ids(voc: Path, split: str) -> list[str]:
     return (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
 
 
-def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int, square: bool) -> Path:
-    """Real VOC pairs resized to longer side `side` (image bilinear, label nearest), optionally
-    centre-cropped to a square first (then a crop of `side` sees the whole image, no padding)."""
+def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int | None, square: bool) -> Path:
+    """Real VOC pairs resized to longer side `side` (image bilinear, label nearest; None: kept at
+    their original resolution), optionally centre-cropped to a square first (then a crop of
+    `side` sees the whole image, no padding)."""
     with ShardWriter(out) as writer:
         for i in ids:
             image = Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB")
@@ -59,7 +66,7 @@ def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int, square: bo
                 box = ((image.width - m) // 2, (image.height - m) // 2)
                 box = (*box, box[0] + m, box[1] + m)
                 image, label = image.crop(box), label.crop(box)
-            s = side / max(image.size)
+            s = 1.0 if side is None else side / max(image.size)
             size = (max(1, round(image.width * s)), max(1, round(image.height * s)))
             image = image.resize(size, Image.BILINEAR)
             label = Image.fromarray(np.asarray(label.resize(size, Image.NEAREST)), "L")
@@ -358,52 +365,96 @@ def test_accumulation_equals_one_big_batch(shards, tmp_path) -> None:
 # --- 5. FCN-32s -> FCN-16s on a trained net ---------------------------------------------------
 
 
+def background_share(directory: Path) -> float:
+    """The pixel accuracy of saying "background" everywhere on a shard dir (255 not counted)."""
+    data = SegmentationShards(directory, transform=eval_transform())
+    bg = valid = 0
+    for i in range(len(data)):
+        mask = data[i][1]
+        bg += int((mask == 0).sum())
+        valid += int((mask != 255).sum())
+    return bg / valid
+
+
+def agreement(a: list[torch.Tensor], b: list[torch.Tensor]) -> float:
+    """Share of all pixels on which two lists of argmax maps give the same class."""
+    same = sum(int((x == y).sum()) for x, y in zip(a, b, strict=True))
+    return same / sum(x.numel() for x in a)
+
+
+def foreground(preds: list[torch.Tensor]) -> float:
+    return sum(int((p != 0).sum()) for p in preds) / sum(p.numel() for p in preds)
+
+
 @pytest.mark.slow
-@pytest.mark.xfail(
-    strict=False,
-    reason="measured 93.5% (94.6% where FCN-32s's top-2 margin > 0.1) on 64 px training images "
-    "with 17% foreground: at 2-3 score cells per image, 2x-then-16x bilinear differs from 32x "
-    "bilinear over a large share of pixels; needs larger images (a longer run) to show >= 99%",
-)
 def test_transplant_of_trained_fcn32s_predicts_the_same(voc_sample, tmp_path) -> None:
-    """Issue wording: FCN-16s initialised from a trained FCN-32s predicts the same class as it
-    on >= 99% of all pixels (before any FCN-16s step), on training and unseen images."""
+    """Issue wording: FCN-16s initialised from a trained FCN-32s (all shared layers transplanted,
+    new score_pool4 zero) predicts the same class as it on >= 99% of all pixels before any
+    FCN-16s step, on its training images and on unseen ones, at VOC's original resolution.
+
+    With score_pool4 zero, FCN-16s upsamples the same score map 2x then 16x where FCN-32s
+    upsamples it 32x: both bilinear and aligned (they agree exactly on a score field linear in
+    space), but FCN-16s cuts the corners of the piecewise-linear map within 8 px of each score
+    cell centre, by 1/8 of the scores' second difference there. So pixels change class only
+    along class boundaries (about 1 px per boundary pixel) and the share falls with image size:
+    ~6.5% at 64 px (2-3 score cells across: the old version of this test), ~1% at 320 px,
+    0.2-1% at full size, where it is measured here. Unseen images, which a net trained on 8
+    images fragments into more class regions, sit closest to the bound: 99.0-99.5% over seeds
+    0-3 in bf16 and fp32 (seed 0, the params' seed: 99.3% bf16, 99.4% fp32).
+    """
+    # at width 1/8 the net fragments unseen images more (more class boundaries): ~99.0% there
+    width = 0.25
     cfg = base_cfg(
         precision="auto",
-        crop_size=64,
+        crop_size=320,  # random 320 px windows of the full-size images
         scale_range=[1.0, 1.0],
         hflip=False,
         color_jitter=0.0,
         weight_decay=0.0,
         val_every=1000,
-        fcn32s={"epochs": 40, "lr": 0.01},
+        fcn32s={"epochs": 40, "lr": 0.005},  # 0.01 sometimes stalls at all-background
     )
-    cfg["model"]["width"] = 0.125
+    cfg["model"]["width"] = width
     seen = write_voc_shards(
-        voc_sample, voc_ids(voc_sample, "train")[:4], tmp_path / "seen", 64, square=True
+        voc_sample, voc_ids(voc_sample, "train")[:8], tmp_path / "seen", None, square=False
+    )
+    unseen = write_voc_shards(
+        voc_sample, voc_ids(voc_sample, "val")[:8], tmp_path / "unseen", None, square=False
     )
     run_train("fcn32s", cfg, seen, seen, tmp_path)
     fcn32 = load_model(tmp_path / "fcn32s.pt")
-    fcn16 = build_model("fcn16s", width=0.125)
-    copied = transplant(fcn32, fcn16)
-    assert "score_fr.weight" in copied and "score_pool4.weight" not in copied
-    fcn16.eval()
-
-    unseen = write_voc_shards(
-        voc_sample, voc_ids(voc_sample, "val")[:8], tmp_path / "unseen", 96, square=False
+    # the model the fcn16s stage starts from (stages/train.py: init_from the fcn32s model)
+    fcn16, _ = build_initial_model(
+        "fcn16s",
+        width=width,
+        backbone_init="random",
+        vgg16_path=None,
+        init_from=tmp_path / "fcn32s.pt",
+        seed=0,
     )
-    agree = total = 0
-    fg = []
-    for directory in (seen, unseen):
-        _, p32 = scores_on(fcn32, directory)
+    s32, s16 = fcn32.state_dict(), fcn16.state_dict()
+    assert set(s32) - set(s16) == {"upscore.weight"}  # FCN-32s's 32x upsampling only
+    for k in s32.keys() & s16.keys():
+        assert torch.equal(s16[k], s32[k]), k
+    assert not s16["score_pool4.weight"].any() and not s16["score_pool4.bias"].any()
+
+    found = {}
+    for name, directory in (("seen", seen), ("unseen", unseen)):
+        scores32, p32 = scores_on(fcn32, directory)
         _, p16 = scores_on(fcn16, directory)
-        for a, b in zip(p32, p16, strict=True):
-            agree += int((a == b).sum())
-            total += a.numel()
-        fg.append(sum(int((a != 0).sum()) for a in p32) / sum(a.numel() for a in p32))
+        sizes = {tuple(p.shape) for p in p32}
+        assert min(max(s) for s in sizes) >= 480, sizes  # full-size VOC images
+        found[name] = {
+            "agreement": agreement(p32, p16),
+            "fcn32s_foreground": foreground(p32),
+            "fcn32s_pixel_accuracy": scores32["pixel_accuracy"],
+        }
+    print(f"FCN-32s vs transplanted FCN-16s: {found}")
     # a net that says "background" everywhere would agree trivially: it must place objects
-    assert fg[0] >= 0.05, fg
-    assert agree >= 0.99 * total, agree / total
+    assert found["seen"]["fcn32s_foreground"] >= 0.05, found
+    assert found["seen"]["fcn32s_pixel_accuracy"] >= background_share(seen) + 0.02, found
+    assert found["seen"]["agreement"] >= 0.99, found
+    assert found["unseen"]["agreement"] >= 0.99, found
 
 
 # --- 6. checkpoints that must not be resumed --------------------------------------------------
