@@ -30,30 +30,34 @@ VOC_CLASSES: tuple[str, ...] = (
 NUM_CLASSES = len(VOC_CLASSES)  # 21, background included
 IGNORE_INDEX = 255  # VOC marks object boundaries and "difficult" pixels with 255
 
-# COCO 2017 category id of each VOC foreground class, in VOC order (index 1..20).
-# Names differ for four of them: airplane, motorcycle, couch, tv.
-COCO_TO_VOC: dict[int, int] = {
-    5: 1,  # airplane -> aeroplane
-    2: 2,  # bicycle
-    16: 3,  # bird
-    9: 4,  # boat
-    44: 5,  # bottle
-    6: 6,  # bus
-    3: 7,  # car
-    17: 8,  # cat
-    62: 9,  # chair
-    21: 10,  # cow
-    67: 11,  # dining table -> diningtable
-    18: 12,  # dog
-    19: 13,  # horse
-    4: 14,  # motorcycle -> motorbike
-    1: 15,  # person
-    64: 16,  # potted plant -> pottedplant
-    20: 17,  # sheep
-    63: 18,  # couch -> sofa
-    7: 19,  # train
-    72: 20,  # tv -> tvmonitor
-}
+# COCO 2017 category (id, name as COCO spells it) of each VOC foreground class, in VOC order
+# (index 1..20). Four names differ from VOC's: airplane, motorcycle, couch, tv (and the spaces
+# of "dining table", "potted plant"). The converter checks these names against a file's
+# `categories` before trusting its ids.
+COCO_VOC_CATEGORIES: tuple[tuple[int, str, int], ...] = (
+    (5, "airplane", 1),  # -> aeroplane
+    (2, "bicycle", 2),
+    (16, "bird", 3),
+    (9, "boat", 4),
+    (44, "bottle", 5),
+    (6, "bus", 6),
+    (3, "car", 7),
+    (17, "cat", 8),
+    (62, "chair", 9),
+    (21, "cow", 10),
+    (67, "dining table", 11),  # -> diningtable
+    (18, "dog", 12),
+    (19, "horse", 13),
+    (4, "motorcycle", 14),  # -> motorbike
+    (1, "person", 15),
+    (64, "potted plant", 16),  # -> pottedplant
+    (20, "sheep", 17),
+    (63, "couch", 18),  # -> sofa
+    (7, "train", 19),
+    (72, "tv", 20),  # -> tvmonitor
+)
+COCO_TO_VOC: dict[int, int] = {cid: voc for cid, _name, voc in COCO_VOC_CATEGORIES}
+COCO_NAMES: dict[int, str] = {cid: name for cid, name, _voc in COCO_VOC_CATEGORIES}
 VOC_TO_COCO: dict[int, int] = {v: k for k, v in COCO_TO_VOC.items()}
 
 

@@ -9,6 +9,22 @@ VOC label maps. The rules, each a small named function below:
 - otherwise 0: background, objects of the other 60 COCO categories included (as in VOC);
 - images with fewer than `min_pixels` pixels of classes 1..20 are dropped.
 
+An object of a VOC class is never turned into background because its segmentation is partly or
+wholly unusable (detectron2 and mmdetection drop bad polygon parts the same way):
+
+- a polygon part with fewer than 3 points, a non-finite or non-numeric coordinate, or every
+  point outside the image is dropped and the other parts are rasterized (counted per reason in
+  `voc_objects_parts_dropped_by_reason`);
+- when nothing valid is left (every part dropped, an empty or missing `segmentation`, an RLE of
+  another size than the image), the object's region - its `bbox`, or failing that the bounding
+  box of its finite polygon coordinates - is marked 255 (ignore), counted per reason in
+  `voc_objects_marked_ignore_by_reason`; an image with such an object and no region at all is
+  dropped (`voc_object_without_region`): nobody can say where the object is.
+
+A missing `iscrowd` means 0, as in pycocotools (`COCOeval` reads `'iscrowd' in gt and
+gt['iscrowd']`; exporters often omit it). Category ids are trusted only after the names of the
+20 mapped ids in the file's `categories` are checked against COCO's (`pipeline.classes`).
+
 Scale (train2017: 118k images, 860k annotations, a ~450 MB JSON). The parent process parses
 the JSON once, streaming the "annotations" array element by element (`_parse_streaming`):
 each annotation is checked and reduced at once to a compact record (VOC-class polygons as
@@ -25,7 +41,9 @@ would need ~3.6 GB (benchmarks/bench_coco_voc.py). Results stream to the shard f
 pool's pipes bound the work in flight.
 
 Malformed annotations are skipped and counted with their ids (`SKIP_*` reasons); a file that is
-not JSON or lacks `images`/`annotations`/`categories` raises `CocoFormatError`.
+not JSON or lacks `images`/`annotations`/`categories` raises `CocoFormatError`, and so does a
+split where more than `max_rejected_fraction` of the annotations are rejected (skipped or
+marked ignore) or of the images are dropped for a fault (`CocoRejectedError`).
 """
 
 from __future__ import annotations
@@ -50,7 +68,7 @@ import numpy as np
 from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
-from pipeline.classes import COCO_TO_VOC, IGNORE_INDEX, VOC_CLASSES
+from pipeline.classes import COCO_NAMES, COCO_TO_VOC, IGNORE_INDEX, VOC_CLASSES
 from pipeline.shards import ShardWriter
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
@@ -64,6 +82,7 @@ SKIP_UNKNOWN_CATEGORY = "unknown_category_id"  # category_id not in `categories`
 SKIP_NO_SEGMENTATION = "no_segmentation"  # bbox-only: segmentation missing/null/empty
 SKIP_SHORT_POLYGON = "polygon_under_3_points"  # pycocotools reads a 4-number polygon as a bbox
 SKIP_BAD_SEGMENTATION = "bad_segmentation"  # wrong types, NaN, far off-image, RLE size/sum wrong
+SKIP_OFF_IMAGE = "polygon_off_image"  # every point of the part outside the image
 SKIP_REASONS = (
     SKIP_MALFORMED,
     SKIP_UNKNOWN_IMAGE,
@@ -72,11 +91,22 @@ SKIP_REASONS = (
     SKIP_NO_SEGMENTATION,
     SKIP_SHORT_POLYGON,
     SKIP_BAD_SEGMENTATION,
+    SKIP_OFF_IMAGE,
+)
+# Why (part of) the segmentation of a VOC-class object is unusable: parts dropped, or the object
+# marked ignore when nothing is left. The same words as the skip reasons.
+SEGMENTATION_REASONS = (
+    SKIP_NO_SEGMENTATION,
+    SKIP_SHORT_POLYGON,
+    SKIP_BAD_SEGMENTATION,
+    SKIP_OFF_IMAGE,
 )
 # Why an image is dropped.
 DROP_MISSING_FILE = "missing_from_images_zip"
 DROP_FEW_PIXELS = "below_min_pixels"
-DROP_REASONS = (DROP_MISSING_FILE, DROP_FEW_PIXELS)
+DROP_NO_REGION = "voc_object_without_region"  # unusable segmentation and no bbox
+DROP_REASONS = (DROP_MISSING_FILE, DROP_FEW_PIXELS, DROP_NO_REGION)
+FAULT_DROPS = (DROP_MISSING_FILE, DROP_NO_REGION)  # drops that count toward the rejected share
 
 CROWD = IGNORE_INDEX  # group key of the crowd union in a per-image task
 PNG_ZLIB_LEVEL = 1
@@ -84,6 +114,10 @@ PNG_ZLIB_LEVEL = 1
 
 class CocoFormatError(ValueError):
     """The annotation file itself is unusable; the message names the file/member and the key."""
+
+
+class CocoRejectedError(CocoFormatError):
+    """Too much of a split was rejected (`max_rejected_fraction`); the message gives the counts."""
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -262,12 +296,38 @@ def _index_images(images: list, source: str) -> list[tuple[int, str, int, int]]:
 
 
 def _category_ids(categories: list, source: str) -> set[int]:
-    ids = set()
+    """The ids of `categories`; CocoFormatError if an entry has no integer id, or if a COCO id
+    mapped to a VOC class carries another name than COCO's (`check_category_names`)."""
+    ids, names = set(), {}
     for i, cat in enumerate(categories):
         if not isinstance(cat, dict) or not _is_int(cat.get("id")):
             raise CocoFormatError(f"{source}: categories[{i}] has no integer 'id' ({cat!r:.80})")
         ids.add(cat["id"])
+        names[cat["id"]] = cat.get("name")
+    check_category_names(names, source)
     return ids
+
+
+def check_category_names(names: Mapping[int, Any], source: str) -> None:
+    """Refuse a file whose categories are numbered differently from COCO 2017.
+
+    `names` maps the file's category ids to their `name`. Every id that `COCO_TO_VOC` maps and
+    the file defines must carry COCO's name (`COCO_NAMES`, compared case-insensitively, spaces
+    trimmed); otherwise an exporter renumbered the categories and the ids would be converted to
+    the wrong VOC classes. Raises CocoFormatError naming the file, the id, the expected and the
+    found name. Mapped ids the file does not define are not an error (their annotations are
+    skipped as `unknown_category_id`).
+    """
+    for cid, expected in COCO_NAMES.items():
+        if cid not in names:
+            continue
+        found = names[cid]
+        if not isinstance(found, str) or found.strip().casefold() != expected:
+            raise CocoFormatError(
+                f"{source}: category id {cid} is named {found!r}, expected {expected!r} (COCO "
+                f"2017 numbering, mapped to VOC class {VOC_CLASSES[COCO_TO_VOC[cid]]!r}): the "
+                "file's categories are numbered differently; refusing to guess the classes"
+            )
 
 
 def _is_int(v: Any) -> bool:
@@ -309,91 +369,174 @@ def _rle_string_counts(s: bytes) -> list[int]:
     return counts
 
 
-def _parse_segmentation(segm: Any) -> tuple[str | None, Any]:
-    """Phase 1 of one segmentation: (reason, None) or (None, (payload, size check)).
+def _parse_part(p: Any) -> tuple[str | None, np.ndarray | None]:
+    """One polygon part: (reason, None) or (None, float64 array of x, y pairs)."""
+    if not isinstance(p, list):
+        return SKIP_BAD_SEGMENTATION, None
+    if len(p) < 6:
+        return SKIP_SHORT_POLYGON, None
+    if len(p) % 2:
+        return SKIP_BAD_SEGMENTATION, None
+    try:
+        arr = np.array(p, dtype=np.float64)
+    except (TypeError, ValueError):
+        return SKIP_BAD_SEGMENTATION, None
+    if arr.ndim != 1 or not np.isfinite(arr).all():
+        return SKIP_BAD_SEGMENTATION, None
+    return None, arr
 
-    payload: a list of float64 polygon arrays, ("u", counts list) or ("c", counts bytes);
-    size check: ("extent", max |coordinate|) or ("rle", size, sum of runs).
+
+def _parse_segmentation(segm: Any) -> tuple[str | None, Any, tuple[str, ...]]:
+    """Phase 1 of one segmentation: (reason, None, dropped) or (None, parsed, dropped).
+
+    parsed: (payload, size check). payload: a list of float64 polygon arrays (the valid parts),
+    ("u", counts list) or ("c", counts bytes); size check: ("extent", max |coordinate|) or
+    ("rle", size, sum of runs). dropped: the reason of each polygon part left out; when no part
+    is valid the reason is the first part's.
     """
     if segm is None or (isinstance(segm, list | dict) and not segm):
-        return SKIP_NO_SEGMENTATION, None
+        return SKIP_NO_SEGMENTATION, None, ()
     if isinstance(segm, list):
-        polys, extent = [], 0.0
+        polys, dropped, extent = [], [], 0.0
         for p in segm:
-            if not isinstance(p, list):
-                return SKIP_BAD_SEGMENTATION, None
-            if len(p) < 6:
-                return SKIP_SHORT_POLYGON, None
-            if len(p) % 2:
-                return SKIP_BAD_SEGMENTATION, None
-            try:
-                arr = np.array(p, dtype=np.float64)
-            except (TypeError, ValueError):
-                return SKIP_BAD_SEGMENTATION, None
-            if arr.ndim != 1 or not np.isfinite(arr).all():
-                return SKIP_BAD_SEGMENTATION, None
+            reason, arr = _parse_part(p)
+            if reason is not None:
+                dropped.append(reason)
+                continue
             extent = max(extent, float(np.abs(arr).max()))
             polys.append(arr)
-        return None, (polys, ("extent", extent))
+        if not polys:
+            return dropped[0], None, tuple(dropped)
+        return None, (polys, ("extent", extent)), tuple(dropped)
     if isinstance(segm, dict):
         size, counts = segm.get("size"), segm.get("counts")
         if not (isinstance(size, list) and len(size) == 2 and all(_is_int(v) for v in size)):
-            return SKIP_BAD_SEGMENTATION, None
+            return SKIP_BAD_SEGMENTATION, None, ()
         if isinstance(counts, list):  # uncompressed RLE (COCO's crowd annotations)
             if not counts or not all(_is_int(c) and c >= 0 for c in counts):
-                return SKIP_BAD_SEGMENTATION, None
-            return None, (("u", counts), ("rle", size, sum(counts)))
+                return SKIP_BAD_SEGMENTATION, None, ()
+            return None, (("u", counts), ("rle", size, sum(counts))), ()
         if isinstance(counts, str | bytes):  # compressed RLE
             data = counts.encode("ascii", "replace") if isinstance(counts, str) else counts
             try:
                 runs = _rle_string_counts(data)
             except ValueError:
-                return SKIP_BAD_SEGMENTATION, None
+                return SKIP_BAD_SEGMENTATION, None, ()
             if any(r < 0 for r in runs):
-                return SKIP_BAD_SEGMENTATION, None
-            return None, (("c", data), ("rle", size, sum(runs)))
-    return SKIP_BAD_SEGMENTATION, None
+                return SKIP_BAD_SEGMENTATION, None, ()
+            return None, (("c", data), ("rle", size, sum(runs))), ()
+    return SKIP_BAD_SEGMENTATION, None, ()
 
 
-def _fit_segmentation(parsed: tuple, h: int, w: int) -> tuple[str | None, Any]:
+def _fit_part(arr: np.ndarray, h: int, w: int) -> str | None:
+    """Why a parsed polygon part cannot be rasterized on an (h, w) image, or None."""
+    xs, ys = arr[0::2], arr[1::2]
+    if xs.max() <= 0 or xs.min() >= w or ys.max() <= 0 or ys.min() >= h:
+        return SKIP_OFF_IMAGE  # covers no pixel
+    if float(np.abs(arr).max()) > 4 * max(h, w):
+        return SKIP_BAD_SEGMENTATION  # rleFrPoly allocates per edge length: far coordinates
+    return None
+
+
+def _fit_segmentation(parsed: tuple, h: int, w: int) -> tuple[str | None, Any, tuple[str, ...]]:
     """Phase 2 of one segmentation: check it against the image size; rasterizer-ready form.
 
-    Ready: a list of float64 polygon arrays, or a compressed RLE dict {"size", "counts"}.
+    Returns (reason, None, dropped) or (None, ready, dropped). Ready: a list of float64 polygon
+    arrays (the parts that fit), or a compressed RLE dict {"size", "counts"}; None for a non-VOC
+    annotation (checked, never rasterized).
     """
     payload, check = parsed
     if check[0] == "extent":
-        # rleFrPoly allocates per edge length: refuse coordinates far outside the image
-        return (SKIP_BAD_SEGMENTATION, None) if check[1] > 4 * max(h, w) else (None, payload)
+        if payload is None:  # non-VOC: only the whole extent is checked
+            return (
+                (SKIP_BAD_SEGMENTATION, None, ()) if check[1] > 4 * max(h, w) else (None, None, ())
+            )
+        kept, dropped = [], []
+        for arr in payload:
+            reason = _fit_part(arr, h, w)
+            if reason is None:
+                kept.append(arr)
+            else:
+                dropped.append(reason)
+        if not kept:
+            return dropped[0], None, tuple(dropped)
+        return None, kept, tuple(dropped)
     _, size, total = check
     if size != [h, w] or total != h * w:  # another image's RLE, or runs that overflow the mask
-        return SKIP_BAD_SEGMENTATION, None
+        return SKIP_BAD_SEGMENTATION, None, ()
     if payload is None:  # a non-VOC annotation: checked, never rasterized
-        return None, None
+        return None, None, ()
     kind, counts = payload
     if kind == "u":
         counts = mask_utils.frPyObjects({"size": [h, w], "counts": counts}, h, w)["counts"]
-    return None, {"size": [h, w], "counts": counts}
+    return None, {"size": [h, w], "counts": counts}, ()
 
 
 def _prepare_segmentation(segm: Any, h: int, w: int) -> tuple[str | None, Any]:
-    reason, parsed = _parse_segmentation(segm)
-    return (reason, None) if reason else _fit_segmentation(parsed, h, w)
+    reason, parsed, _ = _parse_segmentation(segm)
+    return (reason, None) if reason else _fit_segmentation(parsed, h, w)[:2]
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and np.isfinite(v)
+
+
+def _region_box(ann: Mapping[str, Any]) -> tuple[float, float, float, float] | None:
+    """(x0, y0, x1, y1) where a VOC object whose segmentation is unusable lies, or None.
+
+    COCO's `bbox` ([x, y, width, height], positive sizes) when valid; otherwise the bounding box
+    of the finite coordinate pairs of its polygon parts, when that has an area.
+    """
+    bbox = ann.get("bbox")
+    if isinstance(bbox, list) and len(bbox) == 4 and all(_is_number(v) for v in bbox):
+        x, y, bw, bh = (float(v) for v in bbox)
+        if bw > 0 and bh > 0:
+            return x, y, x + bw, y + bh
+    segm = ann.get("segmentation")
+    xs: list[float] = []
+    ys: list[float] = []
+    if isinstance(segm, list):
+        for p in segm:
+            if not isinstance(p, list):
+                continue
+            for x, y in zip(p[0::2], p[1::2], strict=False):
+                if _is_number(x) and _is_number(y):
+                    xs.append(float(x))
+                    ys.append(float(y))
+    if xs and max(xs) > min(xs) and max(ys) > min(ys):
+        return min(xs), min(ys), max(xs), max(ys)
+    return None
+
+
+def _region_polygons(box: tuple[float, float, float, float], h: int, w: int) -> list[np.ndarray]:
+    """The box clipped to the image as one rectangle polygon (pycocotools' frBbox shape), or
+    [] when it lies outside the image."""
+    x0, y0 = max(box[0], 0.0), max(box[1], 0.0)
+    x1, y1 = min(box[2], float(w)), min(box[3], float(h))
+    if x1 <= x0 or y1 <= y0:
+        return []
+    return [np.array([x0, y0, x1, y0, x1, y1, x0, y1], np.float64)]
 
 
 def _compact_annotation(ann: Any, index: int) -> tuple:
     """Phase 1, run as each annotation is parsed: (id, image_id, category_id, iscrowd,
-    reason or None, parsed segmentation). Only VOC classes keep their polygons."""
+    reason or None, parsed segmentation, dropped part reasons, region box or None). Only VOC
+    classes keep their polygons and region. A missing `iscrowd` is 0 (as in pycocotools)."""
     if not isinstance(ann, dict):
-        return (f"annotations[{index}]", None, None, 0, SKIP_MALFORMED, None)
+        return (f"annotations[{index}]", None, None, 0, SKIP_MALFORMED, None, (), None)
     ident = ann.get("id")
     ident = ident if _is_int(ident) or isinstance(ident, str) else f"annotations[{index}]"
-    image_id, cat, crowd = ann.get("image_id"), ann.get("category_id"), ann.get("iscrowd")
+    image_id, cat, crowd = ann.get("image_id"), ann.get("category_id"), ann.get("iscrowd", 0)
     if not (_is_int(image_id) and _is_int(cat) and crowd in (0, 1)):
-        return (ident, None, None, 0, SKIP_MALFORMED, None)
-    reason, parsed = _parse_segmentation(ann.get("segmentation"))
-    if parsed is not None and not voc_class(cat):
-        parsed = (None, parsed[1])  # never rasterized: keep the size check only
-    return (ident, image_id, cat, int(crowd), reason, parsed)
+        return (ident, None, None, 0, SKIP_MALFORMED, None, (), None)
+    reason, parsed, dropped = _parse_segmentation(ann.get("segmentation"))
+    box = None
+    if not voc_class(cat):
+        if parsed is not None:
+            parsed = (None, parsed[1])  # never rasterized: keep the size check only
+    elif reason is not None or dropped:
+        box = _region_box(ann)
+    return (ident, image_id, cat, int(crowd), reason, parsed, dropped, box)
 
 
 def _finish_annotation(
@@ -401,21 +544,34 @@ def _finish_annotation(
     image_sizes: Mapping[int, tuple[int, int]],
     category_ids: set[int] | frozenset[int],
     missing_images: set[int] | frozenset[int],
-) -> tuple[str | None, Any]:
-    """Phase 2: (skip reason, None) or (None, ready segmentation; None for non-VOC classes)."""
-    _ident, image_id, cat, _crowd, reason, parsed = rec
+) -> tuple[str | None, Any, str | None, tuple[str, ...]]:
+    """Phase 2: (skip reason, ready segmentation, ignore reason, dropped part reasons).
+
+    - skipped: (reason, None, None, ());
+    - usable: (None, ready segmentation (None for non-VOC classes), None, dropped parts);
+    - a VOC-class object whose segmentation is unusable: (None, region, reason, dropped), the
+      region being rectangle polygons to mark ignore ([] if off the image), or None when the
+      annotation gives no region at all.
+    """
+    _ident, image_id, cat, _crowd, reason, parsed, dropped, box = rec
     if reason == SKIP_MALFORMED:
-        return reason, None
+        return reason, None, None, ()
     size = image_sizes.get(image_id)
     if size is None:
-        return SKIP_UNKNOWN_IMAGE, None
+        return SKIP_UNKNOWN_IMAGE, None, None, ()
     if image_id in missing_images:
-        return SKIP_IMAGE_MISSING, None
+        return SKIP_IMAGE_MISSING, None, None, ()
     if cat not in category_ids:
-        return SKIP_UNKNOWN_CATEGORY, None
-    if reason is not None:
-        return reason, None
-    return _fit_segmentation(parsed, *size)
+        return SKIP_UNKNOWN_CATEGORY, None, None, ()
+    if reason is None:
+        reason, seg, more = _fit_segmentation(parsed, *size)
+        dropped = dropped + more
+        if reason is None:
+            return None, seg, None, dropped
+    if not voc_class(cat):
+        return reason, None, None, ()
+    region = None if box is None else _region_polygons(box, *size)
+    return None, region, reason, dropped
 
 
 def validate_annotation(
@@ -424,14 +580,19 @@ def validate_annotation(
     category_ids: Iterable[int],
     missing_images: Iterable[int] = (),
 ) -> str | None:
-    """Why `ann` must be skipped (one of `SKIP_REASONS`, the first that applies), or None.
+    """Why `ann` cannot be rasterized (one of `SKIP_REASONS`, the first that applies), or None.
 
+    A VOC-class object with such a reason is marked ignore by the converter rather than
+    skipped; a segmentation with at least one usable polygon part is usable (None).
     `image_sizes` maps image id -> (height, width); `missing_images` are ids whose file is not
     in the images zip.
     """
     cats = category_ids if isinstance(category_ids, set | frozenset) else set(category_ids)
     missing = missing_images if isinstance(missing_images, set | frozenset) else set(missing_images)
-    return _finish_annotation(_compact_annotation(ann, 0), image_sizes, cats, missing)[0]
+    skip, _seg, ignore, _dropped = _finish_annotation(
+        _compact_annotation(ann, 0), image_sizes, cats, missing
+    )
+    return skip or ignore
 
 
 # --- rasterization and the VOC rules -----------------------------------------------------------
@@ -536,14 +697,24 @@ def _label_map_from_rles(rles: Mapping[int, dict], h: int, w: int) -> np.ndarray
 def voc_label_map(anns: Iterable[Mapping[str, Any]], h: int, w: int) -> np.ndarray:
     """The VOC label map (h, w) uint8 of one image's COCO annotations (the rules above).
 
-    Raises ValueError for a malformed annotation (the stage skips those before this point).
+    `image_id` is not needed. Unusable polygon parts are dropped; a VOC-class object with no
+    usable segmentation marks its region 255. Raises ValueError for a malformed annotation
+    (the stage skips those before this point) and for a VOC-class object with neither a usable
+    segmentation nor a region (the stage drops such an image).
     """
     prepared = []
-    for ann in anns:
-        reason, seg = _prepare_segmentation(ann.get("segmentation"), h, w)
-        if reason is not None:
-            raise ValueError(f"annotation {ann.get('id')!r}: cannot rasterize ({reason})")
-        prepared.append((ann["category_id"], int(ann.get("iscrowd", 0)), seg))
+    for i, ann in enumerate(anns):
+        rec = _compact_annotation({**ann, "image_id": 0}, i)
+        skip, seg, ignore, _dropped = _finish_annotation(rec, {0: (h, w)}, {rec[2]}, frozenset())
+        if skip is not None:
+            raise ValueError(f"annotation {ann.get('id')!r}: cannot rasterize ({skip})")
+        if ignore is not None:
+            if seg is None:
+                raise ValueError(f"annotation {ann.get('id')!r}: {ignore} and no region (bbox)")
+            if seg:
+                prepared.append((rec[2], 1, seg))
+            continue
+        prepared.append((rec[2], rec[3], seg))
     groups = _group(prepared)
     rles = {k: _union_rle(v, h, w) for k, v in groups.items()}
     return np.ascontiguousarray(_label_map_from_rles(rles, h, w))
@@ -622,7 +793,9 @@ def plan_split(data: dict, source: str, present_files: set[str] | None = None) -
     `data["annotations"]` may hold annotation dicts or `_compact_annotation` records (what
     `load_instances(..., annotation_hook=_compact_annotation)` gives). Returns {"images":
     [(id, file_name, h, w)], "tasks": [(key, h, w, groups), or None for a missing file],
-    "skipped": _Reasons, "stats": {...}}. `present_files=None` skips the zip check.
+    "skipped": _Reasons, "repaired": _Reasons, "ignored": _Reasons, "stats": {...}}; a task is
+    a drop reason (str) instead for an image that cannot be converted. `present_files=None`
+    skips the zip check.
     """
     images = _index_images(data["images"], source)
     category_ids = _category_ids(data["categories"], source)
@@ -635,22 +808,37 @@ def plan_split(data: dict, source: str, present_files: set[str] | None = None) -
     )
     prepared: list[list | None] = [None] * len(images)
     skipped = _Reasons(SKIP_REASONS)
+    repaired = _Reasons(SEGMENTATION_REASONS)  # VOC objects with polygon parts dropped
+    ignored = _Reasons(SEGMENTATION_REASONS)  # VOC objects marked ignore (region)
+    no_region: set[int] = set()
     anns = data["annotations"]
-    n_anns, n_voc, n_other = len(anns), 0, 0
+    n_anns, n_voc, n_other, n_ignored = len(anns), 0, 0, 0
     for i in range(n_anns):
         rec = anns[i]
         anns[i] = None  # free each record as soon as it is converted
         if not isinstance(rec, tuple):
             rec = _compact_annotation(rec, i)
-        reason, seg = _finish_annotation(rec, sizes, category_ids, missing)
+        reason, seg, ignore, dropped = _finish_annotation(rec, sizes, category_ids, missing)
         if reason is not None:
             skipped.add(reason, rec[0])
             continue
-        _ident, image_id, cat, crowd, _reason, _parsed = rec
+        ident, image_id, cat, crowd = rec[:4]
         if not voc_class(cat):
             n_other += 1
             continue
-        n_voc += 1
+        if ignore is not None:  # nothing usable: its region is ignore, never background
+            n_ignored += 1
+            ignored.add(ignore, ident)
+            if seg is None:
+                no_region.add(image_id)
+                continue
+            if not seg:  # the region lies outside the image
+                continue
+            crowd = 1
+        else:
+            n_voc += 1
+            for r in dict.fromkeys(dropped):
+                repaired.add(r, ident)
         j = slot[image_id]
         if prepared[j] is None:
             prepared[j] = []
@@ -659,7 +847,9 @@ def plan_split(data: dict, source: str, present_files: set[str] | None = None) -
     tasks = []
     for j, (iid, name, h, w) in enumerate(images):
         if iid in missing:
-            tasks.append(None)
+            tasks.append(DROP_MISSING_FILE)
+        elif iid in no_region:
+            tasks.append(DROP_NO_REGION)
         else:
             tasks.append((Path(name).stem, h, w, _group(prepared[j] or ())))
         prepared[j] = None
@@ -667,9 +857,58 @@ def plan_split(data: dict, source: str, present_files: set[str] | None = None) -
         "annotations_total": n_anns,
         "annotations_used_voc": n_voc,
         "annotations_non_voc": n_other,
-        "annotations_skipped": n_anns - n_voc - n_other,
+        "annotations_voc_marked_ignore": n_ignored,
+        "annotations_skipped": n_anns - n_voc - n_other - n_ignored,
     }
-    return {"images": images, "tasks": tasks, "skipped": skipped, "stats": stats}
+    return {
+        "images": images,
+        "tasks": tasks,
+        "skipped": skipped,
+        "repaired": repaired,
+        "ignored": ignored,
+        "stats": stats,
+    }
+
+
+def rejected_share(plan: Mapping[str, Any]) -> tuple[float, float]:
+    """(share of annotations rejected, share of images dropped for a fault) of a plan.
+
+    Rejected: skipped (`SKIP_REASONS`) or, for a VOC-class object, marked ignore because
+    nothing of its segmentation was usable. Fault drops: `FAULT_DROPS` (not `min_pixels`,
+    which drops images without VOC objects by design). 0.0 for an empty split.
+    """
+    st = plan["stats"]
+    rejected = st["annotations_skipped"] + st["annotations_voc_marked_ignore"]
+    ann_share = rejected / st["annotations_total"] if st["annotations_total"] else 0.0
+    faults = sum(1 for t in plan["tasks"] if isinstance(t, str))
+    img_share = faults / len(plan["images"]) if plan["images"] else 0.0
+    return ann_share, img_share
+
+
+def check_rejected(plan: Mapping[str, Any], source: str, max_rejected_fraction: float) -> None:
+    """CocoRejectedError naming the file, the shares and every reason count when more than
+    `max_rejected_fraction` of the annotations are rejected or of the images dropped for a fault
+    (`rejected_share`); the same kind of limit as preprocess's `max_bad_fraction`."""
+    ann_share, img_share = rejected_share(plan)
+    if ann_share <= max_rejected_fraction and img_share <= max_rejected_fraction:
+        return
+    st = plan["stats"]
+    reasons = {
+        **{r: n for r, n in plan["skipped"].counts.items() if n},
+        **{f"voc_marked_ignore:{r}": n for r, n in plan["ignored"].counts.items() if n},
+    }
+    drops: dict[str, int] = {}
+    for t in plan["tasks"]:
+        if isinstance(t, str):
+            drops[t] = drops.get(t, 0) + 1
+    raise CocoRejectedError(
+        f"{source}: {st['annotations_skipped'] + st['annotations_voc_marked_ignore']} of "
+        f"{st['annotations_total']} annotations rejected ({ann_share:.2%}) and "
+        f"{sum(drops.values())} of {len(plan['images'])} images dropped for a fault "
+        f"({img_share:.2%}); more than coco_to_voc.max_rejected_fraction "
+        f"{max_rejected_fraction:g}. Annotations by reason: {reasons or 'none'}; images by "
+        f"reason: {drops or 'none'}. Nothing was written."
+    )
 
 
 def _drain(items: list) -> Iterator:
@@ -716,10 +955,13 @@ def convert_split(
     workers: int,
     shard_size: int,
     progress: bool = True,
+    max_rejected_fraction: float = 1.0,
 ) -> dict:
     """Convert `annotations/instances_<split>.json` into the shard dir `out_dir`; return the report.
 
-    `images_zip` is only listed (its `<split>/<file_name>` members), never decoded.
+    `images_zip` is only listed (its `<split>/<file_name>` members), never decoded. Raises
+    CocoFormatError for an unusable file and CocoRejectedError (before anything is written)
+    when more than `max_rejected_fraction` is rejected (`check_rejected`).
     """
     t0 = time.perf_counter()
     member = f"annotations/instances_{split}.json"
@@ -729,6 +971,8 @@ def convert_split(
     t_load = time.perf_counter()
     plan = plan_split(data, source, present)
     del data
+    check_rejected(plan, source, max_rejected_fraction)
+    shares = rejected_share(plan)
     t_plan = time.perf_counter()
 
     images, tasks = plan["images"], plan.pop("tasks")
@@ -736,8 +980,8 @@ def convert_split(
     verdict: list[str | None] = []
     work = []
     for task in tasks:
-        if task is None:
-            verdict.append(DROP_MISSING_FILE)
+        if isinstance(task, str):
+            verdict.append(task)
         elif min_pixels > 0 and all(k == CROWD for k in task[3]):
             verdict.append(DROP_FEW_PIXELS)  # no VOC-class instance: nothing to rasterize
         else:
@@ -788,6 +1032,10 @@ def convert_split(
         "voc_pixels_kept": voc_pixels_total,
         **plan["stats"],
         "annotations_skipped_by_reason": plan["skipped"].report(),
+        "voc_objects_parts_dropped_by_reason": plan["repaired"].report(),
+        "voc_objects_marked_ignore_by_reason": plan["ignored"].report(),
+        "rejected_share": {"annotations": shares[0], "images": shares[1]},
+        "max_rejected_fraction": max_rejected_fraction,
         "id_list_cap": ID_LIST_CAP,
         "timings_s": {
             "load_json": round(t_load - t0, 3),

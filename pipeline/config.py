@@ -153,6 +153,7 @@ SCHEMA: dict[str, Any] = {
         "min_pixels": _int(min=0),
         "workers": _int(min=1, max=256),
         "shard_size": _int(min=1),
+        "max_rejected_fraction": _float(min=0, max=1),
     },
     "preprocess": {
         "max_size": _int(min=MIN_CROP, max=4096),
@@ -232,14 +233,34 @@ def _cross_checks(cfg: dict[str, Any], path: str) -> list[str]:
     return errors
 
 
+def _checksums_as_text(profile: Any) -> None:
+    """In place: an int under `download.*.md5`/`sha256_prefix` becomes its decimal text (what
+    a YAML or JSON writer gives for an unquoted all-digit checksum)."""
+    download = profile.get("download") if isinstance(profile, dict) else None
+    if not isinstance(download, dict):
+        return
+    for source in download.values():
+        if isinstance(source, dict):
+            for key in TEXT_KEYS & source.keys():
+                v = source[key]
+                if isinstance(v, int) and not isinstance(v, bool) and v >= 0:
+                    source[key] = str(v)
+
+
 def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
-    """Validate the whole file (both profiles) and return the active profile's section."""
+    """Validate the whole file (both profiles) and return the active profile's section.
+
+    An all-digit checksum given as an int (`sha256_prefix: 12345678`) is accepted as its text,
+    in place; `load_params` keeps the text as written, leading zeros included.
+    """
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level")
     errors = []
     for key in params:
         if key not in ("profile", *PROFILES):
             errors.append(f"{key}: unknown top-level key (known: profile, {', '.join(PROFILES)})")
+    for name in PROFILES:
+        _checksums_as_text(params.get(name))
     profile = params.get("profile")
     if profile not in PROFILES:
         errors.append(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
@@ -256,9 +277,28 @@ def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
     return params[profile]
 
 
+# Checksum keys are text even when unquoted: `dvc exp run -S ...sha256_prefix=01234567` writes
+# the digits unquoted, which YAML would read as an int (dropping the leading zero) or a float
+# (`12e45678`). Their plain scalars are taken as the text written.
+TEXT_KEYS = frozenset({"md5", "sha256_prefix"})
+_NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
+
+
 class _ParamsLoader(yaml.SafeLoader):
     """PyYAML's YAML 1.1 plus YAML 1.2 floats without a dot (`1e-10`): DVC writes params.yaml
-    in YAML 1.2, so `dvc exp run -S full.train.fcn32s.lr=1e-10` leaves `lr: 1e-10` there."""
+    in YAML 1.2, so `dvc exp run -S full.train.fcn32s.lr=1e-10` leaves `lr: 1e-10` there.
+    Numbers under `TEXT_KEYS` are read as their text."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        for key_node, value_node in node.value:
+            if (
+                isinstance(key_node, yaml.ScalarNode)
+                and key_node.value in TEXT_KEYS
+                and isinstance(value_node, yaml.ScalarNode)
+                and value_node.tag in _NUMBER_TAGS
+            ):
+                value_node.tag = "tag:yaml.org,2002:str"
+        return super().construct_mapping(node, deep)
 
 
 _ParamsLoader.add_implicit_resolver(

@@ -6,6 +6,8 @@ nothing is decoded) and writes `<out>/<split>/` (shards: key = file stem, blob "
 mode L, 0..20 and 255 = ignore) and `<out>/report.json` (per split: images kept, dropped per
 reason, skipped annotations per reason with their ids, timings). Rules: pipeline/coco_voc.py.
 
+A split where more than `coco_to_voc.max_rejected_fraction` of the annotations are rejected
+(or of the images dropped for a fault) fails the stage (exit 1) with the count of each reason.
 The whole `<out>` directory is replaced atomically: a failed run leaves the previous output (or
 none), never a mix. The output does not depend on `coco_to_voc.workers`.
 """
@@ -23,6 +25,7 @@ if __package__ in (None, ""):  # run as `python stages/coco_to_voc.py`: make `pi
 from pipeline.atomic import atomic_dir, atomic_write_json, remove_path  # noqa: E402
 from pipeline.coco_voc import ID_LIST_CAP, CocoFormatError, convert_split  # noqa: E402
 from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.inputs import MissingInputsError, require_inputs  # noqa: E402
 
 ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 
@@ -30,11 +33,19 @@ ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 def run(cfg: dict, raw_dir: Path, out: Path, progress: bool = True) -> dict:
     """Convert every configured split into `out` (atomically, as a whole); return the report."""
     c = cfg["coco_to_voc"]
+    require_inputs(
+        {
+            raw_dir / ANNOTATIONS_ZIP: "download_coco",
+            **{raw_dir / f"{split}.zip": "download_coco" for split in c["splits"]},
+        }
+    )
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed run's leftovers, ours only
         remove_path(stale)
     t0 = time.perf_counter()
     report: dict = {
-        "params": {k: c[k] for k in ("splits", "min_pixels", "shard_size")},
+        "params": {
+            k: c[k] for k in ("splits", "min_pixels", "shard_size", "max_rejected_fraction")
+        },
         "id_list_cap": ID_LIST_CAP,
         "splits": {},
     }
@@ -49,6 +60,7 @@ def run(cfg: dict, raw_dir: Path, out: Path, progress: bool = True) -> dict:
                 workers=c["workers"],
                 shard_size=c["shard_size"],
                 progress=progress,
+                max_rejected_fraction=c["max_rejected_fraction"],
             )
         atomic_write_json(tmp / "report.json", reproducible(report))
     report["total_s"] = round(time.perf_counter() - t0, 3)
@@ -87,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     try:
         report = run(load_params(args.params), args.raw_dir, args.out, not args.no_progress)
-    except (ParamsError, CocoFormatError) as e:
+    except (ParamsError, CocoFormatError, MissingInputsError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     for split, r in report["splits"].items():
@@ -95,9 +107,16 @@ def main(argv: list[str] | None = None) -> int:
         skipped = {
             k: v["count"] for k, v in r["annotations_skipped_by_reason"].items() if v["count"]
         }
+        parts = {
+            k: v["count"] for k, v in r["voc_objects_parts_dropped_by_reason"].items() if v["count"]
+        }
+        ignored = {
+            k: v["count"] for k, v in r["voc_objects_marked_ignore_by_reason"].items() if v["count"]
+        }
         print(
             f"coco_to_voc {split}: kept {r['images_kept']} of {r['images_total']} images "
-            f"(dropped {dropped or 0}), skipped annotations {skipped or 0}, "
+            f"(dropped {dropped or 0}), skipped annotations {skipped or 0}, VOC objects with "
+            f"parts dropped {parts or 0}, marked ignore {ignored or 0}, "
             f"{r['timings_s']['total']} s ({r['images_per_s']} img/s)"
         )
     print(f"report: {args.out / 'report.json'}")
