@@ -534,7 +534,7 @@ def _compact_annotation(ann: Any, index: int) -> tuple:
     if not voc_class(cat):
         if parsed is not None:
             parsed = (None, parsed[1])  # never rasterized: keep the size check only
-    elif reason is not None or dropped:
+    else:  # phase 2 may still find the segmentation unusable (off the image, RLE size)
         box = _region_box(ann)
     return (ident, image_id, cat, int(crowd), reason, parsed, dropped, box)
 

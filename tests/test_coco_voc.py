@@ -233,7 +233,7 @@ def _inject_malformed(instances: dict) -> tuple[dict, dict[str, list[int]], dict
         (9000003, {"segmentation": []}, cv.SKIP_NO_SEGMENTATION),
         (9000004, {"segmentation": [square], "category_id": 999}, cv.SKIP_UNKNOWN_CATEGORY),
         (9000005, {"segmentation": [square], "image_id": 123456789}, cv.SKIP_UNKNOWN_IMAGE),
-        (9000006, {"segmentation": [[1e9, 0.0, 2e9, 0.0, 2e9, 1e9]]}, cv.SKIP_BAD_SEGMENTATION),
+        (9000006, {"segmentation": [[1e9, 0.0, 2e9, 0.0, 2e9, 1e9]]}, cv.SKIP_OFF_IMAGE),
         (9000007, {"segmentation": bad_rle, "iscrowd": 1}, cv.SKIP_BAD_SEGMENTATION),
         (9000008, {"segmentation": [square], "category_id": None}, cv.SKIP_MALFORMED),
         (9000009, {"segmentation": {"size": [10, 10], "counts": [100]}}, cv.SKIP_BAD_SEGMENTATION),
@@ -258,7 +258,19 @@ def _inject_malformed(instances: dict) -> tuple[dict, dict[str, list[int]], dict
 
 
 def test_malformed_annotations_are_counted_with_ids(tmp_path, instances, images_dir):
+    """Unusable annotations are skipped and counted; VOC-class objects (all person here) whose
+    segmentation is unusable are counted too, and their bbox is marked ignore."""
     d, expected, valid = _inject_malformed(instances)
+    voc_ids = {a["id"] for a in d["annotations"] if a.get("category_id") in COCO_TO_VOC}
+    ignored = {
+        r: [i for i in ids if i in voc_ids]
+        for r, ids in expected.items()
+        if r in cv.SEGMENTATION_REASONS
+    }
+    expected = {
+        r: [i for i in ids if r not in ignored or i not in voc_ids] for r, ids in expected.items()
+    }
+    assert sum(map(len, ignored.values())) == 9
     missing_img = next(i for i in d["images"] if i["id"] == 37777)
     missing_ids = [a["id"] for a in d["annotations"] if a["image_id"] == 37777]
     assert missing_ids
@@ -276,13 +288,17 @@ def test_malformed_annotations_are_counted_with_ids(tmp_path, instances, images_
         assert sorted(skipped[reason]["ids"]) == want, reason
         assert skipped[reason]["count"] == len(want) and not skipped[reason]["ids_truncated"]
     assert report["annotations_skipped"] == sum(len(v) for v in expected.values())
+    marked = report["voc_objects_marked_ignore_by_reason"]
+    for reason in cv.SEGMENTATION_REASONS:
+        assert sorted(marked[reason]["ids"]) == sorted(ignored.get(reason, [])), reason
+    assert report["annotations_voc_marked_ignore"] == 9
     assert report["annotations_total"] == len(d["annotations"])
     assert report["images_dropped"][cv.DROP_MISSING_FILE] == {
         "count": 1,
         "ids": [37777],
         "ids_truncated": False,
     }
-    assert report["images_kept"] == 31
+    assert report["images_kept"] == 31, report["images_dropped"]
     # json round trip: the report is plain JSON
     json.dumps(report, allow_nan=False)
 
@@ -293,7 +309,10 @@ def test_malformed_annotations_are_counted_with_ids(tmp_path, instances, images_
     labels = read_labels(out)
     assert Path(missing_img["file_name"]).stem not in labels
     for _key, (meta, label, _png) in labels.items():
-        np.testing.assert_array_equal(label, reference_label_map(coco, meta["image_id"]))
+        want = reference_label_map(coco, meta["image_id"])
+        if meta["image_id"] == 397133:
+            want[0:10, 0:10] = 255  # the bbox [0, 0, 10, 10] of the unusable persons
+        np.testing.assert_array_equal(label, want)
     assert (labels["000000397133"][1] == 12).any()  # the dog is painted
 
 
@@ -319,7 +338,8 @@ def test_validate_annotation_reasons():
         cv.SKIP_UNKNOWN_IMAGE: [{**ok, "image_id": 2}],
         cv.SKIP_UNKNOWN_CATEGORY: [{**ok, "category_id": 3}],
         cv.SKIP_NO_SEGMENTATION: [{**ok, "segmentation": None}, {**ok, "segmentation": {}}],
-        cv.SKIP_SHORT_POLYGON: [{**ok, "segmentation": [sq, sq[:4]]}],
+        cv.SKIP_SHORT_POLYGON: [{**ok, "segmentation": [sq[:4], sq[:2]]}],
+        cv.SKIP_OFF_IMAGE: [{**ok, "segmentation": [[x + 60 for x in sq]]}],
         cv.SKIP_BAD_SEGMENTATION: [
             {**ok, "segmentation": "polygon"},
             {**ok, "segmentation": [["a", "b", "c", "d", "e", "f"]]},
@@ -332,6 +352,10 @@ def test_validate_annotation_reasons():
         for ann in anns:
             assert cv.validate_annotation(ann, sizes, cats) == reason, ann
     assert cv.validate_annotation(ok, sizes, cats, missing_images={1}) == cv.SKIP_IMAGE_MISSING
+    # one usable part is enough; a missing iscrowd is 0 (pycocotools)
+    assert cv.validate_annotation({**ok, "segmentation": [sq, sq[:4]]}, sizes, cats) is None
+    no_crowd = {k: v for k, v in ok.items() if k != "iscrowd"}
+    assert cv.validate_annotation(no_crowd, sizes, cats) is None
 
 
 # --- rasterization and the rules ---------------------------------------------------------------
@@ -546,6 +570,7 @@ def test_stage_writes_both_splits_and_report_atomically(tmp_path, repo_root, ins
         "min_pixels": 200,
         "workers": 2,
         "shard_size": 16,
+        "max_rejected_fraction": 0.01,
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     raw, out = tmp_path / "raw", tmp_path / "coco_voc"
