@@ -17,12 +17,15 @@ keep the old epoch).
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import struct
 import warnings
 from collections.abc import Callable
 
+import numpy as np
 import torch
+from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
@@ -53,12 +56,56 @@ def _tv_reason(e: Exception) -> str:
     return str(e).rsplit(".cpp:", 1)[-1].split(", ", 1)[-1].strip() or type(e).__name__
 
 
+# --- the image-reading policy, shared by training/preprocess decoding and predict ---------------
+#
+# Images are read as 8 bits per channel. 16-bit samples (PNG bit depth 16: PIL modes I;16*, or
+# I for a PNG on older Pillow; 48/64-bit RGB(A) PNGs) keep their high byte, value >> 8, which
+# maps 0..65535 onto 0..255 evenly (what libpng's png_set_strip_16 and PIL's own RGB;16 reader
+# do). Images whose value range is not known from the format - 32-bit integer (mode I from
+# TIFF and others) and floating point (mode F) - are refused with a ValueError naming the file
+# and the mode: whether 1.0 or 255 or 65535 is white is a guess, and clipping them gives a
+# nearly binary image.
+
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N")
+
+
+def pil_to_rgb8(img: Image.Image, name: str) -> np.ndarray:
+    """A decoded PIL image as (H, W, 3) uint8 RGB under the policy above.
+
+    High-bit-depth greyscale: value >> 8, then grey to RGB. Other modes: PIL's `convert("RGB")`
+    (palette, CMYK, 1-bit, L, LA/RGBA without their alpha; callers that want alpha composited
+    do it before). Raises ValueError naming `name` and the mode for 32-bit integer and float
+    images.
+    """
+    mode = img.mode
+    if mode in _SIXTEEN_BIT_MODES or (mode == "I" and img.format == "PNG"):
+        grey = (np.asarray(img).astype(np.uint32) >> 8).astype(np.uint8)  # PNG: max 65535
+        return np.repeat(grey[:, :, None], 3, axis=2)
+    if mode in ("I", "F") or mode.startswith(("I;", "F;")):
+        kind = "floating-point" if mode.startswith("F") else "32-bit integer"
+        raise ValueError(
+            f"{name}: {kind} image (PIL mode {mode!r}) refused: its value range is unknown, so "
+            "it cannot be mapped to 8 bits without guessing; save it as 8- or 16-bit"
+        )
+    return np.asarray(img.convert("RGB"))
+
+
+def _png_bit_depth(data: bytes) -> int:
+    return data[24] if len(data) > 25 and data[12:16] == b"IHDR" else 8
+
+
 def decode_image_rgb(data: bytes, name: str) -> Tensor:
     """Decode JPEG or PNG bytes to a uint8 RGB tensor [3, H, W] (grayscale and CMYK included).
 
     EXIF orientation is not applied: VOC and COCO annotations are drawn on the stored pixels.
-    Raises ValueError naming `name` for data that is not a JPEG/PNG or does not decode fully.
+    A 16-bit PNG is read by PIL under the shared policy (`pil_to_rgb8`: value >> 8), as
+    predict reads it. Raises ValueError naming `name` for data that is not a JPEG/PNG or does
+    not decode fully.
     """
+    if data[:8] == _PNG_MAGIC and _png_bit_depth(data) == 16:
+        img = _pil_open(data, name)
+        array = pil_to_rgb8(img, name)
+        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
     if data[:3] == _JPEG_MAGIC:
         decode = decode_jpeg
     elif data[:8] == _PNG_MAGIC:
@@ -75,18 +122,25 @@ def decode_image_rgb(data: bytes, name: str) -> Tensor:
 
 
 def decode_label(data: bytes, name: str) -> Tensor:
-    """Decode a label PNG (8-bit grayscale or palette) to its class indices, uint8 [H, W].
+    """Decode a label PNG (palette of any bit depth, or 8-bit grayscale) to class indices,
+    uint8 [H, W].
 
-    Only 8-bit gray/palette PNGs are accepted: libpng would rescale a 1/2/4-bit gray PNG to
-    0..255 and an RGB PNG holds colours, not class ids - both would silently invent classes.
+    Palette PNGs carry indices whatever their bit depth: Pillow saves a palette image of <= 16
+    colours as a 1-, 2- or 4-bit PNG. Those are read by PIL (mode P, `np.asarray` gives the
+    indices exactly as PIL reads them; torchvision returns their packed bytes). Refused,
+    with a ValueError naming `name`: grayscale below 8 bits (ambiguous: PIL and libpng scale
+    the samples to 0..255, 1-bit to 0/255, 4-bit x17, so the stored index is not what a reader
+    sees; save such maps as 8-bit or palette), 16-bit, and colour PNGs (colours, not class ids).
     """
     if data[:8] != _PNG_MAGIC or data[12:16] != b"IHDR" or len(data) < 33:
         raise ValueError(f"{name}: not a PNG file (starts with {bytes(data[:8])!r})")
     bit_depth, colour_type = data[24], data[25]
+    if colour_type == _PNG_PALETTE and bit_depth in (1, 2, 4):
+        return _decode_low_bit_palette(data, name)
     if bit_depth != 8 or colour_type not in (_PNG_GRAY, _PNG_PALETTE):
         raise ValueError(
-            f"{name}: label PNG must be 8-bit grayscale or palette (class indices), got bit "
-            f"depth {bit_depth}, colour type {colour_type}"
+            f"{name}: label PNG must be a palette PNG (any bit depth) or 8-bit grayscale "
+            f"(class indices), got bit depth {bit_depth}, colour type {colour_type}"
         )
     try:
         label = decode_png(_as_tensor(data), mode=ImageReadMode.UNCHANGED)
@@ -95,6 +149,23 @@ def decode_label(data: bytes, name: str) -> Tensor:
     if label.ndim != 3 or label.shape[0] != 1:  # e.g. a palette PNG expanded by tRNS
         raise ValueError(f"{name}: label decoded to {tuple(label.shape)}, expected one channel")
     return label[0]
+
+
+def _pil_open(data: bytes, name: str) -> Image.Image:
+    """PIL image of `data`, fully decoded; ValueError naming `name` if it does not decode."""
+    try:
+        img = Image.open(io.BytesIO(data))
+        img.load()
+    except Exception as e:  # PIL raises many types for corrupt data
+        raise ValueError(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
+    return img
+
+
+def _decode_low_bit_palette(data: bytes, name: str) -> Tensor:
+    img = _pil_open(data, name)
+    if img.mode != "P":
+        raise ValueError(f"{name}: palette PNG decoded to mode {img.mode!r}, expected 'P'")
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

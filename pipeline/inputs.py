@@ -20,27 +20,38 @@ class MissingInputsError(FileNotFoundError):
     """One or more stage inputs do not exist; the message lists each with its DVC stage."""
 
 
-def missing_inputs(inputs: Mapping[str | os.PathLike, str]) -> list[str]:
-    """One line per path of `inputs` ({path: DVC stage that makes it}) that does not exist."""
-    return [
-        f"{path}: not found (made by the DVC stage {stage}: run `dvc repro {stage}`)"
-        for path, stage in inputs.items()
-        if not Path(path).exists()
-    ]
+Inputs = Mapping[str | os.PathLike, str | tuple[str, str]]
 
 
-def require_inputs(inputs: Mapping[str | os.PathLike, str]) -> None:
+def missing_inputs(inputs: Inputs) -> list[str]:
+    """One line per path of `inputs` that does not exist.
+
+    `inputs` maps a path to the DVC stage that makes it, or to (stage, what the file is, e.g.
+    "model file"), which the line names.
+    """
+    lines = []
+    for path, made_by in inputs.items():
+        stage, what = (made_by, "") if isinstance(made_by, str) else made_by
+        if not Path(path).exists():
+            lines.append(
+                f"{path}: {what + ' ' if what else ''}not found (made by the DVC stage "
+                f"{stage}: run `dvc repro {stage}`)"
+            )
+    return lines
+
+
+def require_inputs(inputs: Inputs) -> None:
     """Raise MissingInputsError listing every missing path of `inputs` and its DVC stage.
 
-    `inputs` maps a file or directory to the name of the DVC stage (dvc.yaml) that writes it.
-    Every path is checked, so one run reports all of them at once.
+    `inputs` maps a file or directory to the name of the DVC stage (dvc.yaml) that writes it,
+    or to (stage, what it is). Every path is checked, so one run reports all of them at once.
     """
     lines = missing_inputs(inputs)
     if lines:
         raise MissingInputsError("missing input(s):\n  " + "\n  ".join(lines))
 
 
-def exit_if_missing(inputs: Mapping[str | os.PathLike, str]) -> None:
+def exit_if_missing(inputs: Inputs) -> None:
     """`require_inputs` for a stage's `main`: print `error: ...` to stderr and exit 1."""
     try:
         require_inputs(inputs)

@@ -7,8 +7,15 @@ For each image it writes `<out>/<name>.png` (mode P, VOC palette: the format of 
 SegmentationClass PNGs, so indices are the class ids) and `<out>/<name>_overlay.jpg` (the photo
 with the coloured prediction blended in). Directories are searched recursively for
 .jpg/.jpeg/.png and their sub-folders are mirrored under --out. Grayscale, CMYK, palette and
-RGBA images are converted to RGB; EXIF orientation is applied. An unreadable image is reported
-and skipped; the exit status is 1 if any input failed.
+RGBA images are converted to RGB; EXIF orientation is applied. High-bit-depth images follow the
+training decoder's policy (`pipeline.datasets.pil_to_rgb8`): 16-bit samples are read as
+value >> 8, 32-bit integer and float images are refused naming the file and its mode. An
+unreadable image is reported and skipped; the exit status is 1 if any input failed.
+
+The tool never reads its own outputs: a directory scan leaves out the --out folder when it lies
+inside the scanned one, and every file this tool writes is tagged (PNG text `Software`, JPEG
+comment: `fcn-predict`) and left out too, so `--out photos/pred` or `--out photos` can be run
+again and gives the same files.
 """
 
 from __future__ import annotations
@@ -22,15 +29,17 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, PngImagePlugin
 from torch import nn
 
 from pipeline.atomic import atomic_path
+from pipeline.datasets import pil_to_rgb8
 from pipeline.transforms import normalize
 from pipeline.visualize import label_image, overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 OVERLAY_FORMATS = {"jpg": "JPEG", "png": "PNG"}
+OUTPUT_TAG = "fcn-predict"  # PNG text "Software" / JPEG comment of every file written here
 
 
 # --- inference -------------------------------------------------------------------------------
@@ -108,12 +117,33 @@ class PredictResult:
     failed: list[tuple[Path, str]] = field(default_factory=list)  # (input, reason)
 
 
-def find_images(inputs: Sequence[Path]) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
+def is_own_output(path: Path) -> bool:
+    """True for a file this tool wrote (its `OUTPUT_TAG`); reads the header only."""
+    try:
+        with Image.open(path) as img:
+            tag = img.info.get("Software") if img.format == "PNG" else img.info.get("comment")
+    except Exception:  # not an image PIL opens: not ours, decoding reports it later
+        return False
+    if isinstance(tag, bytes):
+        tag = tag.decode("latin-1")
+    return tag == OUTPUT_TAG
+
+
+def _inside(path: Path, folder: Path) -> bool:
+    return path == folder or folder in path.parents
+
+
+def find_images(
+    inputs: Sequence[Path], out_dir: Path | None = None
+) -> tuple[list[tuple[Path, Path]], list[tuple[Path, str]]]:
     """(image, output stem relative to --out) for every input, and the inputs that do not exist.
 
     A file given by name is taken whatever its extension (a bad one fails at decoding); a
-    directory contributes its .jpg/.jpeg/.png files, recursively, in sorted order.
+    directory contributes its .jpg/.jpeg/.png files, recursively, in sorted order, except the
+    tool's own outputs: files under `out_dir` when it lies inside the directory, and files
+    tagged by this tool (`is_own_output`) anywhere.
     """
+    out_resolved = Path(out_dir).resolve() if out_dir is not None else None
     found: list[tuple[Path, Path]] = []
     missing: list[tuple[Path, str]] = []
     used: set[Path] = set()
@@ -129,8 +159,15 @@ def find_images(inputs: Sequence[Path]) -> tuple[list[tuple[Path, Path]], list[t
     for inp in inputs:
         p = Path(inp)
         if p.is_dir():
+            root = p.resolve()
+            skip_out = out_resolved is not None and out_resolved != root
             files = sorted(
-                f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES
+                f
+                for f in p.rglob("*")
+                if f.is_file()
+                and f.suffix.lower() in IMAGE_SUFFIXES
+                and not (skip_out and _inside(f.resolve(), out_resolved))
+                and not is_own_output(f)
             )
             for f in files:
                 add(f, f.relative_to(p).with_suffix(""))
@@ -142,7 +179,12 @@ def find_images(inputs: Sequence[Path]) -> tuple[list[tuple[Path, Path]], list[t
 
 
 def load_rgb(path: Path) -> np.ndarray:
-    """Decode any image PIL reads into (H, W, 3) uint8 RGB; ValueError naming the file if not."""
+    """Decode any image PIL reads into (H, W, 3) uint8 RGB; ValueError naming the file if not.
+
+    Transparent pixels are composited over white; bit depth follows the shared policy
+    (`pipeline.datasets.pil_to_rgb8`: 16-bit -> value >> 8; 32-bit integer and float images
+    are refused with a ValueError naming the file and the mode).
+    """
     try:
         with Image.open(path) as img:
             img.load()
@@ -152,7 +194,11 @@ def load_rgb(path: Path) -> np.ndarray:
                 rgba = img.convert("RGBA")
                 img = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
                 img.alpha_composite(rgba)
-            return np.asarray(img.convert("RGB"))
+            return pil_to_rgb8(img, str(path))
+    except ValueError as e:
+        if str(e).startswith(f"{path}: "):  # the policy's own refusal, already naming the file
+            raise
+        raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
     except Exception as e:  # PIL raises many types for corrupt data
         raise ValueError(f"{path}: cannot read image ({type(e).__name__}: {e})") from None
 
@@ -196,8 +242,15 @@ def _batches(
 
 
 def _save(image: Image.Image, target: Path, fmt: str) -> None:
+    """Save atomically, tagged with `OUTPUT_TAG` so that a later scan never takes it as input."""
+    if fmt == "JPEG":
+        kw: dict = {"quality": 90, "comment": OUTPUT_TAG.encode()}
+    else:
+        info = PngImagePlugin.PngInfo()
+        info.add_text("Software", OUTPUT_TAG)
+        kw = {"pnginfo": info}
     with atomic_path(target) as tmp:
-        image.save(tmp, format=fmt, **({"quality": 90} if fmt == "JPEG" else {}))
+        image.save(tmp, format=fmt, **kw)
 
 
 def predict_files(
@@ -318,7 +371,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
-    items, missing = find_images(args.inputs)
+    items, missing = find_images(args.inputs, args.out)
     if not items:
         for p, why in missing:
             print(f"error: {p}: {why}", file=sys.stderr)

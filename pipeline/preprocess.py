@@ -29,6 +29,7 @@ id with no image or label, or COCO-VOC records without their image, stop the sta
 from __future__ import annotations
 
 import collections
+import difflib
 import multiprocessing
 import re
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -375,6 +376,7 @@ class _VocStream:
         self.split_of: dict[str, str] | None = None  # known once both lists are read
         self.pending: dict[str, dict[str, bytes]] = {}
         self.emitted: set[str] = set()
+        self.seen: dict[str, list[str]] = {}  # folder -> unused member names (near-match hints)
 
     def _kind(self, name: str) -> tuple[str | None, str]:
         if name.startswith(LIST_DIR + "/"):
@@ -392,6 +394,8 @@ class _VocStream:
     def wanted(self, name: str) -> bool:
         kind, ident = self._kind(name)
         if kind is None:
+            # a file VOC would not name this way (`x.JPG`, `x.jpeg`): a hint for a missing one
+            self.seen.setdefault(name.rpartition("/")[0], []).append(name)
             return False
         return kind == "list" or self.split_of is None or ident in self.split_of
 
@@ -444,6 +448,18 @@ class _VocStream:
                 yield from self._ready(ident)
         self._check_complete()
 
+    def near_match(self, member: str) -> str | None:
+        """The unused member of the same folder closest to `member` (same name but for case
+        first, else difflib ratio >= 0.8), or None: `2007_000132.JPG` for a missing
+        `2007_000132.jpg`. Members that are some id's image or label are never suggested."""
+        folder = member.rpartition("/")[0]
+        names = self.seen.get(folder, [])
+        folded = [n for n in names if n.casefold() == member.casefold()]
+        if folded:
+            return folded[0]
+        close = difflib.get_close_matches(member, names, n=1, cutoff=0.8)
+        return close[0] if close else None
+
     def _check_complete(self) -> None:
         for split in VOC_SPLITS:
             if split not in self.lists:
@@ -458,9 +474,12 @@ class _VocStream:
                     continue
                 got = self.pending.get(image_id, {})
                 lacks = [self.member(k, image_id) for k in ("jpg", "png") if k not in got]
-                missing.append(
-                    f"{LIST_DIR}/{split}.txt names {image_id!r} but the tar has no {' or '.join(lacks)}"
-                )
+                line = f"{LIST_DIR}/{split}.txt names {image_id!r} but the tar has no {' or '.join(lacks)}"
+                if len(missing) < _MAX_LISTED:
+                    hints = [h for h in map(self.near_match, lacks) if h]
+                    if hints:
+                        line += f" (it has {' and '.join(map(repr, hints))})"
+                missing.append(line)
         if missing:
             more = f" (and {len(missing) - _MAX_LISTED} more)" if len(missing) > _MAX_LISTED else ""
             raise PreprocessError(

@@ -14,6 +14,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import MODEL_NAMES, load_params
+from pipeline.inputs import MissingInputsError, require_inputs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -38,16 +39,16 @@ def main(argv: list[str] | None = None) -> int:
 
     cfg = load_params(args.params)["evaluate"]
     models = Path(args.models)
-    missing = [models / f"{n}.pt" for n in args.only if not (models / f"{n}.pt").is_file()]
-    if missing:  # fail before an hour of scoring, not after
-        for p in missing:
-            print(
-                f"error: {p}: model file not found (run `dvc repro train_{p.stem}`)",
-                file=sys.stderr,
-            )
-        return 1
-    if not (Path(args.data) / "index.json").is_file():
-        print(f"error: {args.data}: no val shards (run `dvc repro preprocess`)", file=sys.stderr)
+    # fail before an hour of scoring, not after
+    try:
+        require_inputs(
+            {
+                **{models / f"{n}.pt": (f"train_{n}", "model file") for n in args.only},
+                Path(args.data) / "index.json": ("preprocess", "val shards"),
+            }
+        )
+    except MissingInputsError as e:
+        print(f"error: {e}", file=sys.stderr)
         return 1
 
     from pipeline.evaluate import evaluate_all

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as `python stages/preprocess.py`: make `pip
 
 from pipeline.archives import ArchiveError  # noqa: E402
 from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.inputs import require_inputs  # noqa: E402
 from pipeline.preprocess import PreprocessError, preprocess  # noqa: E402
 
 
@@ -54,6 +55,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         cfg = load_params(args.params)
         p = cfg["preprocess"]
+        coco_splits = cfg["coco_to_voc"]["splits"] if p["use_coco"] else []
+        require_inputs(
+            {
+                args.voc_tar: ("download_voc", "VOC tar"),
+                **{args.coco_voc / s / "index.json": "coco_to_voc" for s in coco_splits},
+                **{args.coco_dir / f"{s}.zip": ("download_coco", "COCO zip") for s in coco_splits},
+            }
+        )
         report = preprocess(
             args.voc_tar,
             args.coco_voc,
