@@ -318,10 +318,10 @@ def check_category_names(names: Mapping[int, Any], source: str) -> None:
     found name. Mapped ids the file does not define are not an error (their annotations are
     skipped as `unknown_category_id`).
     """
-    for cid, expected in COCO_NAMES.items():
-        if cid not in names:
+    for cid, found in names.items():  # in the file's order: the first mismatch is reported
+        expected = COCO_NAMES.get(cid)
+        if expected is None:
             continue
-        found = names[cid]
         if not isinstance(found, str) or found.strip().casefold() != expected:
             raise CocoFormatError(
                 f"{source}: category id {cid} is named {found!r}, expected {expected!r} (COCO "
