@@ -115,3 +115,22 @@ def test_yaml12_exponent_floats_as_dvc_writes_them(repo_root, tmp_path):
     (tmp_path / "params.yaml").write_text(text.replace("profile: sample", "profile: full"))
     cfg = load_params(tmp_path / "params.yaml")
     assert cfg["train"]["fcn32s"]["lr"] == 1e-10
+
+
+def test_unquoted_all_digit_checksums_are_text(tmp_path, repo_root):
+    """`dvc exp run -S ...sha256_prefix=01234567` writes the digits unquoted: YAML would read an
+    int (losing the leading zero) or, for `12e45678`, a float. The text as written is kept."""
+    text = (repo_root / "params.yaml").read_text()
+    for prefix in ("01234567", "12345678", "12e45678"):
+        lines = [
+            f"{ln.split(':')[0]}: {prefix}" if ln.strip().startswith("sha256_prefix:") else ln
+            for ln in text.splitlines()
+        ]
+        path = tmp_path / "params.yaml"
+        path.write_text("\n".join(lines) + "\n")
+        assert load_params(path)["download"]["vgg16"]["sha256_prefix"] == prefix
+    # an int from another writer is its decimal text
+    params = yaml.safe_load(text)
+    params["sample"]["download"]["vgg16"]["sha256_prefix"] = 12345678
+    params["profile"] = "sample"
+    assert validate_params(params)["download"]["vgg16"]["sha256_prefix"] == "12345678"

@@ -444,7 +444,7 @@ def test_rgb_label_png_is_refused(small):
     Image.open(io.BytesIO(files[name])).convert("RGB").save(buf, "PNG")
     files[name] = buf.getvalue()
     report = run(write_tar(tmp / "voc.tar", files), tmp / "out", max_bad_fraction=0.5)
-    assert "8-bit grayscale or palette" in report["skipped"][0]["reason"]
+    assert "palette PNG (any bit depth) or 8-bit grayscale" in report["skipped"][0]["reason"]
 
 
 def test_list_naming_a_missing_image_is_an_error(small):
@@ -581,3 +581,11 @@ def test_stage_runs_with_params(small, repo_root, capsys):
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "max_bad_fraction" in capsys.readouterr().out
+
+
+def test_missing_member_error_names_a_near_match(small):
+    tmp, train, _, files = small
+    member = f"{ROOT}/JPEGImages/{train[3]}.jpg"
+    files[member.replace(".jpg", ".JPG")] = files.pop(member)  # saved with another case
+    with pytest.raises(PreprocessError, match=rf"\(it has '.*JPEGImages/{train[3]}\.JPG'\)"):
+        run(write_tar(tmp / "voc.tar", files), tmp / "out", max_bad_fraction=1.0)
