@@ -137,6 +137,15 @@ SCHEMA: dict[str, Any] = {
             "urls": Spec("list[str]", _check_urls),
             "sha256_prefix": Spec("str", _hex(None), nullable=True),
             "size": _int(nullable=True, min=1),
+            # the sample's stand-in for ImageNet: a VGG16 classifier trained on object crops
+            "pretrain": {
+                "train_per_class": _int(min=1),
+                "val_per_class": _int(min=1),
+                "epochs": _int(min=1),
+                "batch_size": _int(min=1),
+                "lr": _float(gt=0),
+                "workers": _int(min=0, max=256),
+            },
         },
         "retries": _int(min=0, max=100),
         "timeout_s": _float(gt=0),

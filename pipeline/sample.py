@@ -127,7 +127,8 @@ VOC_MTIME = 1336694400  # 2012-05-11, the VOC2012 trainval release
 COCO_ZIP_TIME = (2017, 9, 1, 0, 0, 0)
 JPEG_QUALITY = 90
 BOUNDARY_RADIUS = 2  # VOC's void band: 2 px either side of an outline, 4-5 px wide in all
-STREAM_VOC, STREAM_COCO = 0, 1  # separate random streams: VOC and COCO images differ
+# separate random streams: VOC images, COCO images and the backbone's classification crops differ
+STREAM_VOC, STREAM_COCO, STREAM_CROPS = 0, 1, 2
 
 
 # --- per-class appearance: one fixed colour, shape family and stripe pattern per VOC class -------
@@ -258,6 +259,7 @@ def _place_object(
     r_range: tuple[float, float],
     two_part_p: float,
     max_overlap: float = 0.3,
+    centre_range: tuple[float, float] = (0.1, 0.9),
 ) -> tuple[list[list[float]], np.ndarray]:
     """Polygons and mask of one object overlapping earlier ones by at most `max_overlap`.
 
@@ -268,7 +270,7 @@ def _place_object(
     best = None
     for _ in range(20):
         r = rng.uniform(*r_range) * side
-        cx, cy = rng.uniform(0.1, 0.9) * w, rng.uniform(0.1, 0.9) * h
+        cx, cy = rng.uniform(*centre_range) * w, rng.uniform(*centre_range) * h
         polys = [shape_polygon(family, cx, cy, r, rng)]
         if rng.random() < two_part_p:  # a second, smaller part: COCO's multi-polygon objects
             r2 = r * rng.uniform(0.4, 0.6)
@@ -434,6 +436,51 @@ def voc_label(sem: np.ndarray, inst: np.ndarray) -> np.ndarray:
     label = sem.copy()
     label[boundary_band(inst)] = IGNORE_INDEX
     return label
+
+
+# --- classification crops (the sample's stand-in for ImageNet) ----------------------------------
+
+
+def classification_crop(seed: int, index: int, size: int, voc_class: int) -> np.ndarray:
+    """A `size` x `size` uint8 RGB crop (H, W, 3) showing one object of `voc_class` (1..20).
+
+    The sample's ImageNet: the same appearance families and muted backgrounds as the scenes,
+    with 0-2 non-VOC distractors (`paint_clutter`) beside the object; `voc_class` 0 gives a crop
+    of distractors and background only. Like ImageNet's photos the object sits near the centre
+    (within 0.35-0.65 of the side), so that fc8 applied as a convolution labels what is at the
+    centre of each 224-pixel window; its radius, 0.12-0.35 of the side, spans the scales objects
+    take in the resized training scenes. Drawn from
+    its own stream `(seed, STREAM_CROPS, index)`, so crop `index` is the same for any `n`.
+
+    Raises:
+        ValueError: `voc_class` outside 0..20 or `size` < 33.
+    """
+    if not 0 <= voc_class < NUM_CLASSES:
+        raise ValueError(f"voc_class must be in 0..{NUM_CLASSES - 1}, got {voc_class}")
+    if size < 33:
+        raise ValueError(f"crop size must be >= 33, got {size}")
+    rng = np.random.default_rng([seed, STREAM_CROPS, index])
+    objects: list[_Object] = []
+    if voc_class:
+        seg, m = _place_object(
+            rng,
+            size,
+            size,
+            class_shape(voc_class),
+            objects,
+            r_range=(0.12, 0.35),
+            two_part_p=0.1,
+            centre_range=(0.35, 0.65),
+        )
+        objects.append(_Object(voc_class, VOC_TO_COCO[voc_class], seg, m))
+    for _ in range(int(rng.integers(0 if voc_class else 1, 3))):
+        family = int(rng.integers(len(_UNIT_SHAPES)))
+        seg, m = _place_object(
+            rng, size, size, family, objects, r_range=(0.08, 0.2), two_part_p=0.0, max_overlap=0.0
+        )
+        objects.append(_Object(0, int(rng.choice(NON_VOC_COCO_IDS)), seg, m))
+    img, _, _ = render(rng, size, size, objects)
+    return img
 
 
 # --- encoding and archives --------------------------------------------------------------------

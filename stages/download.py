@@ -1,7 +1,9 @@
 """DVC stages `download_voc`, `download_coco`, `download_vgg16`: put the raw inputs in data/raw/.
 
 With `download.generate_sample: true` (the `sample` profile) the archives are generated offline
-by pipeline/sample.py in the real layout; otherwise they are fetched from the `urls` of the
+by pipeline/sample.py in the real layout, and the VGG16 weights are those of a width-reduced
+VGG16 classifier trained on the sample's own object crops (pipeline/pretrain.py), the stand-in
+for ImageNet; otherwise they are fetched from the `urls` of the
 active profile (tried in order: official, mirrors, local paths / file:// URLs) and verified
 against the pinned md5 / sha256 prefix and size before they appear.
 
@@ -20,6 +22,7 @@ from typing import Any
 if __package__ in (None, ""):  # run as `python stages/download.py`: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from pipeline.atomic import atomic_write_json  # noqa: E402
 from pipeline.config import ParamsError, load_params  # noqa: E402
 from pipeline.download import DownloadError, fetch  # noqa: E402
 
@@ -33,6 +36,15 @@ COCO_FILES = {  # params key -> file name
     "coco_annotations": "annotations_trainval2017.zip",
 }
 VGG16 = RAW / "vgg16" / "vgg16.pth"
+BACKBONE_METRICS = Path("metrics/vgg16.json")
+# torchvision's published accuracy of VGG16_Weights.IMAGENET1K_V1 (the file the full profile
+# fetches), so that `dvc metrics show` states what the backbone is in either profile
+IMAGENET_VGG16_METRICS = {
+    "source": "torchvision VGG16_Weights.IMAGENET1K_V1",
+    "classes": 1000,
+    "val_top1": 0.71592,
+    "val_top5": 0.90382,
+}
 TARGETS = ("voc", "coco", "vgg16")
 
 
@@ -62,7 +74,9 @@ def download(target: str, cfg: dict[str, Any], progress: bool = True) -> list[Pa
     if target == "coco":
         return [_fetch_source(cfg, k, COCO_DIR / n, progress) for k, n in COCO_FILES.items()]
     if target == "vgg16":
-        return [_fetch_source(cfg, "vgg16", VGG16, progress)]
+        path = _fetch_source(cfg, "vgg16", VGG16, progress)
+        atomic_write_json(BACKBONE_METRICS, IMAGENET_VGG16_METRICS)
+        return [path, BACKBONE_METRICS]
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 
 
@@ -81,16 +95,14 @@ def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
         make_coco_sample(COCO_DIR, n_train=s["coco_train"], n_val=s["coco_val"], **sizes)
         return [COCO_DIR / n for n in COCO_FILES.values()]
     if target == "vgg16":
-        import torch
+        from pipeline.pretrain import pretrain_vgg16, save_state_dict
 
-        from pipeline.atomic import atomic_path
-        from pipeline.surgery import random_vgg16_state_dict
-
-        state = random_vgg16_state_dict(width=cfg["model"]["width"], seed=s["seed"])
-        # into an open file: given a path, torch names the zip root after the random temporary
-        with atomic_path(VGG16) as tmp, open(tmp, "wb") as f:
-            torch.save(state, f)
-        return [VGG16]
+        state, report = pretrain_vgg16(
+            width=cfg["model"]["width"], seed=s["seed"], **cfg["download"]["vgg16"]["pretrain"]
+        )
+        save_state_dict(VGG16, state)
+        atomic_write_json(BACKBONE_METRICS, report)
+        return [VGG16, BACKBONE_METRICS]
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 
 
@@ -101,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=TARGETS,
         help="voc: data/raw/voc/VOCtrainval_11-May-2012.tar\n"
         "coco: data/raw/coco/{train2017,val2017,annotations_trainval2017}.zip\n"
-        "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict)",
+        "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict) + metrics/vgg16.json",
     )
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")

@@ -17,6 +17,14 @@ from pipeline.config import MODEL_NAMES, load_params
 from pipeline.inputs import MissingInputsError, require_inputs
 
 
+def val_set_name(params: dict) -> str:
+    """What the val shards hold, said plainly: the sample's split is generated, not VOC."""
+    if params["download"]["generate_sample"]:
+        n = params["download"]["sample"]["voc_val"]
+        return f"the generated sample's val split ({n} synthetic images in VOC 2012's layout)"
+    return "PASCAL VOC 2012 val"
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
@@ -37,7 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
 
-    cfg = load_params(args.params)["evaluate"]
+    params = load_params(args.params)
+    cfg = params["evaluate"]
     models = Path(args.models)
     # fail before an hour of scoring, not after
     try:
@@ -65,6 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         qualitative_images=cfg["qualitative_images"],
         workers=args.workers,
         progress=not args.no_progress,
+        val_set=val_set_name(params),
     )
     return 0
 
