@@ -11,18 +11,31 @@ from pathlib import Path
 import asyncssh
 import pytest
 
-from tests.sshd import SSHDError, SSHServer, configure_ssh_remote, run, running_sshd
+from tests.helpers import skip_or_fail
+from tests.sshd import (
+    SSHDError,
+    SSHServer,
+    configure_ssh_remote,
+    find_sshd,
+    run,
+    running_sshd,
+)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
 def sshd(tmp_path: Path) -> Iterator[SSHServer]:
+    """A running sshd. Not installed: a skip, except in CI (which installs openssh-server),
+    where it is a failure like an installed sshd that does not come up."""
+    try:
+        find_sshd()
+    except SSHDError as e:
+        skip_or_fail(f"no OpenSSH server here: {e}")
     try:
         with running_sshd(tmp_path) as server:
             yield server
     except SSHDError as e:
-        # CI installs openssh-server: a missing or broken sshd is a failure, not a skip
         pytest.fail(f"cannot start the test OpenSSH server: {e}", pytrace=False)
 
 
