@@ -18,9 +18,10 @@ from tests.helpers import TinyFCN
 
 
 @pytest.fixture()
-def photos(tmp_path: Path, voc_sample: Path) -> Path:
-    """Real VOC photos as given, and as grayscale, CMYK, RGBA, nested, plus two broken files."""
-    jpgs = sorted((voc_sample / "JPEGImages").glob("*.jpg"))[:3]
+def photos(tmp_path: Path, generated_voc: Path) -> Path:
+    """VOC-like photos (the generated sample: any photo will do) as given, and as grayscale,
+    CMYK, RGBA, nested, plus two broken files."""
+    jpgs = sorted((generated_voc / "JPEGImages").glob("*.jpg"))[:3]
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
     shutil.copy(jpgs[0], d / "good.jpg")
