@@ -40,7 +40,7 @@ def _data_candidate() -> tuple[Path, str]:
 SHARED_DATA, SHARED_DATA_FROM = _data_candidate()
 HOW_TO_GET_DATA = (
     f"set FCN_SHARED_DATA to a folder with {VOC_DIR}/ and {COCO_DIR}/ "
-    "(the real VOC 2012 / COCO 2017 samples; layout in README, 'Tests'), "
+    "(the real VOC 2012 / COCO 2017 samples; layout: README, 'Tests and the real data'), "
     "or place that folder at ../shared/data beside the checkout"
 )
 
