@@ -23,6 +23,7 @@ import pytest
 import torch
 
 from tests.helpers import REQUIRE_ALL, FileServer, skip_or_fail
+from tests.sshd import SSHDError, SSHServer, find_sshd, running_sshd
 
 REPO = Path(__file__).resolve().parents[1]
 VOC_DIR, COCO_DIR = "voc2012-sample", "coco2017-sample"
@@ -50,6 +51,17 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
     for item in items:
         if "shared_data" in getattr(item, "fixturenames", ()):
             item.add_marker(pytest.mark.real_data)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
+    """One line for the skipped real-data group: how many, and how to run them."""
+    skipped = terminalreporter.stats.get("skipped", [])
+    n = sum(1 for r in skipped if "real_data" in getattr(r, "keywords", {}))
+    if n:
+        terminalreporter.write_line(
+            f"real_data: {n} test(s) skipped, no real VOC/COCO samples at {SHARED_DATA} "
+            f"(from {SHARED_DATA_FROM}); to run them: {HOW_TO_GET_DATA}"
+        )
 
 
 def pytest_report_header(config: pytest.Config) -> list[str]:
@@ -124,6 +136,21 @@ def one_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def sshd_server(tmp_path: Path) -> Iterator[SSHServer]:
+    """A running OpenSSH server on 127.0.0.1 (tests/sshd.py). Not installed: a skip, except in
+    CI (which installs openssh-server), where it fails like an sshd that does not come up."""
+    try:
+        find_sshd()
+    except SSHDError as e:
+        skip_or_fail(f"no OpenSSH server here: {e}")
+    try:
+        with running_sshd(tmp_path) as server:
+            yield server
+    except SSHDError as e:
+        pytest.fail(f"cannot start the test OpenSSH server: {e}", pytrace=False)
 
 
 @pytest.fixture

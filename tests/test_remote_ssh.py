@@ -5,38 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from tests.helpers import skip_or_fail
 from tests.sshd import (
-    SSHDError,
     SSHServer,
     configure_ssh_remote,
-    find_sshd,
     run,
-    running_sshd,
 )
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[SSHServer]:
-    """A running sshd. Not installed: a skip, except in CI (which installs openssh-server),
-    where it is a failure like an installed sshd that does not come up."""
-    try:
-        find_sshd()
-    except SSHDError as e:
-        skip_or_fail(f"no OpenSSH server here: {e}")
-    try:
-        with running_sshd(tmp_path) as server:
-            yield server
-    except SSHDError as e:
-        pytest.fail(f"cannot start the test OpenSSH server: {e}", pytrace=False)
+def sshd(sshd_server: SSHServer) -> SSHServer:
+    """The running test sshd (conftest's `sshd_server`)."""
+    return sshd_server
 
 
 def _sftp_listdir(server: SSHServer, known_hosts: Path, path: Path) -> list[str]:
