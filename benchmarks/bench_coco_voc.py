@@ -5,6 +5,7 @@ with torchvision's reference conversion, in the same run.
     python benchmarks/bench_coco_voc.py --images 118287  # full train2017 scale: ~853k annotations,
                                                          # ~530 MB JSON; ~12 min in all (4 to generate)
     python benchmarks/bench_coco_voc.py --images 118287 --workdir /tmp/cocobench   # keep + reuse data
+    python benchmarks/bench_coco_voc.py --quick         # seconds: checks the script still runs
 
 1. Generates a synthetic COCO-format train2017: images 640 on the long side (333..640 short),
    7.3 annotations per image on average (heavy-tailed), star-shaped polygons with 20-30 vertices
@@ -209,8 +210,10 @@ def run_stage(workdir: Path, workers: int, min_pixels: int) -> dict:
     pfile = workdir / "params.yaml"
     pfile.write_text(yaml.safe_dump(params, sort_keys=False))
     out = workdir / f"out_w{workers}"
-    cmd = [sys.executable, "-m", "stages.coco_to_voc", "--params", str(pfile)]
-    cmd += ["--raw-dir", str(workdir), "--out", str(out), "--no-progress"]
+    timings_file = workdir / f"timings_w{workers}.json"
+    # the stage, run by this script's --child-stage: same command line, phases timed (below)
+    cmd = [sys.executable, str(Path(__file__).resolve()), "--child-stage", str(timings_file)]
+    cmd += ["--params", str(pfile), "--raw-dir", str(workdir), "--out", str(out), "--no-progress"]
     peak = {"tree": 0, "parent": 0}
     ru0 = resource.getrusage(resource.RUSAGE_CHILDREN)
     t = time.perf_counter()
@@ -238,6 +241,9 @@ def run_stage(workdir: Path, workers: int, min_pixels: int) -> dict:
     if proc.returncode != 0:
         sys.exit(f"stage failed (workers={workers}):\n{stderr[-4000:]}")
     rep = json.loads((out / "report.json").read_text())["splits"]["train2017"]
+    rep["timings_s"] = json.loads(timings_file.read_text())
+    n, convert_s = rep["images_total"], rep["timings_s"]["convert_write"]
+    rep["images_per_s"] = n / convert_s if convert_s > 0 else float("nan")
     return {
         "wall": wall,
         "cpu": cpu,
@@ -246,6 +252,59 @@ def run_stage(workdir: Path, workers: int, min_pixels: int) -> dict:
         "report": rep,
         "out": out,
     }
+
+
+def child_stage(timings_file: Path, stage_argv: list[str]) -> None:
+    """Run `python -m stages.coco_to_voc <stage_argv>` in this process and write its phase
+    timings to `timings_file`.
+
+    The stage's report.json holds no timings (it must hash the same on every run), so they are
+    measured here: the two functions `convert_split` calls first are wrapped with a clock
+    (JSON load = the streaming parse of the annotations, validate+group = `plan_split`); the
+    rest of `convert_split` is the convert+write phase. Worker processes are spawned fresh and
+    do not see the wrappers; they only run the per-image conversion.
+    """
+    import runpy
+
+    from pipeline import coco_voc
+
+    spent = {"load_json": 0.0, "validate_group": 0.0}
+
+    def clocked(fn, key):
+        def wrapper(*a, **kw):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **kw)
+            finally:
+                spent[key] += time.perf_counter() - t
+
+        return wrapper
+
+    convert_split = coco_voc.convert_split
+    total = {"s": 0.0}
+
+    def convert_clocked(*a, **kw):
+        t = time.perf_counter()
+        try:
+            return convert_split(*a, **kw)
+        finally:
+            total["s"] += time.perf_counter() - t
+
+    coco_voc.read_instances_from_zip = clocked(coco_voc.read_instances_from_zip, "load_json")
+    coco_voc.image_files_in_zip = clocked(coco_voc.image_files_in_zip, "load_json")
+    coco_voc.plan_split = clocked(coco_voc.plan_split, "validate_group")
+    coco_voc.convert_split = convert_clocked  # before the stage module imports the name
+    sys.argv = ["stages.coco_to_voc", *stage_argv]
+    code = 0
+    try:
+        runpy.run_module("stages.coco_to_voc", run_name="__main__", alter_sys=True)
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    timings = {k: round(v, 3) for k, v in spent.items()}
+    timings["convert_write"] = round(total["s"] - sum(spent.values()), 3)
+    timings["total"] = round(total["s"], 3)
+    timings_file.write_text(json.dumps(timings))
+    sys.exit(code)
 
 
 # --- 3. per-core comparison on a subset -------------------------------------------------------
@@ -324,6 +383,9 @@ def per_core(small: dict, repeats: int) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["--child-stage"]:  # the stage run of run_stage (not for direct use)
+        child_stage(Path(argv[1]), argv[2:])
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument(
         "--images",
@@ -354,7 +416,14 @@ def main(argv: list[str] | None = None) -> None:
         "--workdir", type=Path, help="keep generated data here and reuse it when it matches"
     )
     ap.add_argument("--keep", action="store_true", help="keep the stage outputs in --workdir")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="seconds: 200 images, 40 for the comparison, 1 repeat, 1 worker (checks it runs)",
+    )
     args = ap.parse_args(argv)
+    if args.quick:
+        args.images, args.baseline_images, args.repeats, args.workers = 200, 40, 1, "1"
     print(
         f"nproc {os.cpu_count()}, CPU: {cpu_model()}, RAM {psutil.virtual_memory().total / 2**30:.1f} GiB"
     )
@@ -388,7 +457,7 @@ def main(argv: list[str] | None = None) -> None:
         outs = []
         for workers in [int(x) for x in args.workers.split(",")]:
             r = run_stage(workdir, workers, args.min_pixels)
-            rep, ts = r["report"], r["report"]["timings_s"]
+            rep, ts = r["report"], r["report"]["timings_s"]  # timings: measured by child_stage
             n = rep["images_total"]
             print(
                 f"  workers={workers}: wall {r['wall']:.1f} s = {n / r['wall']:.0f} img/s end to end; "

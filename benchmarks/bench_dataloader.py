@@ -2,6 +2,7 @@
 
     python benchmarks/bench_dataloader.py            # ~1-2 min: 480 samples/epoch, 3 repeats
     python benchmarks/bench_dataloader.py --full     # 2000 samples/epoch, 5 repeats
+    python benchmarks/bench_dataloader.py --quick    # seconds: checks the script still runs
 
 The full profile's augmentation: crop 320, scale 0.5-2.0, mirror, no colour jitter (params.yaml
 `full.train`), 2 worker processes, batches of 8, a new DataLoader per epoch like pipeline/train.py
@@ -142,9 +143,15 @@ def main(argv: list[str] | None = None) -> None:
         "--max-size", type=int, default=512, help="preprocess max_size (default: %(default)s)"
     )
     ap.add_argument("--full", action="store_true", help="2000 samples per epoch, 5 repeats")
+    ap.add_argument(
+        "--quick", action="store_true", help="seconds: 16 samples, crop 64, 1 repeat, 1 worker"
+    )
     args = ap.parse_args(argv)
     if args.full:
         args.samples, args.repeats = 2000, 5
+    if args.quick:
+        args.samples, args.repeats, args.workers, args.batch_size = 16, 1, 1, 4
+        args.crop, args.max_size = 64, 128
     torch.set_num_threads(1)  # workers=0: one core, like a worker (2 threads thrash a busy box)
     print(f"nproc {os.cpu_count()}, CPU: {cpu_model()}, torch {torch.__version__}")
     scale = (0.5, 2.0)

@@ -11,6 +11,7 @@ Both verify the md5 and write the file. Runs alternate (fetch, naive, fetch, ...
 printed. The default 1 GiB takes well under a minute on 2 cores; `--size 100M` for a quick look.
 
   python benchmarks/bench_download.py [--size 1G] [--repeats 3]
+  python benchmarks/bench_download.py --quick      # seconds: checks the script still runs
 """
 
 from __future__ import annotations
@@ -117,14 +118,17 @@ def run_child(kind: str, url: str, dest: Path, md5: str, size: int) -> dict:
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--size", type=parse_size, default=1 << 30, help="file size (default 1G)")
     ap.add_argument("--repeats", type=int, default=3, help="runs per client (default 3)")
     ap.add_argument("--workdir", type=Path, default=None, help="where files land (default: tmp)")
     ap.add_argument("--child", nargs=5, metavar=("KIND", "URL", "DEST", "MD5", "SIZE"),
                     help=argparse.SUPPRESS)  # fmt: skip
-    args = ap.parse_args()
+    ap.add_argument("--quick", action="store_true", help="seconds: 4 MiB, 1 run per client")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.size, args.repeats = 4 << 20, 1
     if args.child:
         kind, url, dest, md5, size = args.child
         child(kind, url, dest, md5, int(size))

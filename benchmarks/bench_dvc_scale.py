@@ -35,6 +35,7 @@ clone, which must run nothing.
   python benchmarks/bench_dvc_scale.py --full            # part 1 at real size (long, ~80 GB)
   python benchmarks/bench_dvc_scale.py --sample-run      # part 2 only (several minutes)
   python benchmarks/bench_dvc_scale.py --both            # part 1, then part 2
+  python benchmarks/bench_dvc_scale.py --quick           # seconds: checks the script still runs
 
 All times are wall-clock seconds of the real `dvc`/`git` CLIs (DVC_NO_ANALYTICS=1), including
 DVC's own start-up (reported on its own as `dvc version`). The machine may be shared: read
@@ -64,7 +65,14 @@ from pipeline.shards import ShardReader, ShardWriter  # noqa: E402
 
 SCRIPT = "benchmarks/bench_dvc_scale.py"
 # copied into each temporary repo: the stages run the project's real writer code
-REPO_FILES = (SCRIPT, "pipeline/__init__.py", "pipeline/atomic.py", "pipeline/shards.py")
+# what the stage commands import: the script, its machine-description helper and the shard code
+REPO_FILES = (
+    SCRIPT,
+    "benchmarks/machine.py",
+    "pipeline/__init__.py",
+    "pipeline/atomic.py",
+    "pipeline/shards.py",
+)
 SHARD_SIZE = 1000
 
 
@@ -472,6 +480,11 @@ def main(argv: list[str] | None = None) -> int:
         "--workdir", type=Path, default=None, help="parent of the temp dir (default: system tmp)"
     )
     ap.add_argument("--keep", action="store_true", help="keep the temporary repos")
+    ap.add_argument(
+        "--quick",
+        action="store_true",
+        help="part 1 at 200 records (baseline 20), 1 repeat: checks the script still runs",
+    )
     ap.add_argument("-v", "--verbose", action="store_true", help="print every command")
     # the stage commands of the temporary repos (not for direct use)
     ap.add_argument("--stage-write", nargs=2, metavar=("LAYOUT", "OUT"), help=argparse.SUPPRESS)
@@ -494,6 +507,9 @@ def main(argv: list[str] | None = None) -> int:
 
     if args.full:
         args.bytes_per_image, args.label_bytes, args.baseline_images = 55_000, 5_000, args.images
+    if args.quick:
+        args.images, args.baseline_images, args.repeats = 200, 20, 1
+        args.bytes_per_image, args.label_bytes = 256, 64
     for name in ("images", "baseline_images", "bytes_per_image", "repeats"):
         if getattr(args, name) < 1:
             ap.error(f"--{name.replace('_', '-')} must be >= 1")

@@ -17,6 +17,7 @@ rotated every round) and the median of the rounds is reported in megapixels per 
 
   python benchmarks/bench_metrics.py             # 100 maps, 7 rounds
   python benchmarks/bench_metrics.py --full      # 1449 maps (VOC 2012 val), 5 rounds
+  python benchmarks/bench_metrics.py --quick     # seconds: checks the script still runs
 
 On an idle 2-core machine the default run takes well under a minute; on a busy one the two
 torch baselines, whose ops run in OpenMP regions, can take seconds per round (4 minutes in
@@ -95,9 +96,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--full", action="store_true", help="1449 maps (VOC 2012 val), 5 rounds")
     ap.add_argument("--torchmetrics", action="store_true", help="also time torchmetrics")
+    ap.add_argument("--quick", action="store_true", help="seconds: 4 maps of 64x80, 1 round")
     args = ap.parse_args(argv)
     if args.full:
         args.maps, args.repeats = 1449, 5
+    if args.quick:
+        args.maps, args.height, args.width, args.repeats = 4, 64, 80, 1
 
     c = args.classes
     gt, pred = make_maps(args.maps, args.height, args.width, c, args.seed)

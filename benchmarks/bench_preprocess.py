@@ -2,6 +2,7 @@
 
     python benchmarks/bench_preprocess.py            # ~1 min: 240 JPEGs, 1 core, max_size 320
     python benchmarks/bench_preprocess.py --full     # 2000 JPEGs, 7 repeats, + max_size 512
+    python benchmarks/bench_preprocess.py --quick    # seconds: checks the script still runs
 
 Inputs are the real VOC (500x375-ish) and COCO (640x480-ish) sample JPEGs from ../shared/data,
 re-used to reach the requested count. Per image, both paths decode and resize so the longer side is
@@ -166,9 +167,12 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument(
         "--full", action="store_true", help="2000 JPEGs, 7 repeats, max_size 320 and 512"
     )
+    ap.add_argument("--quick", action="store_true", help="seconds: 12 JPEGs, 1 repeat")
     args = ap.parse_args(argv)
     if args.full:
         args.images, args.repeats = 2000, 7
+    if args.quick:
+        args.images, args.repeats = 12, 1
     torch.set_num_threads(1)
     print(f"nproc {os.cpu_count()}, CPU: {cpu_model()}, torch {torch.__version__}")
     jpegs = load_jpegs(args.images)

@@ -8,20 +8,26 @@ interleaved in one process, median of the timed steps, so machine noise hits bot
     python benchmarks/bench_train.py                 # width 1/8 and full width, CPU
     python benchmarks/bench_train.py --widths 0.125  # quick
     python benchmarks/bench_train.py --device cuda   # where a GPU is lent
+    python benchmarks/bench_train.py --quick         # seconds: checks the script still runs
 """
 
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
+from pathlib import Path
 
-import torch
-from machine import machine_line as base_machine_line  # benchmarks/machine.py
+# this checkout's `pipeline`, whichever project an installed copy points at
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.classes import NUM_CLASSES
-from pipeline.models.fcn import build_model
-from pipeline.train import forward_backward, make_optimizer, resolve_precision
+import torch  # noqa: E402
+from machine import machine_line as base_machine_line  # noqa: E402  (benchmarks/machine.py)
+
+from pipeline.classes import NUM_CLASSES  # noqa: E402
+from pipeline.models.fcn import build_model  # noqa: E402
+from pipeline.train import forward_backward, make_optimizer, resolve_precision  # noqa: E402
 
 
 def machine_line() -> str:
@@ -80,7 +86,7 @@ def bench_width(width, args, device):
     return rates
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--widths", type=float, nargs="+", default=[0.125, 1.0])
     ap.add_argument("--size", type=int, default=320)
@@ -90,7 +96,12 @@ def main() -> None:
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16", "fp16"])
     ap.add_argument("--no-channels-last", dest="channels_last", action="store_false")
-    args = ap.parse_args()
+    ap.add_argument(
+        "--quick", action="store_true", help="seconds: width 1/16, 64x64, 2 timed steps"
+    )
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.widths, args.size, args.steps, args.warmup = [0.0625], 64, 2, 1
     device = torch.device(args.device)
     print(machine_line())
     for w in args.widths:

@@ -16,16 +16,10 @@ from pipeline.datasets import SegmentationShards, decode_image_rgb, decode_label
 from pipeline.shards import ShardWriter
 from pipeline.transforms import train_transform
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small images: intra-op threads only fight over the 2 shared cores (10-20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
+    pytest.mark.usefixtures("one_thread"),
+]
 
 
 def encode(img: Image.Image, fmt: str, **kw) -> bytes:

@@ -1,8 +1,9 @@
 """pipeline.download and stages/download.py against a real HTTP server on 127.0.0.1.
 
-The server (ThreadingHTTPServer, Range support written here) serves archives built from the
-real VOC/COCO samples and can misbehave on request: cut a response short, stall, ignore Range,
-answer a wrong Content-Range, or fail with a status. It counts every byte it sends.
+The server (`http_server`: tests.helpers.FileServer, Range support written there) serves
+archives built from the real VOC/COCO samples and can misbehave on request: cut a response
+short, stall, ignore Range, answer a wrong Content-Range, or fail with a status. It counts every
+byte it sends.
 """
 
 from __future__ import annotations
@@ -10,127 +11,18 @@ from __future__ import annotations
 import hashlib
 import io
 import os
-import re
 import socket
 import subprocess
 import sys
 import tarfile
-import threading
 import time
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import urlparse
 
 import pytest
 import yaml
 
 from pipeline.download import DownloadError, fetch
-
-# --- a real server -------------------------------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:  # keep pytest output clean
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        srv: FileServer = self.server.owner  # type: ignore[attr-defined]
-        path = urlparse(self.path).path
-        rec = {"path": path, "range": self.headers.get("Range"), "sent": 0, "status": None}
-        rec["if_range"] = self.headers.get("If-Range")
-        with srv.lock:
-            first = not any(r["path"] == path for r in srv.requests)
-            srv.requests.append(rec)
-        if path in srv.status:
-            rec["status"] = srv.status[path]
-            self.send_error(srv.status[path])
-            return
-        data = srv.files.get(path)
-        if data is None:
-            rec["status"] = 404
-            self.send_error(404)
-            return
-        etag = '"' + hashlib.md5(data).hexdigest() + '"'
-        start, status = 0, 200
-        m = re.fullmatch(r"bytes=(\d+)-", rec["range"] or "")
-        if m and path not in srv.ignore_range and rec["if_range"] in (None, etag):
-            start, status = int(m.group(1)), 206
-            if start >= len(data):
-                rec["status"] = 416
-                self.send_response(416)
-                self.send_header("Content-Range", f"bytes */{len(data)}")
-                self.end_headers()
-                return
-        body = memoryview(data)[start:]
-        rec["status"] = status
-        self.send_response(status)
-        self.send_header("Content-Length", str(len(body)))
-        self.send_header("Accept-Ranges", "bytes")
-        self.send_header("ETag", etag)
-        if status == 206:
-            first_byte = 0 if path in srv.bad_content_range else start
-            self.send_header("Content-Range", f"bytes {first_byte}-{len(data) - 1}/{len(data)}")
-        self.end_headers()
-        limit = len(body)
-        if first and path in srv.cut_after:
-            limit = srv.cut_after[path]
-        if first and path in srv.stall_after:
-            limit = srv.stall_after[path]
-        try:
-            for i in range(0, limit, 65536):
-                chunk = body[i : min(i + 65536, limit)]
-                self.wfile.write(chunk)
-                rec["sent"] += len(chunk)
-            self.wfile.flush()
-            if first and path in srv.stall_after:
-                srv.release.wait(30)  # hold the connection open until the client is killed
-        except (BrokenPipeError, ConnectionResetError):
-            pass
-        self.close_connection = True
-
-
-class FileServer:
-    """Serves `files` (path -> bytes) on 127.0.0.1; records every request."""
-
-    def __init__(self) -> None:
-        self.files: dict[str, bytes] = {}
-        self.requests: list[dict] = []
-        self.status: dict[str, int] = {}
-        self.cut_after: dict[str, int] = {}  # first request: close after N body bytes
-        self.stall_after: dict[str, int] = {}  # first request: send N bytes, then hang
-        self.ignore_range: set[str] = set()
-        self.bad_content_range: set[str] = set()
-        self.release = threading.Event()
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.owner = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def sent(self, path: str) -> int:
-        return sum(r["sent"] for r in self.requests if r["path"] == path)
-
-    def hits(self, path: str) -> list[dict]:
-        return [r for r in self.requests if r["path"] == path]
-
-    def close(self) -> None:
-        self.release.set()
-        self.httpd.shutdown()
-        self.httpd.server_close()
-
-
-@pytest.fixture
-def server():
-    srv = FileServer()
-    yield srv
-    srv.close()
 
 
 def _closed_port_url() -> str:
@@ -188,113 +80,113 @@ VOC = "/VOCtrainval_11-May-2012.tar"
 # --- fetch over HTTP -------------------------------------------------------------------------
 
 
-def test_full_download_md5_verified_with_progress(server, voc_tar, tmp_path, capsys):
-    server.files[VOC] = voc_tar
+def test_full_download_md5_verified_with_progress(http_server, voc_tar, tmp_path, capsys):
+    http_server.files[VOC] = voc_tar
     dest = tmp_path / "raw" / "VOCtrainval_11-May-2012.tar"
-    out = fetch([server.url(VOC)], dest, md5=md5(voc_tar), size=len(voc_tar), progress=True)
+    out = fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), size=len(voc_tar), progress=True)
     assert out == dest and dest.read_bytes() == voc_tar
-    assert [r["range"] for r in server.hits(VOC)] == [None]
+    assert [r["range"] for r in http_server.hits(VOC)] == [None]
     assert _leftovers(dest.parent) == [dest.name]  # no .part, no state file, no temp
     assert "B/s" in capsys.readouterr().err  # tqdm bar with a byte rate
 
     # a second call finds the verified file and sends no request
-    fetch([server.url(VOC)], dest, md5=md5(voc_tar), progress=False)
-    assert len(server.hits(VOC)) == 1
+    fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), progress=False)
+    assert len(http_server.hits(VOC)) == 1
     with tarfile.open(dest) as tf:
         assert "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt" in tf.getnames()
 
 
-def test_cut_connection_is_resumed_with_range(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
+def test_cut_connection_is_resumed_with_range(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
     cut = len(voc_tar) // 3
-    server.cut_after[VOC] = cut
+    http_server.cut_after[VOC] = cut
     dest = tmp_path / "VOC.tar"
-    fetch([server.url(VOC)], dest, md5=md5(voc_tar), retries=2, backoff=0.01, progress=False)
+    fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), retries=2, backoff=0.01, progress=False)
     assert dest.read_bytes() == voc_tar
-    first, second = server.hits(VOC)
+    first, second = http_server.hits(VOC)
     assert first["sent"] == cut
     assert second["range"] == f"bytes={cut}-" and second["status"] == 206
     assert second["if_range"] is not None  # the ETag recorded when the download started
     assert second["sent"] == len(voc_tar) - cut < len(voc_tar)  # only the missing bytes
-    assert server.sent(VOC) == len(voc_tar)
+    assert http_server.sent(VOC) == len(voc_tar)
 
 
-def test_partial_survives_a_failed_run_and_the_next_run_resumes(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
+def test_partial_survives_a_failed_run_and_the_next_run_resumes(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
     cut = len(voc_tar) // 2
-    server.cut_after[VOC] = cut
+    http_server.cut_after[VOC] = cut
     dest, partial = tmp_path / "raw" / "VOC.tar", tmp_path / "partial"
     with pytest.raises(DownloadError) as e:
-        fetch([server.url(VOC)], dest, md5=md5(voc_tar), retries=0, partial_dir=partial)
+        fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), retries=0, partial_dir=partial)
     assert "kept; re-running resumes it" in str(e.value)
     assert not dest.exists()
     assert (partial / "VOC.tar.part").stat().st_size == cut
 
-    fetch([server.url(VOC)], dest, md5=md5(voc_tar), partial_dir=partial, progress=False)
+    fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), partial_dir=partial, progress=False)
     assert dest.read_bytes() == voc_tar
-    assert server.hits(VOC)[1]["range"] == f"bytes={cut}-"
-    assert server.sent(VOC) == len(voc_tar)
+    assert http_server.hits(VOC)[1]["range"] == f"bytes={cut}-"
+    assert http_server.sent(VOC) == len(voc_tar)
     assert _leftovers(partial) == []
 
 
-def test_corrupt_partial_is_caught_and_downloaded_whole_once_more(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
+def test_corrupt_partial_is_caught_and_downloaded_whole_once_more(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
     cut = len(voc_tar) // 2
-    server.cut_after[VOC] = cut
+    http_server.cut_after[VOC] = cut
     dest, partial = tmp_path / "raw" / "VOC.tar", tmp_path / "partial"
     with pytest.raises(DownloadError):
-        fetch([server.url(VOC)], dest, md5=md5(voc_tar), retries=0, partial_dir=partial)
+        fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), retries=0, partial_dir=partial)
     part = partial / "VOC.tar.part"
     damaged = bytearray(part.read_bytes())
     damaged[1234] ^= 0xFF  # e.g. a crash that left garbage in the partial file
     part.write_bytes(bytes(damaged))
 
-    fetch([server.url(VOC)], dest, md5=md5(voc_tar), partial_dir=partial, progress=False)
+    fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), partial_dir=partial, progress=False)
     assert dest.read_bytes() == voc_tar
-    assert [r["range"] for r in server.hits(VOC)] == [None, f"bytes={cut}-", None]
+    assert [r["range"] for r in http_server.hits(VOC)] == [None, f"bytes={cut}-", None]
     assert _leftovers(partial) == []
 
 
-def test_server_ignoring_range_restarts_from_zero(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
-    server.cut_after[VOC] = 100_000
-    server.ignore_range.add(VOC)
+def test_server_ignoring_range_restarts_from_zero(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
+    http_server.cut_after[VOC] = 100_000
+    http_server.ignore_range.add(VOC)
     dest = tmp_path / "VOC.tar"
-    fetch([server.url(VOC)], dest, md5=md5(voc_tar), retries=1, backoff=0.01, progress=False)
+    fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), retries=1, backoff=0.01, progress=False)
     assert dest.read_bytes() == voc_tar
-    second = server.hits(VOC)[1]
+    second = http_server.hits(VOC)[1]
     assert second["range"] == "bytes=100000-" and second["status"] == 200  # whole file again
 
 
-def test_wrong_content_range_restarts_from_zero(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
-    server.cut_after[VOC] = 100_000
-    server.bad_content_range.add(VOC)  # answers 206 but claims the body starts at byte 0
+def test_wrong_content_range_restarts_from_zero(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
+    http_server.cut_after[VOC] = 100_000
+    http_server.bad_content_range.add(VOC)  # answers 206 but claims the body starts at byte 0
     dest = tmp_path / "VOC.tar"
-    fetch([server.url(VOC)], dest, md5=md5(voc_tar), retries=1, backoff=0.01, progress=False)
+    fetch([http_server.url(VOC)], dest, md5=md5(voc_tar), retries=1, backoff=0.01, progress=False)
     assert dest.read_bytes() == voc_tar
-    ranges = [r["range"] for r in server.hits(VOC)]
+    ranges = [r["range"] for r in http_server.hits(VOC)]
     assert ranges == [None, "bytes=100000-", None]  # the bad 206 body was not appended
 
 
-def test_checksum_mismatch_leaves_nothing(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
+def test_checksum_mismatch_leaves_nothing(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
     dest, partial = tmp_path / "raw" / "VOC.tar", tmp_path / "partial"
     wrong = "0" * 32
     with pytest.raises(DownloadError) as e:
-        fetch([server.url(VOC)], dest, md5=wrong, partial_dir=partial, progress=False)
+        fetch([http_server.url(VOC)], dest, md5=wrong, partial_dir=partial, progress=False)
     msg = str(e.value)
     assert str(dest) in msg and wrong in msg and md5(voc_tar) in msg
     assert not dest.exists()
     assert _leftovers(dest.parent, partial) == []  # the bad temp file is gone too
 
 
-def test_sha256_prefix_is_checked(server, tmp_path):
+def test_sha256_prefix_is_checked(http_server, tmp_path):
     weights = os.urandom(300_000)
-    server.files["/vgg16-397923af.pth"] = weights
+    http_server.files["/vgg16-397923af.pth"] = weights
     digest = hashlib.sha256(weights).hexdigest()
     dest = tmp_path / "vgg16.pth"
-    url = server.url("/vgg16-397923af.pth")
+    url = http_server.url("/vgg16-397923af.pth")
     fetch([url], dest, sha256_prefix=digest[:8], size=len(weights), progress=False)
     assert dest.read_bytes() == weights
     dest.unlink()
@@ -304,28 +196,28 @@ def test_sha256_prefix_is_checked(server, tmp_path):
     assert not dest.exists()
 
 
-def test_wrong_size_announced_is_refused_before_downloading(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
+def test_wrong_size_announced_is_refused_before_downloading(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
     with pytest.raises(DownloadError, match=f"announces {len(voc_tar)} bytes, expected 123"):
-        fetch([server.url(VOC)], tmp_path / "v.tar", size=123, progress=False)
+        fetch([http_server.url(VOC)], tmp_path / "v.tar", size=123, progress=False)
     assert _leftovers(tmp_path) == []  # not a byte of the wrong file was written
 
 
-def test_dead_mirrors_fall_through_to_the_next(server, voc_tar, tmp_path):
-    server.files[VOC] = voc_tar
-    sources = [_closed_port_url(), server.url("/missing.tar"), server.url(VOC)]
+def test_dead_mirrors_fall_through_to_the_next(http_server, voc_tar, tmp_path):
+    http_server.files[VOC] = voc_tar
+    sources = [_closed_port_url(), http_server.url("/missing.tar"), http_server.url(VOC)]
     dest = tmp_path / "VOC.tar"
     fetch(sources, dest, md5=md5(voc_tar), retries=2, backoff=0.01, progress=False)
     assert dest.read_bytes() == voc_tar
-    assert len(server.hits("/missing.tar")) == 1  # a 404 is not retried
+    assert len(http_server.hits("/missing.tar")) == 1  # a 404 is not retried
 
 
-def test_every_source_failing_lists_each_with_its_reason(server, tmp_path):
-    server.status["/busy.tar"] = 503
+def test_every_source_failing_lists_each_with_its_reason(http_server, tmp_path):
+    http_server.status["/busy.tar"] = 503
     sources = [
         _closed_port_url(),
-        server.url("/missing.tar"),
-        server.url("/busy.tar"),
+        http_server.url("/missing.tar"),
+        http_server.url("/busy.tar"),
         str(tmp_path / "nowhere.tar"),
     ]
     with pytest.raises(DownloadError) as e:
@@ -339,21 +231,23 @@ def test_every_source_failing_lists_each_with_its_reason(server, tmp_path):
     assert "full.download.voc.urls" in msg  # says how to point params.yaml at a local copy
 
 
-def test_retries_are_bounded_with_exponential_backoff(server, tmp_path):
-    server.status["/busy.tar"] = 503
+def test_retries_are_bounded_with_exponential_backoff(http_server, tmp_path):
+    http_server.status["/busy.tar"] = 503
     t0 = time.perf_counter()
     with pytest.raises(DownloadError, match=r"gave up after 4 attempt\(s\)"):
-        fetch([server.url("/busy.tar")], tmp_path / "x", retries=3, backoff=0.05, progress=False)
+        fetch(
+            [http_server.url("/busy.tar")], tmp_path / "x", retries=3, backoff=0.05, progress=False
+        )
     elapsed = time.perf_counter() - t0
-    assert len(server.hits("/busy.tar")) == 4
+    assert len(http_server.hits("/busy.tar")) == 4
     assert 0.05 + 0.1 + 0.2 <= elapsed < 10
 
 
-def test_free_disk_space_is_checked_before_starting(server, tmp_path):
-    server.files["/huge.bin"] = b"x"
+def test_free_disk_space_is_checked_before_starting(http_server, tmp_path):
+    http_server.files["/huge.bin"] = b"x"
     with pytest.raises(DownloadError, match="not enough free disk space"):
-        fetch([server.url("/huge.bin")], tmp_path / "huge.bin", size=2**60, progress=False)
-    assert server.requests == []
+        fetch([http_server.url("/huge.bin")], tmp_path / "huge.bin", size=2**60, progress=False)
+    assert http_server.requests == []
 
 
 def test_unsupported_scheme_is_refused(tmp_path):
@@ -433,12 +327,12 @@ def test_stage_help():
 
 
 @pytest.mark.slow
-def test_stage_resumes_after_kill_9(server, voc_tar, tmp_path, repo_root):
+def test_stage_resumes_after_kill_9(http_server, voc_tar, tmp_path, repo_root):
     """A killed stage leaves its partial in data/partial/ and the next run resumes it."""
-    server.files[VOC] = voc_tar
+    http_server.files[VOC] = voc_tar
     stall = len(voc_tar) // 2
-    server.stall_after[VOC] = stall
-    voc = {"urls": [server.url(VOC)], "md5": md5(voc_tar), "size": len(voc_tar)}
+    http_server.stall_after[VOC] = stall
+    voc = {"urls": [http_server.url(VOC)], "md5": md5(voc_tar), "size": len(voc_tar)}
     _full_params(repo_root, tmp_path, voc=voc)
     part = tmp_path / "data" / "partial" / "VOCtrainval_11-May-2012.tar.part"
 
@@ -452,26 +346,26 @@ def test_stage_resumes_after_kill_9(server, voc_tar, tmp_path, repo_root):
     out = tmp_path / "data" / "raw" / "voc" / "VOCtrainval_11-May-2012.tar"
     assert not out.exists()
 
-    server.release.set()
+    http_server.release.set()
     proc = _stage(tmp_path, "voc")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 0, err
     assert out.read_bytes() == voc_tar
-    second = server.hits(VOC)[1]
+    second = http_server.hits(VOC)[1]
     assert second["range"] == f"bytes={stall}-" and second["sent"] == len(voc_tar) - stall
     assert _leftovers(part.parent) == []
 
 
 @pytest.mark.slow
-def test_stage_fetches_coco_and_vgg16(server, coco_zips, tmp_path, repo_root):
+def test_stage_fetches_coco_and_vgg16(http_server, coco_zips, tmp_path, repo_root):
     for name, data in coco_zips.items():
-        server.files[f"/{name}"] = data
+        http_server.files[f"/{name}"] = data
     weights = os.urandom(100_000)
     local = tmp_path / "shared" / "vgg16-xxxx.pth"
     local.parent.mkdir()
     local.write_bytes(weights)
     sources = {
-        key: {"urls": [server.url(f"/{name}")], "md5": md5(coco_zips[name]), "size": None}
+        key: {"urls": [http_server.url(f"/{name}")], "md5": md5(coco_zips[name]), "size": None}
         for key, name in (
             ("coco_train", "train2017.zip"),
             ("coco_val", "val2017.zip"),

@@ -13,7 +13,6 @@ import pytest
 import torch
 import yaml
 from PIL import Image
-from torch import nn
 
 from pipeline.classes import NUM_CLASSES, VOC_CLASSES
 from pipeline.config import MODEL_NAMES
@@ -26,8 +25,10 @@ from pipeline.evaluate import (
     val_datasets,
 )
 from pipeline.metrics import confusion_matrix
+from pipeline.models import fcn
 from pipeline.shards import ShardWriter
 from pipeline.transforms import normalize
+from tests.helpers import TinyFCN
 
 REPO = Path(__file__).resolve().parents[1]
 # torchvision 0.29 warns on every decode_jpeg call (pipeline.datasets silences it outside pytest)
@@ -40,24 +41,6 @@ def load_stage():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-class TinyFCN(nn.Module):
-    """Stand-in with the FCN contract: [N, 3, H, W] -> [N, 21, H, W] logits at the input size."""
-
-    normalization = "imagenet"
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.score = nn.Conv2d(8, NUM_CLASSES, 1)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score(torch.relu(self.conv(x)))
 
 
 def write_val_shards(
@@ -202,7 +185,6 @@ def test_stage_refuses_missing_models(tmp_path: Path, val_dir: Path, capsys):
 
 @pytest.mark.slow
 def test_stage_end_to_end_with_real_models(tmp_path: Path, small_val_dir: Path):
-    fcn = pytest.importorskip("pipeline.models.fcn")
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["profile"] = "sample"
     params["sample"]["evaluate"].update(precision="fp32", qualitative_images=1)  # quick

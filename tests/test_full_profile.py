@@ -15,17 +15,15 @@ import io
 import json
 import math
 import tarfile
-import threading
 import zipfile
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 import pytest
 import torch
 
 from pipeline.surgery import random_vgg16_state_dict
+from tests.helpers import FileServer
 from tests.repo_utils import ALL_STAGES, FOUR, copy_repo, run, stages_run
 
 pytestmark = pytest.mark.slow
@@ -43,71 +41,12 @@ TINY: dict[str, Any] = {
     "full.train.crop_size": 64,
     "full.train.batch_size": 4,
     "full.train.workers": 0,
-    # A per-pixel mean loss at lr 0.01. The full profile's summed loss needs rates like 1e-8,
-    # and DVC writes such `-S` floats without a dot (`1e-08`), which pipeline.config's YAML 1.1
-    # reader (yaml.safe_load) takes for a string and refuses.
+    # a per-pixel mean loss at lr 0.01, the sample profile's solver (README, "Training recipe")
     "full.train.loss": "mean",
     "full.train.momentum": 0.9,
     **{f"full.train.{m}.{k}": v for m in MODELS for k, v in (("epochs", 1), ("lr", 0.01))},
     "full.evaluate.qualitative_images": 2,
 }
-
-
-# --- a real server that counts what it serves ------------------------------------------------
-
-
-class _Handler(BaseHTTPRequestHandler):
-    def log_message(self, *args: object) -> None:  # keep pytest output clean
-        pass
-
-    def do_GET(self) -> None:  # noqa: N802 (http.server's naming)
-        srv: CountingServer = self.server.owner  # type: ignore[attr-defined]
-        path = urlparse(self.path).path
-        data = srv.files.get(path)
-        rec = {"path": path, "range": self.headers.get("Range"), "status": 404, "sent": 0}
-        with srv.lock:
-            srv.requests.append(rec)
-        if data is None:
-            self.send_error(404)
-            return
-        # whole files only: a client resuming with Range must cope with a plain 200
-        rec["status"] = 200
-        self.send_response(200)
-        self.send_header("Content-Length", str(len(data)))
-        self.send_header("Content-Type", "application/octet-stream")
-        self.end_headers()
-        view = memoryview(data)
-        for i in range(0, len(data), 1 << 16):
-            self.wfile.write(view[i : i + (1 << 16)])
-            rec["sent"] += len(view[i : i + (1 << 16)])
-        self.close_connection = True
-
-
-class CountingServer:
-    """Serves `files` (URL path -> bytes) on 127.0.0.1 and records every request."""
-
-    def __init__(self, files: dict[str, bytes]) -> None:
-        self.files = files
-        self.requests: list[dict[str, Any]] = []
-        self.lock = threading.Lock()
-        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
-        self.httpd.daemon_threads = True
-        self.httpd.owner = self  # type: ignore[attr-defined]
-        self.thread = threading.Thread(
-            target=self.httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True
-        )
-        self.thread.start()
-
-    def url(self, path: str) -> str:
-        return f"http://127.0.0.1:{self.httpd.server_address[1]}{path}"
-
-    def hits(self, path: str) -> list[dict[str, Any]]:
-        with self.lock:
-            return [r for r in self.requests if r["path"] == path]
-
-    def close(self) -> None:
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 # --- the served files, in the official layouts, from the real samples -----------------------
@@ -187,7 +126,7 @@ def _override(value: Any) -> str:
     return json.dumps(value)
 
 
-def download_overrides(server: CountingServer, served: dict[str, bytes]) -> dict[str, Any]:
+def download_overrides(server: FileServer, served: dict[str, bytes]) -> dict[str, Any]:
     """`full.download.*` pointing every source at `server`, with its md5/sha256 and size."""
     out: dict[str, Any] = {}
     for key, name in (
@@ -220,7 +159,8 @@ def full_run(tmp_path_factory, voc_sample, coco_sample):
         **{f"/{name}": data for name, data in coco_zips(coco_sample).items()},
         f"/vgg16-{hashlib.sha256(vgg).hexdigest()[:8]}.pth": vgg,
     }
-    server = CountingServer(served)
+    # whole files only: a client resuming with Range must cope with a plain 200
+    server = FileServer(served, ranges=False)
     try:
         repo = copy_repo(tmp_path_factory.mktemp("full") / "repo")
         overrides = {"profile": "full", **download_overrides(server, served), **TINY}

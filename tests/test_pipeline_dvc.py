@@ -134,21 +134,21 @@ def test_push_clone_pull_to_local_remote(run_copy, tmp_path):
     assert not (only / "models" / "fcn8s.pt").exists()
 
 
-def test_push_clone_pull_through_real_ssh_server(run_copy, tmp_path):
+def test_push_clone_pull_through_real_ssh_server(run_copy, tmp_path, sshd_server):
     """The teammate's flow against a real OpenSSH server on 127.0.0.1 (dvc-ssh)."""
     from tests import sshd
 
-    with sshd.running_sshd(tmp_path) as server:
-        sshd.configure_ssh_remote(run_copy, "team", server, tmp_path / "ssh-remote")
-        sshd.run(["dvc", "push"], run_copy, server)
-        clone = tmp_path / "ssh-clone"
-        sshd.run(["git", "clone", "-q", str(run_copy), str(clone)], tmp_path, server)
-        sshd.run(["dvc", "pull"], clone, server)
-        status = sshd.run(["dvc", "status"], clone, server).stdout
-        assert "up to date" in status, status
-        again = sshd.run(["dvc", "repro"], clone, server)
-        assert stages_run(again.stdout) == [], again.stdout
-        assert (clone / "models" / "fcn8s.pt").is_file()
+    server = sshd_server
+    sshd.configure_ssh_remote(run_copy, "team", server, tmp_path / "ssh-remote")
+    sshd.run(["dvc", "push"], run_copy, server)
+    clone = tmp_path / "ssh-clone"
+    sshd.run(["git", "clone", "-q", str(run_copy), str(clone)], tmp_path, server)
+    sshd.run(["dvc", "pull"], clone, server)
+    status = sshd.run(["dvc", "status"], clone, server).stdout
+    assert "up to date" in status, status
+    again = sshd.run(["dvc", "repro"], clone, server)
+    assert stages_run(again.stdout) == [], again.stdout
+    assert (clone / "models" / "fcn8s.pt").is_file()
 
 
 def test_plots_show_renders_curves_bars_and_images(run_copy):

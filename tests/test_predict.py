@@ -9,35 +9,19 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from torch import nn
 
 from pipeline.classes import NUM_CLASSES, voc_palette, voc_palette_flat
+from pipeline.models import fcn
 from pipeline.predict import find_images, load_rgb, main, predict_files, predict_labels
 from pipeline.visualize import colorize, label_image, overlay
-
-
-class TinyFCN(nn.Module):
-    """Stand-in with the FCN contract: [N, 3, H, W] -> [N, 21, H, W] logits at the input size."""
-
-    normalization = "imagenet"
-
-    def __init__(self, seed: int = 0) -> None:
-        super().__init__()
-        self.conv = nn.Conv2d(3, 8, 3, padding=1)
-        self.score = nn.Conv2d(8, NUM_CLASSES, 1)
-        g = torch.Generator().manual_seed(seed)
-        with torch.no_grad():
-            for p in self.parameters():
-                p.copy_(torch.randn(p.shape, generator=g))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score(torch.relu(self.conv(x)))
+from tests.helpers import TinyFCN
 
 
 @pytest.fixture()
-def photos(tmp_path: Path, voc_sample: Path) -> Path:
-    """Real VOC photos as given, and as grayscale, CMYK, RGBA, nested, plus two broken files."""
-    jpgs = sorted((voc_sample / "JPEGImages").glob("*.jpg"))[:3]
+def photos(tmp_path: Path, generated_voc: Path) -> Path:
+    """VOC-like photos (the generated sample: any photo will do) as given, and as grayscale,
+    CMYK, RGBA, nested, plus two broken files."""
+    jpgs = sorted((generated_voc / "JPEGImages").glob("*.jpg"))[:3]
     d = tmp_path / "in"
     (d / "sub").mkdir(parents=True)
     shutil.copy(jpgs[0], d / "good.jpg")
@@ -157,7 +141,6 @@ def test_cli_without_images_is_a_usage_error(tmp_path: Path, capsys):
 
 
 def test_cli_end_to_end_with_a_real_model(tmp_path: Path, photos: Path, capsys):
-    fcn = pytest.importorskip("pipeline.models.fcn")
     torch.manual_seed(0)
     model_path = tmp_path / "fcn8s.pt"
     fcn.save_model(model_path, fcn.build_model("fcn8s", num_classes=NUM_CLASSES, width=1 / 32))

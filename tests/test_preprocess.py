@@ -35,21 +35,13 @@ from pipeline.shards import ShardReader, ShardWriter
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
+    pytest.mark.usefixtures("one_thread"),
 ]
 
 ROOT = "VOCdevkit/VOC2012"
 MAX_SIZE = 160
 COCO_SPLIT = "val2017"
 N_COCO = 10
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Small images: intra-op threads only fight over the 2 shared cores (10-20x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 # --- building inputs from the real samples ---------------------------------------------------------

@@ -5,25 +5,24 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
-from collections.abc import Iterator
 from pathlib import Path
 
 import asyncssh
 import pytest
 
-from tests.sshd import SSHDError, SSHServer, configure_ssh_remote, run, running_sshd
+from tests.sshd import (
+    SSHServer,
+    configure_ssh_remote,
+    run,
+)
 
 pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def sshd(tmp_path: Path) -> Iterator[SSHServer]:
-    try:
-        with running_sshd(tmp_path) as server:
-            yield server
-    except SSHDError as e:
-        # CI installs openssh-server: a missing or broken sshd is a failure, not a skip
-        pytest.fail(f"cannot start the test OpenSSH server: {e}", pytrace=False)
+def sshd(sshd_server: SSHServer) -> SSHServer:
+    """The running test sshd (conftest's `sshd_server`)."""
+    return sshd_server
 
 
 def _sftp_listdir(server: SSHServer, known_hosts: Path, path: Path) -> list[str]:
