@@ -201,12 +201,9 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
 def run_stage(workdir: Path, workers: int, min_pixels: int) -> dict:
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["profile"] = "sample"
-    params["sample"]["coco_to_voc"] = {
-        "splits": ["train2017"],
-        "min_pixels": min_pixels,
-        "workers": workers,
-        "shard_size": 1000,
-    }
+    params["sample"]["coco_to_voc"].update(
+        {"splits": ["train2017"], "min_pixels": min_pixels, "workers": workers, "shard_size": 1000}
+    )
     pfile = workdir / "params.yaml"
     pfile.write_text(yaml.safe_dump(params, sort_keys=False))
     out = workdir / f"out_w{workers}"
