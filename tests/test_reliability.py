@@ -281,9 +281,9 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     cached = _verified_objects(repo / ".dvc" / "cache")
     extra = cached.keys() - _verified_objects(reference / ".dvc" / "cache").keys()
     assert extra == set(), extra
-    # ...nor pushed
+    # ...nor pushed (with the run-cache: it holds the stages' `cache: false` metrics and plots)
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo)
-    run(["dvc", "push"], repo)
+    run(["dvc", "push", "--run-cache"], repo)
     assert _verified_objects(tmp_path / "remote").keys() == cached.keys()
 
 

@@ -553,3 +553,73 @@ def test_pickled_or_foreign_checkpoints_are_not_resumed(shards, tmp_path, capsys
     assert back["scores"] == ref["scores"] and back["history"] == ref["history"]
     assert_same_weights(tmp_path / "ref" / "fcn32s.pt", tmp_path / "foreign" / "fcn32s.pt")
     assert not foreign.slot.exists()
+
+
+# --- 7. the summed loss, fp16 scaling, NaN read-back ------------------------------------------
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_summed_loss_update_is_per_image_whatever_batch_accumulation_or_ranks() -> None:
+    """`loss: sum` follows the Caffe solver: the update is the per-image summed loss averaged
+    over the step's images, whether they come as one batch of 4, 4 accumulated micro-batches
+    of 1, or 2 ranks of 2 (DDP averages the ranks' gradients)."""
+    from pipeline.train import forward_backward, set_dropout, step_normaliser
+
+    torch.manual_seed(0)
+    model, _ = build_initial_model(
+        "fcn32s", width=0.0625, backbone_init="random", vgg16_path=None, init_from=None, seed=0
+    )
+    set_dropout(model, 0.0)  # the same network for every split of the batch
+    for p in model.parameters():  # score_fr starts at zero: make every layer pass gradient
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    model.double()  # float64: the gradients of the first layers are sums that cancel a lot
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    y = torch.randint(0, 21, (4, 64, 64))
+    y[:, :8] = 255  # some ignored pixels
+    cpu = torch.device("cpu")
+
+    def grads_of(chunks: list[tuple[torch.Tensor, torch.Tensor]], world: int = 1):
+        model.zero_grad(set_to_none=True)
+        norm = step_normaliser([t for _, t in chunks], "sum", world, cpu)
+        for xb, yb in chunks:
+            forward_backward(model, xb, yb, norm, cpu, None, False)
+        return _grads(model)
+
+    one_batch = grads_of([(x, y)])
+    accumulated = grads_of([(x[i : i + 1], y[i : i + 1]) for i in range(4)])
+    rank0, rank1 = grads_of([(x[:2], y[:2])], world=2), grads_of([(x[2:], y[2:])], world=2)
+    per_image = [grads_of([(x[i : i + 1], y[i : i + 1])]) for i in range(4)]
+    for k in one_batch:
+        expected = sum(g[k] for g in per_image) / 4
+        scale = float(expected.abs().max())
+        assert scale > 0, k  # every layer gets gradient: the comparison is not vacuous
+        for name, got in (
+            ("batch 4", one_batch[k]),
+            ("accumulate 4", accumulated[k]),
+            ("2 ranks", (rank0[k] + rank1[k]) / 2),
+        ):
+            err = float((got - expected).abs().max())
+            assert err <= 1e-4 * scale, (k, name, err, scale)
+
+
+def test_fp16_gets_loss_scaling_and_bf16_fp32_do_not() -> None:
+    from pipeline.device import grad_scaler
+
+    cpu = torch.device("cpu")
+    assert grad_scaler(cpu, torch.float16).is_enabled()
+    assert not grad_scaler(cpu, torch.bfloat16).is_enabled()
+    assert not grad_scaler(cpu, None).is_enabled()
+
+
+def test_a_non_finite_loss_is_caught_at_read_back_naming_its_iteration() -> None:
+    from pipeline.train import LOSS_READBACK_EVERY, LossReadback
+
+    readback = LossReadback("fcn32s", "sum", world=1)
+    for i in range(LOSS_READBACK_EVERY):
+        readback.add(torch.tensor(float("nan") if i == 7 else 1.0), 100 + i)
+    with pytest.raises(FloatingPointError, match="at iteration 107; lower train.fcn32s.lr"):
+        readback.flush()
