@@ -281,10 +281,22 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     cached = _verified_objects(repo / ".dvc" / "cache")
     extra = cached.keys() - _verified_objects(reference / ".dvc" / "cache").keys()
     assert extra == set(), extra
-    # ...nor pushed (with the run-cache: it holds the stages' `cache: false` metrics and plots)
+    # ...nor pushed. `dvc push` sends every output's objects; the cache also holds copies of the
+    # git-committed `cache: false` metrics and plots, which the run-cache keeps for restores
     run(["dvc", "remote", "add", "-d", "store", str(tmp_path / "remote")], repo)
-    run(["dvc", "push", "--run-cache"], repo)
-    assert _verified_objects(tmp_path / "remote").keys() == cached.keys()
+    run(["dvc", "push"], repo)
+    pushed = _verified_objects(tmp_path / "remote")
+    assert pushed.keys() <= cached.keys()
+    cached_outs = {p: h for p, h in _lock_outs(repo).items() if p.startswith(("data/", "models/"))}
+    assert len(cached_outs) == 10 and set(cached_outs.values()) <= pushed.keys(), cached_outs
+    in_git = {
+        _md5(p)
+        for d in ("metrics", "plots", "dvclive")
+        for p in (repo / d).rglob("*")
+        if p.is_file()
+    }
+    unpushed = {k for k in cached.keys() - pushed.keys() if not k.endswith(".dir")}
+    assert unpushed <= in_git, unpushed
 
 
 # --- a disk that fills mid-write -----------------------------------------------------------------
