@@ -837,6 +837,66 @@ def epoch_entry(epoch: int, epoch_losses: list[float], lr: float) -> dict[str, f
     }
 
 
+def start_or_resume(
+    name: str,
+    cfg: dict[str, Any],
+    store: ResumeStore,
+    *,
+    vgg16_path: Path | None,
+    init_from: Path | None,
+    device: torch.device,
+    say: Callable[..., None] = print,
+) -> tuple[nn.Module, torch.optim.SGD, ResumeState]:
+    """The model, optimiser and progress a run starts from: the interrupted run's, when
+    `store` holds one for these inputs, else the stage's initial model at iteration 0 (saying
+    which interrupted runs of other inputs are not resumed, and why).
+
+    The global RNG is seeded with seed + rank (each rank draws its own dropout masks,
+    reproducibly; augmentation is seeded per sample), then restored from the checkpoint.
+    """
+    tcfg, mcfg = cfg["train"], cfg["model"]
+    rank, _ = dist_info()
+    state = store.load()
+    model, init_log = build_initial_model(
+        name,
+        width=mcfg["width"],
+        backbone_init=mcfg["backbone_init"],
+        vgg16_path=vgg16_path,
+        init_from=init_from,
+        seed=tcfg["seed"],
+    )
+    set_dropout(model, mcfg["dropout"])
+    model.to(device)
+    if tcfg["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, tcfg[name]["lr"], tcfg["momentum"], tcfg["weight_decay"])
+    torch.manual_seed(tcfg["seed"] + rank)
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        set_rng_state(state.rng[rank])
+        say(
+            f"[train] {name}: resuming from {store.checkpoint_path} at iteration {state.iteration}",
+            flush=True,
+        )
+        return model, optimizer, state
+    for line in store.why_not_resumed():
+        say(f"[train] {name}: {line}", flush=True)
+    say(f"[train] {name}: {'; '.join(init_log)}", flush=True)
+    fresh = ResumeState(
+        fingerprint=store.fingerprint,
+        model={},
+        optimizer={},
+        epoch=0,
+        iteration=0,
+        history=[],
+        epoch_losses=[],
+        scores={},
+        rng=[],
+    )
+    return model, optimizer, fresh
+
+
 # --- the loop --------------------------------------------------------------------------------
 
 
@@ -929,7 +989,7 @@ def _train_stage(
 
     from pipeline.models.fcn import save_model
 
-    tcfg, mcfg, stage = cfg["train"], cfg["model"], cfg["train"][name]
+    tcfg, stage = cfg["train"], cfg["train"][name]
     rank, world = dist_info()
     say = print if rank == 0 else (lambda *a, **k: None)
     amp_dtype = resolve_precision(tcfg["precision"], device)
@@ -937,47 +997,9 @@ def _train_stage(
         # bit-exact CPU runs (resume and DDP equivalence rely on it)
         torch.use_deterministic_algorithms(True, warn_only=True)
     seed = tcfg["seed"]
-
-    state = store.load()
-    model, init_log = build_initial_model(
-        name,
-        width=mcfg["width"],
-        backbone_init=mcfg["backbone_init"],
-        vgg16_path=vgg16_path,
-        init_from=init_from,
-        seed=seed,
+    model, optimizer, state = start_or_resume(
+        name, cfg, store, vgg16_path=vgg16_path, init_from=init_from, device=device, say=say
     )
-    set_dropout(model, mcfg["dropout"])
-    model.to(device)
-    if tcfg["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, stage["lr"], tcfg["momentum"], tcfg["weight_decay"])
-    # each rank draws its own dropout masks, reproducibly (augmentation is seeded per sample)
-    torch.manual_seed(seed + rank)
-
-    if state is not None:
-        model.load_state_dict(state.model)
-        optimizer.load_state_dict(state.optimizer)
-        set_rng_state(state.rng[rank])
-        say(
-            f"[train] {name}: resuming from {store.checkpoint_path} at iteration {state.iteration}",
-            flush=True,
-        )
-    else:
-        for line in store.why_not_resumed():
-            say(f"[train] {name}: {line}", flush=True)
-        say(f"[train] {name}: {'; '.join(init_log)}", flush=True)
-        state = ResumeState(
-            fingerprint=store.fingerprint,
-            model={},
-            optimizer={},
-            epoch=0,
-            iteration=0,
-            history=[],
-            epoch_losses=[],
-            scores={},
-            rng=[],
-        )
 
     ddp_model = model
     if distributed:
