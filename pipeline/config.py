@@ -195,6 +195,7 @@ SCHEMA: dict[str, Any] = {
         "momentum": _float(min=0, max=1),  # max=1 inclusive is still nonsense; see below
         "weight_decay": _float(min=0),
         "checkpoint_every": _int(min=1),
+        "checkpoint_minutes": _float(gt=0, nullable=True),
         "val_every": _int(min=1),
         **{m: {"epochs": _int(min=1), "lr": _float(gt=0)} for m in MODEL_NAMES},
     },

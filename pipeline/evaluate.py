@@ -53,7 +53,7 @@ def display_name(name: str) -> str:
 
 
 def _resolve(device: str | torch.device, precision: str | torch.dtype | None):
-    from pipeline.train import resolve_device, resolve_precision
+    from pipeline.device import resolve_device, resolve_precision
 
     dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
     amp = resolve_precision(precision, dev) if isinstance(precision, str) else precision

@@ -63,7 +63,7 @@ def forward_labels(
     channels_last: bool = False,
 ) -> torch.Tensor:
     """Normalised float images [N, 3, H, W] -> argmax class ids [N, H, W] (int64), same device."""
-    from pipeline.train import autocast
+    from pipeline.device import autocast
 
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
@@ -381,8 +381,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
         return 2
 
+    from pipeline.device import resolve_device, resolve_precision
     from pipeline.models.fcn import load_model
-    from pipeline.train import resolve_device, resolve_precision
 
     try:
         device = resolve_device(args.device)

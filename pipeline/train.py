@@ -4,13 +4,17 @@ One `train()` call trains one stage of the paper's cascade:
 - FCN-32s starts from ImageNet VGG16 (fc6/fc7 reshaped into convolutions) or at random;
 - FCN-16s and FCN-8s start from the previous stage's model, transplanted layer by layer.
 
-Resumption: DVC 3 has no built-in checkpoints, so checkpoints live in a `persist: true`
-output (`checkpoints/<name>/`). A checkpoint carries a fingerprint of everything that
-determines the result (params, init model, data index); a rerun resumes only from a checkpoint
-with the same fingerprint, so a param change never continues a stale run. Data order and
-augmentation derive from (seed, epoch, index), the global RNG state is saved with the
-checkpoint, and the DVCLive history is replayed from it: a killed run that resumes ends with
-the same weights and the same logs as an uninterrupted one (fp32 on CPU).
+Resumption. DVC 3 has no built-in checkpoints, and resume state kept in a DVC output costs
+twice: `dvc exp run` checks out the committed version of a `persist: true` output (deleting an
+interrupted run's checkpoint), and a stage with a persist output never uses the run-cache. So
+resume state lives outside every DVC output, in `.fcn-resume/<stage>/<fingerprint>/` at the
+repository root (`resume_root`), which a queued experiment's temporary copy finds too. The
+fingerprint covers exactly what decides the stage's result (`RunInputs`): the params keys the
+stage declares in dvc.yaml, the digest of the model or weights it starts from and of the data.
+A rerun resumes only from a checkpoint with the same fingerprint and otherwise says which
+inputs changed. Data order and augmentation derive from (seed, epoch, index), each rank's RNG
+state is saved with the checkpoint, and the DVCLive history is replayed from it: a killed run
+that resumes ends with the same weights and the same logs as an uninterrupted one (fp32 on CPU).
 
 Loss normalisation is global: per-pixel losses are summed and divided by the number of valid
 pixels in the whole optimiser step (all micro-batches, all ranks), so gradient accumulation
@@ -20,13 +24,19 @@ and DDP give the same update as one big batch.
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import fcntl
+import functools
 import hashlib
 import json
 import math
 import os
+import shutil
+import signal
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -34,55 +44,96 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+import yaml
 from torch import nn
 from torch.utils.data import DataLoader, Sampler
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
 
+# re-exported: benchmarks and older callers import them from here
+from pipeline.device import (  # noqa: F401
+    autocast,
+    cpu_supports_bf16,
+    grad_scaler,
+    resolve_device,
+    resolve_precision,
+)
+
 CHECKPOINT_NAME = "last.pt"
-COMPLETE_NAME = "complete.json"
+INPUTS_NAME = "inputs.json"
+RESUME_DIR_NAME = ".fcn-resume"
+RESUME_DIR_ENV = "FCN_RESUME_DIR"
+PROJECT_DVC_YAML = Path(__file__).resolve().parents[1] / "dvc.yaml"
+# Per-step losses stay on the device and are read back (and checked for NaN/inf) every this
+# many steps: a read-back per step stalls the GPU queue on every iteration.
+LOSS_READBACK_EVERY = 20
 
 
-# --- devices and precision -------------------------------------------------------------------
+# --- processes: a trainer never outlives its launcher, two never share a stage ----------------
+
+_PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device 'cuda' requested in params but no CUDA device is available")
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+def die_with_parent(sig: int = signal.SIGKILL) -> bool:
+    """Have Linux send `sig` to this process the moment its parent dies (prctl
+    PR_SET_PDEATHSIG). Returns False where that is not available (not Linux).
+
+    A killed `dvc` otherwise leaves its stage running: the orphan keeps writing the outputs and
+    logs that the rerun writes too. The setting survives `execv` (the torchrun relaunch) and is
+    set again by each rank and each loader worker for their own parents.
+    """
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        return libc.prctl(_PR_SET_PDEATHSIG, int(sig), 0, 0, 0) == 0
+    except (OSError, AttributeError):
+        return False
 
 
-def cpu_supports_bf16() -> bool:
-    """bf16 autocast pays off on CPUs with native bf16 dot products (AVX512-BF16 / AMX)."""
-    with contextlib.suppress(Exception):
-        return bool(torch.cpu._is_avx512_bf16_supported())
-    return False
+def _loader_worker_init(worker_id: int, trainer_pid: int) -> None:
+    """DataLoader worker start: die with the trainer (even if it is SIGKILLed)."""
+    die_with_parent()
+    if os.getppid() != trainer_pid:  # the trainer died before the line above took effect
+        os._exit(1)
 
 
-def resolve_precision(precision: str, device: torch.device) -> torch.dtype | None:
-    """The autocast dtype, or None for plain fp32."""
-    if precision == "auto":
-        if device.type == "cuda":
-            return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-        return torch.bfloat16 if cpu_supports_bf16() else None
-    return {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}[precision]
+class StageBusyError(RuntimeError):
+    """Another process holds the stage's lock; the message names its pid."""
 
 
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
+@contextlib.contextmanager
+def exclusive_lock(path: Path, what: str) -> Iterator[None]:
+    """Hold an exclusive `flock` on `path` (created if missing) for the block; the file records
+    the holder's pid. The kernel drops the lock when the holder dies, even by SIGKILL.
+
+    Raises:
+        StageBusyError: another live process holds it; the message names its pid and the file.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise StageBusyError(
+                f"{what} is already running in process {holder} (lock {path}); "
+                f"wait for it to finish or stop it (kill {holder})"
+            ) from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
 
 
 # --- distributed -----------------------------------------------------------------------------
 
 
 def dist_info() -> tuple[int, int]:
+    """(rank, world size): (0, 1) outside a process group."""
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     return 0, 1
@@ -152,7 +203,10 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[
     ]
 
 
-def make_optimizer(model: nn.Module, lr: float, momentum: float, weight_decay: float):
+def make_optimizer(
+    model: nn.Module, lr: float, momentum: float, weight_decay: float
+) -> torch.optim.SGD:
+    """SGD with momentum over `param_groups` (the FCN solver's lr_mult/decay_mult 1/1, 2/0)."""
     return torch.optim.SGD(param_groups(model, lr, weight_decay), lr=lr, momentum=momentum)
 
 
@@ -165,27 +219,40 @@ def lr_factor(policy: str, step: int, total_steps: int, power: float = 0.9) -> f
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """Weights at `lr`, biases at twice it."""
     for group in optimizer.param_groups:
         group["lr"] = 2 * lr if group.get("name") == "biases" else lr
 
 
 def summed_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-    """Cross-entropy summed over the valid pixels (255 ignored), computed in fp32."""
+    """Cross-entropy summed over the valid pixels (255 ignored), computed in fp32.
+
+    logits: [N, C, H, W] float (any precision); target: [N, H, W] int64. Returns a 0-d fp32.
+    """
     return F.cross_entropy(logits.float(), target, ignore_index=IGNORE_INDEX, reduction="sum")
 
 
-def step_normaliser(targets: list[torch.Tensor], loss: str, world: int) -> float:
+def step_normaliser(
+    targets: list[torch.Tensor], loss: str, world: int, device: torch.device | None = None
+) -> float:
     """What the step's summed loss is divided by, so that DDP's gradient mean over `world`
     ranks and accumulation over micro-batches equal one big batch.
 
+    targets: this rank's label maps of the step, one [N, H, W] int64 tensor per micro-batch.
     `mean`: the number of valid pixels in the whole global step (the per-pixel normalised loss
-    used with lr ~1e-4..1e-2). `sum`: 1 (the original Caffe recipe: lr 1e-10, momentum 0.99).
+    used with lr ~1e-4..1e-2). `sum`: the number of images in the global step, so the update is
+    the per-image summed loss averaged over batch, accumulation and ranks, whatever their sizes:
+    the Caffe solver's semantics (`normalize: false` divides by the batch, `iter_size` and the
+    number of solvers divide the gradient), for which the paper's lr 1e-10 was set.
+
+    The count is all-reduced on `device` (the process group's device: NCCL takes CUDA tensors
+    only). Every rank gets the same number of images per step (`EpochSampler` pads), so DDP's
+    mean over ranks turns the local image count into the global one.
     """
     if loss == "sum":
-        return 1.0 / world
-    valid = torch.tensor(
-        [sum(int((t != IGNORE_INDEX).sum()) for t in targets)], dtype=torch.float64
-    )
+        return float(sum(t.shape[0] for t in targets))
+    local = sum(int((t != IGNORE_INDEX).sum()) for t in targets)
+    valid = torch.tensor([local], dtype=torch.float64, device=device)
     if world > 1:
         dist.all_reduce(valid)
     return max(float(valid.item()), 1.0) / world
@@ -199,22 +266,29 @@ def forward_backward(
     device: torch.device,
     amp_dtype: torch.dtype | None,
     channels_last: bool,
-) -> float:
-    """One micro-batch: forward under autocast, summed loss / `norm`, backward. Returns the loss."""
+    scaler: torch.amp.GradScaler | None = None,
+) -> torch.Tensor:
+    """One micro-batch: forward under autocast, summed loss / `norm`, backward (through the
+    fp16 loss scaler when one is enabled). x: [N, 3, H, W] float; y: [N, H, W] int64.
+
+    Returns the detached 0-d loss on `device`: reading it back is left to the caller, because a
+    read-back per micro-batch stalls the GPU.
+    """
     x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
     if channels_last:
         x = x.contiguous(memory_format=torch.channels_last)
     with autocast(device, amp_dtype):
         logits = model(x)
     loss = summed_loss(logits, y) / norm
-    loss.backward()
-    return float(loss.detach())
+    (scaler.scale(loss) if scaler is not None else loss).backward()
+    return loss.detach()
 
 
 # --- model construction ----------------------------------------------------------------------
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
+    """Set every dropout layer's probability (the paper: 0.5 after fc6 and fc7)."""
     for m in model.modules():
         if isinstance(m, nn.Dropout | nn.Dropout2d):
             m.p = p
@@ -229,7 +303,11 @@ def build_initial_model(
     init_from: Path | None,
     seed: int,
 ) -> tuple[nn.Module, list[str]]:
-    """The model a training stage starts from, and a log of what was initialised how."""
+    """The model a training stage starts from, and a log of what was initialised how.
+
+    Raises:
+        ValueError: the VGG16 weights are missing or not a loadable state dict.
+    """
     from pipeline.models.fcn import build_model, load_model
     from pipeline.surgery import init_random, load_vgg16_backbone, transplant
 
@@ -252,10 +330,11 @@ def build_initial_model(
     return model, ["random initialisation"]
 
 
-# --- checkpoints -----------------------------------------------------------------------------
+# --- what decides a stage's result: the fingerprint -------------------------------------------
 
 
 def file_digest(path: Path | None, chunk: int = 1 << 20) -> str | None:
+    """md5 of a file's bytes, None for None."""
     if path is None:
         return None
     h = hashlib.md5()
@@ -266,17 +345,166 @@ def file_digest(path: Path | None, chunk: int = 1 << 20) -> str | None:
 
 
 def fingerprint(obj: Any) -> str:
+    """sha256 of a JSON-able object (keys sorted)."""
     return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()
 
 
+def declared_params(stage: str, dvc_yaml: Path = PROJECT_DVC_YAML) -> list[str]:
+    """The params keys `stage` declares in dvc.yaml, as written there (`${profile}.train.lr`).
+
+    dvc.yaml is the one list: DVC re-runs the stage when one of these changes, and a resume
+    state is reused only while none of them has changed.
+
+    Raises:
+        ValueError: dvc.yaml has no such stage, or it declares no params.
+    """
+    stages = (yaml.safe_load(Path(dvc_yaml).read_text()) or {}).get("stages", {})
+    if stage not in stages:
+        raise ValueError(f"{dvc_yaml}: no stage {stage!r}")
+    keys: list[str] = []
+    for entry in stages[stage].get("params", []):
+        if isinstance(entry, str):
+            keys.append(entry)
+        elif isinstance(entry, dict):  # {params-file: [keys]}
+            for file, file_keys in entry.items():
+                if Path(file).name == "params.yaml":
+                    keys.extend(file_keys or [])
+    if not keys:
+        raise ValueError(f"{dvc_yaml}: stage {stage!r} declares no params")
+    return keys
+
+
+def resolve_params(keys: list[str], cfg: dict[str, Any]) -> dict[str, Any]:
+    """{full dotted key: value} of the declared `keys` in `cfg` (the active profile's section
+    plus `profile`), `${profile}` resolved; a key naming a section becomes one entry per leaf
+    (`sample.train.fcn32s` -> `sample.train.fcn32s.lr`, `.epochs`), so a change names its key.
+
+    Raises:
+        KeyError: a key is not in the active profile.
+    """
+    profile = cfg["profile"]
+    flat: dict[str, Any] = {}
+
+    def add(key: str, value: Any) -> None:
+        if isinstance(value, dict):
+            for k, v in value.items():
+                add(f"{key}.{k}", v)
+        else:
+            flat[key] = value
+
+    for raw in keys:
+        key = raw.replace("${profile}", profile)
+        parts = key.split(".")
+        if parts == ["profile"]:
+            add(key, profile)
+            continue
+        if parts[0] != profile:
+            raise KeyError(f"{raw}: not a key of the active profile {profile!r}")
+        node: Any = cfg
+        for i, part in enumerate(parts[1:], start=1):
+            if not isinstance(node, dict) or part not in node:
+                raise KeyError(f"{raw}: {'.'.join(parts[: i + 1])} is not in params")
+            node = node[part]
+        add(key, node)
+    return flat
+
+
+@dataclass(frozen=True)
+class RunInputs:
+    """Everything that decides a training stage's result, and nothing else.
+
+    Not in it, because they cannot change the result: `workers` (augmentation is seeded per
+    sample, not per worker), the checkpoint cadence, the progress bar, other stages' keys.
+    """
+
+    stage: str
+    params: dict[str, Any]  # declared key -> value (leaves)
+    init: str | None  # md5 of the model or VGG16 weights the stage starts from
+    data: dict[str, str | None]  # md5 of the train and val shard indexes
+
+    @classmethod
+    def of_stage(
+        cls,
+        name: str,
+        cfg: dict[str, Any],
+        *,
+        init_path: Path | None,
+        train_dir: Path,
+        val_dir: Path,
+        dvc_yaml: Path = PROJECT_DVC_YAML,
+    ) -> RunInputs:
+        """The inputs of `train_<name>` as dvc.yaml declares them."""
+        from pipeline.shards import INDEX_NAME
+
+        return cls(
+            stage=name,
+            params=resolve_params(declared_params(f"train_{name}", dvc_yaml), cfg),
+            init=file_digest(init_path),
+            data={
+                "train": file_digest(Path(train_dir) / INDEX_NAME),
+                "val": file_digest(Path(val_dir) / INDEX_NAME),
+            },
+        )
+
+    def fingerprint(self) -> str:
+        return fingerprint(self.to_json())
+
+    def to_json(self) -> dict[str, Any]:
+        return {"stage": self.stage, "params": self.params, "init": self.init, "data": self.data}
+
+    @classmethod
+    def from_json(cls, obj: dict[str, Any]) -> RunInputs:
+        return cls(obj["stage"], dict(obj["params"]), obj["init"], dict(obj["data"]))
+
+    def differences(self, other: RunInputs) -> list[str]:
+        """What changed from `other` to self, one item per key (`key: old -> new`)."""
+        out = []
+        for key in sorted(self.params.keys() | other.params.keys()):
+            old, new = other.params.get(key, "(absent)"), self.params.get(key, "(absent)")
+            if old != new:
+                out.append(f"{key}: {old} -> {new}")
+        if self.init != other.init:
+            out.append("the initial model (its file changed)")
+        for split in sorted(self.data.keys() | other.data.keys()):
+            if self.data.get(split) != other.data.get(split):
+                out.append(f"the {split} data (data/preprocessed/{split} changed)")
+        return out
+
+
+# --- resume state: where it lives, what it holds -----------------------------------------------
+
+
+def resume_root(cwd: Path | None = None, environ: dict[str, str] | None = None) -> Path:
+    """The folder that holds every stage's resume state: `<repository root>/.fcn-resume`.
+
+    Outside every DVC output, so DVC neither deletes it (`dvc exp run` checks outputs out
+    before running) nor caches it; git- and dvc-ignored. The repository root is the first of:
+    `$FCN_RESUME_DIR` (the resume folder itself, e.g. on a bigger disk); `$DVC_ROOT`, which
+    DVC sets for stage commands to the main repository even when a queued experiment runs in
+    a temporary copy; a working directory under `<repo>/.dvc/tmp/exps/` (that temporary copy,
+    when run by hand) maps to `<repo>`; else the working directory.
+    """
+    env = os.environ if environ is None else environ
+    if env.get(RESUME_DIR_ENV):
+        return Path(env[RESUME_DIR_ENV]).resolve()
+    base = Path(env["DVC_ROOT"]) if env.get("DVC_ROOT") else Path(cwd or os.getcwd())
+    parts = base.resolve().parts
+    for i in range(len(parts) - 2):
+        if parts[i : i + 3] == (".dvc", "tmp", "exps"):
+            return Path(*parts[:i]) / RESUME_DIR_NAME
+    return base.resolve() / RESUME_DIR_NAME
+
+
 def save_checkpoint(path: Path, state: dict[str, Any]) -> None:
+    """Write a checkpoint atomically: a kill leaves the previous one or this one, whole."""
     # into an open file: given a path, torch names the zip root after the random temporary
     with atomic_path(path) as tmp, open(tmp, "wb") as f:
         torch.save(state, f)
 
 
 def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | None:
-    """The checkpoint to resume from, or None if there is none or it belongs to another run."""
+    """The checkpoint to resume from, or None if there is none, it is unreadable (torn,
+    pickles code: weights-only loading refuses it) or it belongs to other inputs."""
     if not path.exists():
         return None
     try:
@@ -284,10 +512,159 @@ def load_checkpoint(path: Path, expected_fingerprint: str) -> dict[str, Any] | N
     except Exception as e:  # a torn or foreign file: never trust it, start over
         print(f"[train] ignoring unreadable checkpoint {path}: {e}", flush=True)
         return None
-    if state.get("fingerprint") != expected_fingerprint:
+    if not isinstance(state, dict) or state.get("fingerprint") != expected_fingerprint:
         print(f"[train] {path} belongs to other params/data; starting from scratch", flush=True)
         return None
     return state
+
+
+@dataclass
+class ResumeState:
+    """What a checkpoint holds: enough to continue as if never interrupted."""
+
+    fingerprint: str
+    model: dict[str, torch.Tensor]
+    optimizer: dict[str, Any]
+    epoch: int  # epochs completed
+    iteration: int  # optimiser steps completed
+    history: list[dict[str, float]]  # one entry per completed epoch: what DVCLive logged
+    epoch_losses: list[float]  # the current epoch's step losses so far
+    scores: dict[str, Any]  # the latest validation scores
+    rng: list[dict[str, Any]]  # each rank's RNG state, by rank
+
+    def to_dict(self) -> dict[str, Any]:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> ResumeState:
+        """Raises KeyError for a checkpoint that lacks a field (an older format)."""
+        return cls(**{f.name: d[f.name] for f in fields(cls)})
+
+
+class ResumeStore:
+    """One stage's resume state for one set of inputs, under the stage's resume folder:
+
+        <stage_dir>/<fingerprint[:16]>/last.pt      the latest checkpoint
+        <stage_dir>/<fingerprint[:16]>/inputs.json  the `RunInputs` it belongs to
+        <stage_dir>/<fingerprint[:16]>.lock         held while a run of these inputs is alive
+
+    Runs of other inputs keep their own folders (so going back to earlier params resumes
+    too, and parallel queued experiments do not collide); a completed run removes its folder.
+    """
+
+    def __init__(self, stage_dir: Path, inputs: RunInputs):
+        self.stage_dir, self.inputs = Path(stage_dir), inputs
+        self.fingerprint = inputs.fingerprint()
+        self.slot = self.stage_dir / self.fingerprint[:16]
+        self.checkpoint_path = self.slot / CHECKPOINT_NAME
+
+    def lock(self) -> contextlib.AbstractContextManager[None]:
+        """Exclusive for the run's lifetime (see `exclusive_lock`)."""
+        return exclusive_lock(
+            self.stage_dir / f"{self.fingerprint[:16]}.lock", f"train_{self.inputs.stage}"
+        )
+
+    def load(self) -> ResumeState | None:
+        """This run's resume state, if an earlier run of the same inputs left one."""
+        state = load_checkpoint(self.checkpoint_path, self.fingerprint)
+        if state is None:
+            return None
+        try:
+            return ResumeState.from_dict(state)
+        except (KeyError, TypeError) as e:
+            print(f"[train] ignoring checkpoint {self.checkpoint_path} of an older format ({e})")
+            return None
+
+    def save(self, state: ResumeState) -> None:
+        if not (self.slot / INPUTS_NAME).exists():
+            atomic_write_json(self.slot / INPUTS_NAME, self.inputs.to_json())
+        save_checkpoint(self.checkpoint_path, state.to_dict())
+
+    def others(self) -> list[tuple[Path, RunInputs | None]]:
+        """Resume states of other inputs for this stage, newest first."""
+        found = []
+        for ckpt in self.stage_dir.glob(f"*/{CHECKPOINT_NAME}"):
+            if ckpt.parent == self.slot:
+                continue
+            try:
+                inputs = RunInputs.from_json(json.loads((ckpt.parent / INPUTS_NAME).read_text()))
+            except (OSError, ValueError, KeyError, TypeError):
+                inputs = None
+            found.append((ckpt.stat().st_mtime, ckpt.parent, inputs))
+        return [(slot, inputs) for _, slot, inputs in sorted(found, reverse=True)]
+
+    def why_not_resumed(self) -> list[str]:
+        """For a fresh start: which interrupted runs of this stage are not resumed, and why."""
+        lines = []
+        for slot, inputs in self.others():
+            size = sum(p.stat().st_size for p in slot.iterdir() if p.is_file()) / 2**20
+            why = "; ".join(self.inputs.differences(inputs)) if inputs else "unknown inputs"
+            lines.append(
+                f"not resuming the interrupted run in {slot}: its inputs differ ({why}). "
+                f"It is kept and resumes if they come back ({size:.1f} MiB; rm -rf it to free)"
+            )
+        return lines
+
+    def finish(self) -> None:
+        """The run completed: its resume state is spent."""
+        shutil.rmtree(self.slot, ignore_errors=True)
+
+
+class CheckpointCadence:
+    """When to save: every `every_iterations` steps, and at least every `every_minutes` of
+    wall time (a full-width checkpoint is ~1 GB: a fixed step count is seconds of work on a
+    fast GPU and hours on a CPU). `clock` is injectable for tests; monotonic by default."""
+
+    def __init__(
+        self,
+        every_iterations: int,
+        every_minutes: float | None,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self.every_iterations, self.every_minutes, self.clock = (
+            every_iterations,
+            every_minutes,
+            clock,
+        )
+        self.last = clock()
+
+    def due_by_iteration(self, iteration: int) -> bool:
+        return iteration % self.every_iterations == 0
+
+    def due_by_time(self) -> bool:
+        return self.every_minutes is not None and (
+            self.clock() - self.last >= 60.0 * self.every_minutes
+        )
+
+    def saved(self) -> None:
+        self.last = self.clock()
+
+
+# --- per-rank randomness -------------------------------------------------------------------
+
+
+def rng_state() -> dict[str, Any]:
+    """This process's torch RNG state (CPU and every CUDA device)."""
+    state = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def gather_rng_states(world: int) -> list[dict[str, Any]]:
+    """Every rank's RNG state, by rank (a collective: all ranks call it at the same step)."""
+    mine = rng_state()
+    if world == 1:
+        return [mine]
+    states: list[Any] = [None] * world
+    dist.all_gather_object(states, mine)
+    return states
 
 
 # --- validation ------------------------------------------------------------------------------
@@ -303,7 +680,8 @@ def validate(
     rank: int = 0,
     world: int = 1,
 ) -> dict[str, Any]:
-    """Mean IoU etc. on the val set at original resolution (each rank scores a slice)."""
+    """Mean IoU etc. on the val set at original resolution (each rank scores a slice; the
+    confusion matrix is summed on `device`, the process group's device)."""
     from pipeline.metrics import confusion_matrix, segmentation_scores
 
     was_training = model.training
@@ -323,30 +701,203 @@ def validate(
     return segmentation_scores(hist.cpu())
 
 
+# --- the loop's parts ------------------------------------------------------------------------
+
+
+def make_loader(
+    train_set, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device
+) -> DataLoader:
+    """One epoch's loader; its workers die with the trainer."""
+    return DataLoader(
+        train_set,
+        batch_size=batch_size,
+        sampler=sampler,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        drop_last=False,
+        worker_init_fn=functools.partial(_loader_worker_init, trainer_pid=os.getpid()),
+    )
+
+
+def micro_batches(
+    loader: DataLoader, accumulate: int, steps: int
+) -> Iterator[list[tuple[torch.Tensor, torch.Tensor]]]:
+    """Up to `steps` optimiser steps of `accumulate` micro-batches (the last may be short)."""
+    it = iter(loader)
+    for _ in range(steps):
+        micro = list(zip(range(accumulate), it, strict=False))
+        if not micro:
+            return
+        yield [batch for _, batch in micro]
+
+
+@dataclass
+class StepContext:
+    """What one optimiser step needs besides the batches."""
+
+    model: nn.Module  # the DDP wrapper when distributed
+    optimizer: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    channels_last: bool
+    loss: str  # mean | sum
+    world: int
+    distributed: bool
+
+
+def train_one_step(
+    ctx: StepContext, micro: list[tuple[torch.Tensor, torch.Tensor]]
+) -> torch.Tensor:
+    """Zero the gradients, forward/backward each micro-batch (DDP syncs on the last one only),
+    step. Returns this rank's step loss, detached, on the device (not read back)."""
+    norm = step_normaliser([t for _, t in micro], ctx.loss, ctx.world, ctx.device)
+    ctx.optimizer.zero_grad(set_to_none=True)
+    step_loss = torch.zeros((), device=ctx.device)
+    for k, (x, y) in enumerate(micro):
+        last = k == len(micro) - 1
+        sync = ctx.model.no_sync() if ctx.distributed and not last else contextlib.nullcontext()
+        with sync:
+            step_loss += forward_backward(
+                ctx.model, x, y, norm, ctx.device, ctx.amp_dtype, ctx.channels_last, ctx.scaler
+            )
+    ctx.scaler.step(ctx.optimizer)
+    ctx.scaler.update()
+    return step_loss
+
+
+@dataclass
+class LossReadback:
+    """Step losses kept on the device, read back in blocks (`LOSS_READBACK_EVERY` steps),
+    averaged over ranks and checked for NaN/inf there."""
+
+    name: str
+    loss_kind: str
+    world: int
+    pending: list[torch.Tensor] = field(default_factory=list)
+    first_iteration: int = 0  # iteration number of pending[0]
+
+    def add(self, loss: torch.Tensor, iteration: int) -> None:
+        if not self.pending:
+            self.first_iteration = iteration
+        self.pending.append(loss)
+
+    def flush(self) -> list[float]:
+        """The pending step losses as floats (rank mean).
+
+        Raises:
+            FloatingPointError: a step's loss is NaN or infinite; names the iteration and the
+                lr to lower.
+        """
+        if not self.pending:
+            return []
+        values = torch.stack(self.pending).double()
+        if self.world > 1:  # a rank's loss is its share x world: the mean over ranks is exact
+            dist.all_reduce(values)
+            values /= self.world
+        out = values.tolist()
+        self.pending = []
+        for i, v in enumerate(out):
+            if not math.isfinite(v):
+                raise FloatingPointError(
+                    f"{self.name}: loss is {v} at iteration {self.first_iteration + i}; lower "
+                    f"train.{self.name}.lr (loss '{self.loss_kind}' wants "
+                    f"{'~1e-10' if self.loss_kind == 'sum' else '~1e-4..1e-2'})"
+                )
+        return out
+
+
+def open_live(live_dir: Path | None, history: list[dict[str, float]]):
+    """A DVCLive logger with the interrupted run's epochs replayed (None for no logging)."""
+    if live_dir is None:
+        return None
+    from dvclive import Live
+
+    live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None)
+    for entry in history:
+        log_history(live, entry)
+    return live
+
+
+def log_history(live, entry: dict[str, float]) -> None:
+    """One epoch's entry as one DVCLive step."""
+    if live is None:
+        return
+    for k, v in entry.items():
+        live.log_metric(k, v)
+    live.next_step()
+
+
+def epoch_entry(epoch: int, epoch_losses: list[float], lr: float) -> dict[str, float]:
+    """The epoch's logged values: its mean step loss, the last lr, its number (1-based)."""
+    return {
+        "train/loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
+        "lr": lr,
+        "epoch": epoch + 1,
+    }
+
+
+def start_or_resume(
+    name: str,
+    cfg: dict[str, Any],
+    store: ResumeStore,
+    *,
+    vgg16_path: Path | None,
+    init_from: Path | None,
+    device: torch.device,
+    say: Callable[..., None] = print,
+) -> tuple[nn.Module, torch.optim.SGD, ResumeState]:
+    """The model, optimiser and progress a run starts from: the interrupted run's, when
+    `store` holds one for these inputs, else the stage's initial model at iteration 0 (saying
+    which interrupted runs of other inputs are not resumed, and why).
+
+    The global RNG is seeded with seed + rank (each rank draws its own dropout masks,
+    reproducibly; augmentation is seeded per sample), then restored from the checkpoint.
+    """
+    tcfg, mcfg = cfg["train"], cfg["model"]
+    rank, _ = dist_info()
+    state = store.load()
+    model, init_log = build_initial_model(
+        name,
+        width=mcfg["width"],
+        backbone_init=mcfg["backbone_init"],
+        vgg16_path=vgg16_path,
+        init_from=init_from,
+        seed=tcfg["seed"],
+    )
+    set_dropout(model, mcfg["dropout"])
+    model.to(device)
+    if tcfg["channels_last"]:
+        model.to(memory_format=torch.channels_last)
+    optimizer = make_optimizer(model, tcfg[name]["lr"], tcfg["momentum"], tcfg["weight_decay"])
+    torch.manual_seed(tcfg["seed"] + rank)
+    if state is not None:
+        model.load_state_dict(state.model)
+        optimizer.load_state_dict(state.optimizer)
+        set_rng_state(state.rng[rank])
+        say(
+            f"[train] {name}: resuming from {store.checkpoint_path} at iteration {state.iteration}",
+            flush=True,
+        )
+        return model, optimizer, state
+    for line in store.why_not_resumed():
+        say(f"[train] {name}: {line}", flush=True)
+    say(f"[train] {name}: {'; '.join(init_log)}", flush=True)
+    fresh = ResumeState(
+        fingerprint=store.fingerprint,
+        model={},
+        optimizer={},
+        epoch=0,
+        iteration=0,
+        history=[],
+        epoch_losses=[],
+        scores={},
+        rng=[],
+    )
+    return model, optimizer, fresh
+
+
 # --- the loop --------------------------------------------------------------------------------
-
-
-def _collect_step(it: Iterator, accumulate: int) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    batches = []
-    for _ in range(accumulate):
-        try:
-            batches.append(next(it))
-        except StopIteration:
-            break
-    return batches
-
-
-def _rng_state() -> dict[str, Any]:
-    state = {"torch": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict[str, Any]) -> None:
-    torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def train(
@@ -356,246 +907,208 @@ def train(
     train_dir: Path,
     val_dir: Path,
     out_model: Path,
-    checkpoint_dir: Path,
+    resume_dir: Path,
     live_dir: Path | None,
     vgg16_path: Path | None = None,
     init_from: Path | None = None,
     progress: bool = True,
+    dvc_yaml: Path = PROJECT_DVC_YAML,
 ) -> dict[str, Any]:
-    """Train one FCN stage with `cfg` (the active params profile); returns the final scores."""
-    from tqdm import tqdm
+    """Train one FCN stage with `cfg` (the active params profile) and write `out_model`.
 
+    `resume_dir` is the stage's resume folder (`resume_root() / name` for the DVC stage); an
+    interrupted run with the same `RunInputs` is continued from there. Returns
+    {"iterations", "history", "scores"}; "scores" are the last validation's.
+
+    Raises:
+        StageBusyError: a live run of the same stage and inputs holds the lock.
+        FloatingPointError: the loss became NaN or infinite.
+        ValueError: the training set is empty, or the VGG16 weights are unusable.
+    """
     from pipeline.datasets import SegmentationShards
-    from pipeline.models.fcn import save_model
     from pipeline.transforms import eval_transform, train_transform
 
-    tcfg, mcfg = cfg["train"], cfg["model"]
-    stage = tcfg[name]
+    tcfg = cfg["train"]
     device = resolve_device(tcfg["device"])
     distributed = init_distributed(device)
     rank, world = dist_info()
-    amp_dtype = resolve_precision(tcfg["precision"], device)
-    if amp_dtype is None and device.type == "cpu":
-        # bit-exact CPU runs (resume and DDP equivalence rely on it)
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    seed = tcfg["seed"]
-
     train_set = SegmentationShards(
         train_dir,
         transform=train_transform(
             tcfg["crop_size"], tuple(tcfg["scale_range"]), tcfg["hflip"], tcfg["color_jitter"]
         ),
-        seed=seed,
+        seed=tcfg["seed"],
     )
     val_set = SegmentationShards(val_dir, transform=eval_transform())
     if len(train_set) == 0:
         raise ValueError(f"{train_dir}: the training set is empty")
-
-    init_model_path = init_from if init_from is not None else None
-    fp = fingerprint(
-        {
-            "name": name,
-            "train": tcfg,
-            "model": mcfg,
-            "world": world,
-            "init": file_digest(init_model_path),
-            "vgg16": file_digest(vgg16_path) if init_from is None else None,
-            "data": file_digest(Path(train_dir) / "index.json"),
-        }
+    init_path = init_from if init_from is not None else vgg16_path
+    inputs = RunInputs.of_stage(
+        name, cfg, init_path=init_path, train_dir=train_dir, val_dir=val_dir, dvc_yaml=dvc_yaml
     )
-    ckpt_path = Path(checkpoint_dir) / CHECKPOINT_NAME
-    state = load_checkpoint(ckpt_path, fp)
+    store = ResumeStore(Path(resume_dir), inputs)
+    with store.lock() if rank == 0 else contextlib.nullcontext():
+        result = _train_stage(
+            name,
+            cfg,
+            store,
+            train_set,
+            val_set,
+            out_model=out_model,
+            live_dir=live_dir,
+            vgg16_path=vgg16_path,
+            init_from=init_from,
+            progress=progress,
+            device=device,
+            distributed=distributed,
+        )
+    if distributed:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
 
-    model, init_log = build_initial_model(
-        name,
-        width=mcfg["width"],
-        backbone_init=mcfg["backbone_init"],
-        vgg16_path=vgg16_path,
-        init_from=init_from,
-        seed=seed,
+
+def _train_stage(
+    name: str,
+    cfg: dict[str, Any],
+    store: ResumeStore,
+    train_set,
+    val_set,
+    *,
+    out_model: Path,
+    live_dir: Path | None,
+    vgg16_path: Path | None,
+    init_from: Path | None,
+    progress: bool,
+    device: torch.device,
+    distributed: bool,
+) -> dict[str, Any]:
+    """The recipe, with the lock held: resume or initialise, epochs of steps with checkpoints
+    and validation, the model file."""
+    from tqdm import tqdm
+
+    from pipeline.models.fcn import save_model
+
+    tcfg, stage = cfg["train"], cfg["train"][name]
+    rank, world = dist_info()
+    say = print if rank == 0 else (lambda *a, **k: None)
+    amp_dtype = resolve_precision(tcfg["precision"], device)
+    if amp_dtype is None and device.type == "cpu":
+        # bit-exact CPU runs (resume and DDP equivalence rely on it)
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    seed = tcfg["seed"]
+    model, optimizer, state = start_or_resume(
+        name, cfg, store, vgg16_path=vgg16_path, init_from=init_from, device=device, say=say
     )
-    set_dropout(model, mcfg["dropout"])
-    model.to(device)
-    if tcfg["channels_last"]:
-        model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, stage["lr"], tcfg["momentum"], tcfg["weight_decay"])
-
-    start_epoch, start_iter, history = 0, 0, []
-    if state is not None:
-        model.load_state_dict(state["model"])
-        optimizer.load_state_dict(state["optimizer"])
-        start_epoch, start_iter, history = state["epoch"], state["iteration"], state["history"]
-        _set_rng_state(state["rng"])
-        if rank == 0:
-            print(
-                f"[train] {name}: resuming from {ckpt_path} at iteration {start_iter}", flush=True
-            )
-    elif rank == 0:
-        print(f"[train] {name}: {'; '.join(init_log)}", flush=True)
 
     ddp_model = model
     if distributed:
         ddp_model = nn.parallel.DistributedDataParallel(
             model, device_ids=[device.index] if device.type == "cuda" else None
         )
-
+    ctx = StepContext(
+        model=ddp_model,
+        optimizer=optimizer,
+        scaler=grad_scaler(device, amp_dtype),
+        device=device,
+        amp_dtype=amp_dtype,
+        channels_last=tcfg["channels_last"],
+        loss=tcfg["loss"],
+        world=world,
+        distributed=distributed,
+    )
     sampler = EpochSampler(len(train_set), seed, rank, world)
-    batch = tcfg["batch_size"]
-    accumulate = tcfg["accumulate"]
+    batch, accumulate, epochs = tcfg["batch_size"], tcfg["accumulate"], stage["epochs"]
     steps_per_epoch = math.ceil(sampler.per_rank / (batch * accumulate))
-    epochs = stage["epochs"]
     total_steps = steps_per_epoch * epochs
+    cadence = CheckpointCadence(tcfg["checkpoint_every"], tcfg.get("checkpoint_minutes"))
+    readback = LossReadback(name, tcfg["loss"], world)
+    live = open_live(live_dir, state.history) if rank == 0 else None
 
-    live = None
-    if rank == 0 and live_dir is not None:
-        from dvclive import Live
+    def checkpoint() -> None:
+        """Save `state` with the current weights (every rank joins: the RNG gather)."""
+        state.epoch_losses.extend(readback.flush())
+        rng = gather_rng_states(world)
+        if rank == 0:
+            state.model, state.optimizer, state.rng = (
+                model.state_dict(),
+                optimizer.state_dict(),
+                rng,
+            )
+            store.save(state)
+        cadence.saved()
 
-        live = Live(dir=str(live_dir), save_dvc_exp=False, dvcyaml=None)
-        for entry in history:  # replay what the interrupted run had logged
-            for k, v in entry.items():
-                live.log_metric(k, v)
-            live.next_step()
+    def time_is_due() -> bool:
+        """Rank 0's clock decides for all ranks (checked at read-back points under DDP)."""
+        due = cadence.due_by_time()
+        if world == 1:
+            return due
+        flag = torch.tensor([1 if due and rank == 0 else 0], device=device)
+        dist.broadcast(flag, src=0)
+        return bool(flag.item())
 
-    iteration = start_iter
     bar = tqdm(
         total=total_steps,
-        initial=iteration,
+        initial=state.iteration,
         desc=f"train {name}",
         unit="it",
         disable=not progress or rank != 0,
         dynamic_ncols=True,
         mininterval=0.5 if sys.stderr.isatty() else 15.0,  # logs (dvc repro | tee) stay short
     )
-    scores: dict[str, Any] = history[-1] if history else {}
-    # a resume mid-epoch continues that epoch's losses (its train/loss is the whole epoch's)
-    epoch_losses: list[float] = list(state["epoch_losses"]) if state is not None else []
-    lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], iteration, total_steps)
-    t0 = time.time()
-    for epoch in range(start_epoch, epochs):
-        first_step = iteration - epoch * steps_per_epoch
+    # the rate of the last step taken: what an epoch that resumes at its very end logs
+    lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], max(state.iteration - 1, 0), total_steps)
+    t0, start_iteration = time.time(), state.iteration
+    for epoch in range(state.epoch, epochs):
+        first_step = state.iteration - epoch * steps_per_epoch
+        if first_step == 0:
+            state.epoch_losses = []
         sampler.set_epoch(epoch, skip=first_step * batch * accumulate)
         train_set.set_epoch(epoch)
-        loader = DataLoader(
-            train_set,
-            batch_size=batch,
-            sampler=sampler,
-            num_workers=tcfg["workers"],
-            pin_memory=device.type == "cuda",
-            drop_last=False,
-        )
         model.train()
-        it = iter(loader)
-        if first_step == 0:
-            epoch_losses = []
-        for _ in range(first_step, steps_per_epoch):
-            micro = _collect_step(it, accumulate)
-            if not micro:
-                break
-            norm = step_normaliser([t for _, t in micro], tcfg["loss"], world)
-            lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], iteration, total_steps)
+        loader = make_loader(train_set, sampler, batch, tcfg["workers"], device)
+        for micro in micro_batches(loader, accumulate, steps_per_epoch - first_step):
+            lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], state.iteration, total_steps)
             set_lr(optimizer, lr_now)
-            optimizer.zero_grad(set_to_none=True)
-            step_loss = 0.0
-            for k, (x, y) in enumerate(micro):
-                sync = (
-                    ddp_model.no_sync()
-                    if distributed and k < len(micro) - 1
-                    else contextlib.nullcontext()
-                )
-                with sync:
-                    loss = forward_backward(
-                        ddp_model, x, y, norm, device, amp_dtype, tcfg["channels_last"]
-                    )
-                step_loss += loss
-            if world > 1:  # a rank's loss is its share x world: the mean over ranks is exact
-                total = torch.tensor([step_loss], dtype=torch.float64, device=device)
-                dist.all_reduce(total)
-                step_loss = float(total.item()) / world
-            if not math.isfinite(step_loss):
-                raise FloatingPointError(
-                    f"{name}: loss is {step_loss} at iteration {iteration}; lower "
-                    f"train.{name}.lr (loss '{tcfg['loss']}' wants "
-                    f"{'~1e-10' if tcfg['loss'] == 'sum' else '~1e-4..1e-2'})"
-                )
-            optimizer.step()
-            iteration += 1
-            epoch_losses.append(step_loss)
+            readback.add(train_one_step(ctx, micro), state.iteration)
+            state.iteration += 1
             bar.update(1)
-            bar.set_postfix(epoch=epoch + 1, loss=f"{step_loss:.4g}", refresh=False)
-            if iteration % tcfg["checkpoint_every"] == 0 and iteration < total_steps:
-                _checkpoint(
-                    ckpt_path,
-                    rank,
-                    model,
-                    optimizer,
-                    epoch,
-                    iteration,
-                    history,
-                    fp,
-                    epoch_losses,
-                )
-        # end of epoch: validate and log
-        entry = {
-            "train/loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
-            "lr": lr_now,
-            "epoch": epoch + 1,
-        }
-        if (epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == epochs:
-            scores = validate(model, val_set, device, amp_dtype, tcfg["channels_last"], rank, world)
-            entry.update(
-                {
-                    "val/mean_iou": scores["mean_iou"],
-                    "val/pixel_accuracy": scores["pixel_accuracy"],
-                }
+            readback_due = len(readback.pending) >= LOSS_READBACK_EVERY
+            if readback_due:
+                state.epoch_losses.extend(readback.flush())
+                bar.set_postfix(epoch=epoch + 1, loss=f"{state.epoch_losses[-1]:.4g}")
+            due = cadence.due_by_iteration(state.iteration) or (
+                (world == 1 or readback_due) and time_is_due()
             )
-        history.append(entry)
-        if live is not None:
-            for k, v in entry.items():
-                live.log_metric(k, v)
-            live.next_step()
-        if rank == 0 and progress:
+            if due and state.iteration < total_steps:
+                checkpoint()
+        del loader  # its workers end with the epoch
+        state.epoch_losses.extend(readback.flush())
+        entry = epoch_entry(epoch, state.epoch_losses, lr_now)
+        if (epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == epochs:
+            state.scores = validate(
+                model, val_set, device, amp_dtype, tcfg["channels_last"], rank, world
+            )
+            entry["val/mean_iou"] = state.scores["mean_iou"]
+            entry["val/pixel_accuracy"] = state.scores["pixel_accuracy"]
+        state.history.append(entry)
+        log_history(live, entry)
+        if progress:
             msg = ", ".join(f"{k}={v:.4g}" for k, v in entry.items() if k != "epoch")
-            bar.write(f"[train] {name} epoch {epoch + 1}/{epochs}: {msg}")
-        epoch_losses = []
-        _checkpoint(ckpt_path, rank, model, optimizer, epoch + 1, iteration, history, fp, [])
+            say(f"[train] {name} epoch {epoch + 1}/{epochs}: {msg}", flush=True)
+        state.epoch, state.epoch_losses = epoch + 1, []
+        checkpoint()
     bar.close()
 
     if rank == 0:
-        save_model(out_model, model, trained_iterations=iteration)
-        print(f"[train] {name}: {iteration} iterations in {time.time() - t0:.1f} s", flush=True)
-        finish_checkpoints(Path(checkpoint_dir), fp, iteration)
+        save_model(out_model, model, trained_iterations=state.iteration)
+        trained = state.iteration - start_iteration
+        say(
+            f"[train] {name}: {state.iteration} iterations ({trained} in this run) in "
+            f"{time.time() - t0:.1f} s",
+            flush=True,
+        )
         if live is not None:
             live.end()
-    if distributed:
-        dist.barrier()
-        dist.destroy_process_group()
-    return {"iterations": iteration, "history": history, "scores": scores}
-
-
-def finish_checkpoints(checkpoint_dir: Path, fp: str, iteration: int) -> None:
-    """After a successful run the resume state is spent: replace it by a small marker.
-
-    The checkpoint folder stays a (persist) DVC output, but a few bytes instead of a model plus
-    momentum buffers (1 GB at full width), so `dvc push`/`pull` carry no dead weight.
-    """
-    atomic_write_json(checkpoint_dir / COMPLETE_NAME, {"fingerprint": fp, "iterations": iteration})
-    with contextlib.suppress(FileNotFoundError):
-        (checkpoint_dir / CHECKPOINT_NAME).unlink()
-
-
-def _checkpoint(path, rank, model, optimizer, epoch, iteration, history, fp, epoch_losses):
-    if rank != 0:
-        return
-    save_checkpoint(
-        path,
-        {
-            "fingerprint": fp,
-            "model": model.state_dict(),
-            "optimizer": optimizer.state_dict(),
-            "epoch": epoch,
-            "iteration": iteration,
-            "history": history,
-            "epoch_losses": list(epoch_losses),
-            "rng": _rng_state(),
-        },
-    )
+        store.finish()
+    return {"iterations": state.iteration, "history": state.history, "scores": state.scores}

@@ -2,6 +2,10 @@
 
 With `train.nproc` > 1 the stage re-launches itself under torchrun (one process per GPU or CPU
 slot, DDP); DVC sees a single command either way.
+
+The process dies with its launcher (a killed `dvc` leaves no trainer behind, torchrun and its
+ranks included), and an interrupted run resumes from `.fcn-resume/<model>/` at the repository
+root (`pipeline.train.resume_root`), under `dvc repro`, `dvc exp run` and queued experiments.
 """
 
 from __future__ import annotations
@@ -23,8 +27,19 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", default="data/preprocessed", help="preprocessed shard root")
     ap.add_argument("--models", default="models", help="where model files are read and written")
     ap.add_argument("--vgg16", default="data/raw/vgg16/vgg16.pth", help="VGG16 weights (FCN-32s)")
+    ap.add_argument(
+        "--resume-dir",
+        default=None,
+        help="resume folder of this stage (default: <repo>/.fcn-resume/<model>, or "
+        "$FCN_RESUME_DIR/<model>)",
+    )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
+
+    from pipeline.train import StageBusyError, die_with_parent, resume_root, train
+
+    # before the torchrun relaunch: the setting survives execv, so torchrun dies with dvc too
+    die_with_parent()
 
     cfg = load_params(args.params)
     nproc = cfg["train"]["nproc"]
@@ -43,25 +58,27 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] launching {nproc} processes: {' '.join(cmd)}", flush=True)
         os.execv(sys.executable, cmd)
 
-    from pipeline.train import train
-
     models = Path(args.models)
     prev = PREVIOUS[args.model]
-    result = train(
-        args.model,
-        cfg,
-        train_dir=Path(args.data) / "train",
-        val_dir=Path(args.data) / "val",
-        out_model=models / f"{args.model}.pt",
-        checkpoint_dir=Path("checkpoints") / args.model,
-        live_dir=Path("dvclive") / args.model,
-        vgg16_path=Path(args.vgg16) if cfg["model"]["backbone_init"] == "vgg16" else None,
-        init_from=models / f"{prev}.pt" if prev else None,
-        progress=not args.no_progress,
-    )
+    try:
+        result = train(
+            args.model,
+            cfg,
+            train_dir=Path(args.data) / "train",
+            val_dir=Path(args.data) / "val",
+            out_model=models / f"{args.model}.pt",
+            resume_dir=Path(args.resume_dir) if args.resume_dir else resume_root() / args.model,
+            live_dir=Path("dvclive") / args.model,
+            vgg16_path=Path(args.vgg16) if cfg["model"]["backbone_init"] == "vgg16" else None,
+            init_from=models / f"{prev}.pt" if prev else None,
+            progress=not args.no_progress,
+        )
+    except StageBusyError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 3
     if int(os.environ.get("RANK", "0")) == 0:
         s = result["scores"]
-        if s:
+        if s.get("mean_iou") is not None:
             print(
                 f"[train] {args.model}: val mean IoU {s['mean_iou']:.4f}, "
                 f"pixel accuracy {s['pixel_accuracy']:.4f}",

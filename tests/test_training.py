@@ -1,4 +1,4 @@
-"""The training loop (pipeline.train, stages/train.py) on real VOC images: issue 6 acceptance.
+"""The training loop (pipeline.train, stages/train.py) on real VOC images.
 
 Everything trains for real on a handful of VOC 2012 images, shrunk to 64-96 px at width 1/16 or
 1/8: an overfit check, bit-exact resume after a SIGKILL, DDP == one process, accumulation == one
@@ -34,9 +34,13 @@ from pipeline.models.fcn import load_model
 from pipeline.shards import ShardWriter
 from pipeline.train import (
     CHECKPOINT_NAME,
+    ResumeState,
+    ResumeStore,
+    RunInputs,
     build_initial_model,
     load_checkpoint,
     make_optimizer,
+    rng_state,
     train,
 )
 from pipeline.transforms import eval_transform
@@ -130,7 +134,7 @@ def run_train(name: str, cfg: dict[str, Any], train_dir: Path, val_dir: Path, ou
         train_dir=train_dir,
         val_dir=val_dir,
         out_model=out / f"{name}.pt",
-        checkpoint_dir=out / "checkpoints" / name,
+        resume_dir=out / "resume" / name,
         live_dir=kw.pop("live_dir", None),
         progress=False,
         **kw,
@@ -257,7 +261,7 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path, worker
         workers=workers, checkpoint_every=3, fcn32s={"epochs": 3, "lr": 0.01}
     )  # 8 images / batch 2: 12 steps, checkpoints at 3, 4, 6, 8, 9, 12
     killed = make_repo(tmp_path / "killed", shards, **overrides)
-    ckpt = killed / "checkpoints" / "fcn32s" / CHECKPOINT_NAME
+    resume = killed / ".fcn-resume" / "fcn32s"  # the stage runs outside DVC: <cwd>/.fcn-resume
     proc = subprocess.Popen(
         [sys.executable, "-m", "stages.train", "fcn32s", "--no-progress"],
         cwd=killed,
@@ -267,7 +271,11 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path, worker
     )
     try:
         deadline = time.monotonic() + 240
-        while not ckpt.exists() and proc.poll() is None and time.monotonic() < deadline:
+        while (
+            not list(resume.glob(f"*/{CHECKPOINT_NAME}"))
+            and proc.poll() is None
+            and time.monotonic() < deadline
+        ):
             time.sleep(0.01)
         os.kill(proc.pid, signal.SIGKILL)
     finally:
@@ -275,11 +283,13 @@ def test_resume_after_sigkill_matches_uninterrupted_run(shards, tmp_path, worker
         proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the stage ended before it could be killed"
     assert not (killed / "models" / "fcn32s.pt").exists()
+    (ckpt,) = resume.glob(f"*/{CHECKPOINT_NAME}")
     at = torch.load(ckpt, weights_only=True)["iteration"]
     assert 3 <= at < 12
 
     log = run_stage(killed)
-    assert f"resuming from checkpoints/fcn32s/{CHECKPOINT_NAME} at iteration {at}" in log, log
+    assert f"resuming from {ckpt.resolve()} at iteration {at}" in log, log
+    assert not list(resume.glob(f"*/{CHECKPOINT_NAME}")), "a completed run keeps no resume state"
 
     clean = make_repo(tmp_path / "clean", shards, **overrides)
     assert "resuming" not in run_stage(clean)
@@ -468,63 +478,154 @@ class _Planted:
         return (Path.touch, (self.path,))
 
 
+def _store(cfg: dict[str, Any], shards: dict[str, Path], out: Path) -> ResumeStore:
+    """The resume store `run_train("fcn32s", cfg, shards["small"], shards["val"], out)` uses."""
+    inputs = RunInputs.of_stage(
+        "fcn32s", cfg, init_path=None, train_dir=shards["small"], val_dir=shards["val"]
+    )
+    return ResumeStore(out / "resume" / "fcn32s", inputs)
+
+
 def test_pickled_or_foreign_checkpoints_are_not_resumed(shards, tmp_path, capsys) -> None:
     cfg = base_cfg(fcn32s={"epochs": 1, "lr": 0.01})
     ref = run_train("fcn32s", cfg, shards["small"], shards["val"], tmp_path / "ref")
     assert ref["iterations"] == 4
-    # a finished run leaves only its fingerprint (complete.json); rebuild the resume state the
-    # loop writes at the end of its last epoch, from the real model and fingerprint
-    done = json.loads((tmp_path / "ref" / "checkpoints" / "fcn32s" / "complete.json").read_text())
+    store = _store(cfg, shards, tmp_path / "ref")
+    assert not store.slot.exists(), "a completed run keeps no resume state"
+    # the resume state the loop writes at the end of its last epoch, rebuilt from the real model
     model = load_model(tmp_path / "ref" / "fcn32s.pt")
-    state = {
-        "fingerprint": done["fingerprint"],
-        "model": model.state_dict(),
-        "optimizer": make_optimizer(model, 0.01, 0.9, 5e-4).state_dict(),
-        "epoch": 1,
-        "iteration": 4,
-        "history": ref["history"],
-        "epoch_losses": [],
-        "rng": {"torch": torch.get_rng_state()},
-    }
+    state = ResumeState(
+        fingerprint=store.fingerprint,
+        model=model.state_dict(),
+        optimizer=make_optimizer(model, 0.01, 0.9, 5e-4).state_dict(),
+        epoch=1,
+        iteration=4,
+        history=ref["history"],
+        epoch_losses=[],
+        scores=ref["scores"],
+        rng=[rng_state()],
+    )
     ref_ckpt = tmp_path / "genuine" / CHECKPOINT_NAME
     ref_ckpt.parent.mkdir()
-    torch.save(state, ref_ckpt)
-    assert load_checkpoint(ref_ckpt, state["fingerprint"]) is not None  # the genuine one loads
+    torch.save(state.to_dict(), ref_ckpt)
+    assert load_checkpoint(ref_ckpt, state.fingerprint) is not None  # the genuine one loads
     capsys.readouterr()
 
-    # (a) the finished run's checkpoint with a pickled object added: refused, never executed
-    evil_dir = tmp_path / "evil"
-    evil_ckpt = evil_dir / "checkpoints" / "fcn32s" / CHECKPOINT_NAME
-    evil_ckpt.parent.mkdir(parents=True)
+    # (a) that state with a pickled object added, where the run looks: refused, never executed
+    evil = _store(cfg, shards, tmp_path / "evil")
+    evil.checkpoint_path.parent.mkdir(parents=True)
     marker = tmp_path / "pickle-was-executed"
-    torch.save({**state, "extra": _Planted(marker)}, evil_ckpt)
+    torch.save({**state.to_dict(), "extra": _Planted(marker)}, evil.checkpoint_path)
     with pytest.raises(pickle.UnpicklingError):  # what a weights-only reader must hit
-        torch.load(evil_ckpt, weights_only=True)
-    assert load_checkpoint(evil_ckpt, state["fingerprint"]) is None
+        torch.load(evil.checkpoint_path, weights_only=True)
+    assert evil.load() is None
     assert "ignoring unreadable checkpoint" in capsys.readouterr().out
     assert not marker.exists()
     # train() starts fresh (had it resumed the finished state it would run 0 iterations)
-    again = run_train("fcn32s", cfg, shards["small"], shards["val"], evil_dir)
+    again = run_train("fcn32s", cfg, shards["small"], shards["val"], tmp_path / "evil")
     out = capsys.readouterr().out
     assert "ignoring unreadable checkpoint" in out and "random initialisation" in out, out
     assert "resuming" not in out and not marker.exists()
     assert again["iterations"] == 4
-    assert_same_weights(tmp_path / "ref" / "fcn32s.pt", evil_dir / "fcn32s.pt")
+    assert_same_weights(tmp_path / "ref" / "fcn32s.pt", tmp_path / "evil" / "fcn32s.pt")
 
-    # (b) a genuine checkpoint of other params (another lr): not resumed, the run starts over
+    # (b) a genuine resume state of other params (another lr): not resumed, the run starts
+    # over and names the key that differs; the other state is kept
     other = base_cfg(fcn32s={"epochs": 1, "lr": 0.02})
-    foreign_dir = tmp_path / "foreign"
-    (foreign_dir / "checkpoints" / "fcn32s").mkdir(parents=True)
-    shutil.copy(ref_ckpt, foreign_dir / "checkpoints" / "fcn32s" / CHECKPOINT_NAME)
-    assert load_checkpoint(foreign_dir / "checkpoints" / "fcn32s" / CHECKPOINT_NAME, "x") is None
-    capsys.readouterr()
-    result = run_train("fcn32s", other, shards["small"], shards["val"], foreign_dir)
+    foreign = _store(cfg, shards, tmp_path / "foreign")
+    foreign.save(state)
+    result = run_train("fcn32s", other, shards["small"], shards["val"], tmp_path / "foreign")
     out = capsys.readouterr().out
-    assert "belongs to other params/data; starting from scratch" in out, out
-    assert "resuming" not in out and result["iterations"] == 4
+    assert f"not resuming the interrupted run in {foreign.slot}" in out, out
+    assert "sample.train.fcn32s.lr: 0.01 -> 0.02" in out, out
+    assert "resuming from" not in out and result["iterations"] == 4
+    assert foreign.checkpoint_path.exists()
     fresh = run_train("fcn32s", other, shards["small"], shards["val"], tmp_path / "fresh")
     assert fresh["iterations"] == 4
-    assert_same_weights(foreign_dir / "fcn32s.pt", tmp_path / "fresh" / "fcn32s.pt")
+    assert_same_weights(tmp_path / "foreign" / "fcn32s.pt", tmp_path / "fresh" / "fcn32s.pt")
     # and it is not the reference run either (the lr change mattered)
-    sr, sf = state_dict(tmp_path / "ref" / "fcn32s.pt"), state_dict(foreign_dir / "fcn32s.pt")
+    sr, sf = (
+        state_dict(tmp_path / "ref" / "fcn32s.pt"),
+        state_dict(tmp_path / "foreign" / "fcn32s.pt"),
+    )
     assert not torch.equal(sr["score_fr.weight"], sf["score_fr.weight"])
+
+    # (c) back to lr 0.01: the kept state resumes with no epoch left, writes the model and
+    # reports the scores it saved, without training
+    back = run_train("fcn32s", cfg, shards["small"], shards["val"], tmp_path / "foreign")
+    out = capsys.readouterr().out
+    assert f"resuming from {foreign.checkpoint_path} at iteration 4" in out, out
+    assert "4 iterations (0 in this run)" in out, out
+    assert back["scores"] == ref["scores"] and back["history"] == ref["history"]
+    assert_same_weights(tmp_path / "ref" / "fcn32s.pt", tmp_path / "foreign" / "fcn32s.pt")
+    assert not foreign.slot.exists()
+
+
+# --- 7. the summed loss, fp16 scaling, NaN read-back ------------------------------------------
+
+
+def _grads(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_summed_loss_update_is_per_image_whatever_batch_accumulation_or_ranks() -> None:
+    """`loss: sum` follows the Caffe solver: the update is the per-image summed loss averaged
+    over the step's images, whether they come as one batch of 4, 4 accumulated micro-batches
+    of 1, or 2 ranks of 2 (DDP averages the ranks' gradients)."""
+    from pipeline.train import forward_backward, set_dropout, step_normaliser
+
+    torch.manual_seed(0)
+    model, _ = build_initial_model(
+        "fcn32s", width=0.0625, backbone_init="random", vgg16_path=None, init_from=None, seed=0
+    )
+    set_dropout(model, 0.0)  # the same network for every split of the batch
+    for p in model.parameters():  # score_fr starts at zero: make every layer pass gradient
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    model.double()  # float64: the gradients of the first layers are sums that cancel a lot
+    x = torch.randn(4, 3, 64, 64, dtype=torch.float64)
+    y = torch.randint(0, 21, (4, 64, 64))
+    y[:, :8] = 255  # some ignored pixels
+    cpu = torch.device("cpu")
+
+    def grads_of(chunks: list[tuple[torch.Tensor, torch.Tensor]], world: int = 1):
+        model.zero_grad(set_to_none=True)
+        norm = step_normaliser([t for _, t in chunks], "sum", world, cpu)
+        for xb, yb in chunks:
+            forward_backward(model, xb, yb, norm, cpu, None, False)
+        return _grads(model)
+
+    one_batch = grads_of([(x, y)])
+    accumulated = grads_of([(x[i : i + 1], y[i : i + 1]) for i in range(4)])
+    rank0, rank1 = grads_of([(x[:2], y[:2])], world=2), grads_of([(x[2:], y[2:])], world=2)
+    per_image = [grads_of([(x[i : i + 1], y[i : i + 1])]) for i in range(4)]
+    for k in one_batch:
+        expected = sum(g[k] for g in per_image) / 4
+        scale = float(expected.abs().max())
+        assert scale > 0, k  # every layer gets gradient: the comparison is not vacuous
+        for name, got in (
+            ("batch 4", one_batch[k]),
+            ("accumulate 4", accumulated[k]),
+            ("2 ranks", (rank0[k] + rank1[k]) / 2),
+        ):
+            err = float((got - expected).abs().max())
+            assert err <= 1e-4 * scale, (k, name, err, scale)
+
+
+def test_fp16_gets_loss_scaling_and_bf16_fp32_do_not() -> None:
+    from pipeline.device import grad_scaler
+
+    cpu = torch.device("cpu")
+    assert grad_scaler(cpu, torch.float16).is_enabled()
+    assert not grad_scaler(cpu, torch.bfloat16).is_enabled()
+    assert not grad_scaler(cpu, None).is_enabled()
+
+
+def test_a_non_finite_loss_is_caught_at_read_back_naming_its_iteration() -> None:
+    from pipeline.train import LOSS_READBACK_EVERY, LossReadback
+
+    readback = LossReadback("fcn32s", "sum", world=1)
+    for i in range(LOSS_READBACK_EVERY):
+        readback.add(torch.tensor(float("nan") if i == 7 else 1.0), 100 + i)
+    with pytest.raises(FloatingPointError, match="at iteration 107; lower train.fcn32s.lr"):
+        readback.flush()

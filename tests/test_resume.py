@@ -1,0 +1,452 @@
+"""Interrupted and repeated training runs cost nothing.
+
+- kill -9 under `dvc exp run`, then the same command: training resumes where it stopped and
+  ends with the weights and curves of an uninterrupted run;
+- params a -> b -> a under `dvc repro`: the third run is restored from the run-cache;
+- kill -9 of `dvc` alone: no trainer (nor loader worker) survives it;
+- edits that cannot change FCN-32s's result (another stage's lr, `workers`, the checkpoint
+  cadence) resume it, also from a queued experiment's temporary copy; its own lr starts over
+  and says why;
+- a run that stops between its last checkpoint and the model file finishes without training;
+- a second run of the same stage is refused, naming the process that holds it.
+
+The slow tests drive the real `dvc` and `git` CLIs in copies of the repository.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psutil
+import pytest
+import torch
+import yaml
+
+from pipeline.config import load_params
+from pipeline.shards import INDEX_NAME
+from pipeline.train import (
+    CheckpointCadence,
+    ResumeStore,
+    RunInputs,
+    StageBusyError,
+    declared_params,
+    exclusive_lock,
+    resume_root,
+)
+from tests.repo_utils import FAST_SAMPLE, REPO, copy_repo, env, run, set_params, stages_run
+
+# Deterministic on CPU (fp32, no loader workers) and small: FCN-32s trains 2 epochs of 4 steps
+# with a checkpoint every 2 steps, so a kill at the first checkpoint lands mid-epoch.
+PARAMS = {
+    **FAST_SAMPLE,
+    "sample.download.sample.voc_train": 8,
+    "sample.download.sample.voc_val": 4,
+    "sample.download.sample.coco_train": 4,
+    "sample.train.precision": "fp32",
+    "sample.evaluate.precision": "fp32",
+    "sample.train.checkpoint_every": 2,
+}
+MODELS = ("fcn32s", "fcn16s", "fcn8s")
+TIMEOUT_S = 300
+POLL_S = 0.02
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _checkpoints(repo: Path, name: str = "fcn32s") -> list[Path]:
+    return sorted((repo / ".fcn-resume" / name).glob("*/last.pt"))
+
+
+def _start(args: list[str], repo: Path, log: Path) -> subprocess.Popen:
+    """A dvc command in a session of its own (killpg reaches it and every stage process)."""
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            args, cwd=repo, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def _wait_for(proc: subprocess.Popen, log: Path, ready: Callable[[], Any], what: str) -> None:
+    deadline = time.monotonic() + TIMEOUT_S
+    while not ready():
+        if proc.poll() is not None:
+            pytest.fail(f"ended ({proc.returncode}) before {what}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()}")
+        time.sleep(POLL_S)
+
+
+def _kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the command and every process of its group: nobody cleans up."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while [p for p in psutil.process_iter(["status"]) if _in_group(p, proc.pid)]:
+        assert time.monotonic() < deadline, "processes survived SIGKILL"
+        time.sleep(POLL_S)
+
+
+def _in_group(p: psutil.Process, pgid: int) -> bool:
+    with contextlib.suppress(psutil.Error):
+        return os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE
+    return False
+
+
+def _iteration(ckpt: Path) -> int:
+    return torch.load(ckpt, map_location="cpu", weights_only=True)["iteration"]
+
+
+def _state_dict(path: Path) -> dict[str, torch.Tensor]:
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def _md5(path: Path) -> str:
+    return hashlib.md5(path.read_bytes()).hexdigest()
+
+
+def _curves(repo: Path, name: str) -> dict[str, list[list[str]]]:
+    """Every DVCLive curve of `name`, timestamps dropped (they differ run to run)."""
+    out = {}
+    for tsv in sorted((repo / "dvclive" / name / "plots").rglob("*.tsv")):
+        rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+        keep = [i for i, h in enumerate(rows[0]) if h != "timestamp"]
+        out[str(tsv.relative_to(repo))] = [[r[i] for i in keep] for r in rows]
+    return out
+
+
+def _clone(src: Path, dst: Path) -> Path:
+    shutil.copytree(src, dst, symlinks=True)
+    return dst
+
+
+@pytest.fixture(scope="module")
+def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A committed copy of the project with PARAMS and its data stages already run."""
+    repo = copy_repo(tmp_path_factory.mktemp("resume") / "prepared")
+    set_params(repo, PARAMS)
+    run(["dvc", "repro", "preprocess", "download_vgg16"], repo, timeout=TIMEOUT_S)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "small deterministic sample, data stages run"], repo)
+    return repo
+
+
+class Reference:
+    """An uninterrupted `dvc repro` of PARAMS, started in the background on first use."""
+
+    def __init__(self, repo: Path):
+        self.repo = repo
+        self.log = repo.parent / f"{repo.name}.log"
+        self.proc = _start(["dvc", "repro"], repo, self.log)
+
+    def done(self) -> Path:
+        rc = self.proc.wait(timeout=3 * TIMEOUT_S)
+        assert rc == 0, self.log.read_text()
+        return self.repo
+
+
+@pytest.fixture(scope="module")
+def reference(prepared: Path) -> Iterator[Reference]:
+    ref = Reference(_clone(prepared, prepared.parent / "reference"))
+    yield ref
+    if ref.proc.poll() is None:
+        _kill_group(ref.proc)
+
+
+# --- the acceptance runs (real dvc/git) --------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_kill_9_under_exp_run_then_the_same_exp_run_resumes(prepared, reference, tmp_path):
+    repo = _clone(prepared, tmp_path / "killed")
+    log = tmp_path / "killed.log"
+    proc = _start(["dvc", "exp", "run", "train_fcn32s"], repo, log)
+    try:
+        _wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
+    finally:
+        _kill_group(proc)
+    assert not (repo / "models" / "fcn32s.pt").exists()
+    (ckpt,) = _checkpoints(repo)
+    at = _iteration(ckpt)
+    assert 0 < at < 8
+
+    out = run(["dvc", "exp", "run", "train_fcn32s"], repo, timeout=TIMEOUT_S).stdout
+    assert f"[train] fcn32s: resuming from {ckpt} at iteration {at}" in out, out
+    assert not _checkpoints(repo), "a completed run keeps no resume state"
+
+    ref = reference.done()
+    ours = _state_dict(repo / "models" / "fcn32s.pt")
+    theirs = _state_dict(ref / "models" / "fcn32s.pt")
+    assert ours.keys() == theirs.keys()
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "weights differ"
+    curves = _curves(repo, "fcn32s")
+    assert curves == _curves(ref, "fcn32s")
+    for path, rows in curves.items():  # one row per epoch, none twice
+        steps = [r[0] for r in rows[1:]]
+        assert len(steps) == len(set(steps)) == 2, (path, rows)
+
+
+@pytest.mark.slow
+def test_params_a_b_a_restores_every_train_stage_from_the_run_cache(reference, tmp_path):
+    repo = _clone(reference.done(), tmp_path / "aba")
+    first = {name: _md5(repo / "models" / f"{name}.pt") for name in MODELS}
+    crop = load_params(repo / "params.yaml")["train"]["crop_size"]
+    set_params(repo, {"sample.train.crop_size": 32})  # declared by all three; a quick b
+    out = run(["dvc", "repro"], repo, timeout=3 * TIMEOUT_S).stdout
+    assert stages_run(out) == [f"train_{m}" for m in MODELS] + ["evaluate"], out
+
+    set_params(repo, {"sample.train.crop_size": crop})
+    out = run(["dvc", "repro"], repo, timeout=TIMEOUT_S).stdout
+    for stage in [f"train_{m}" for m in MODELS] + ["evaluate"]:
+        assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
+    assert stages_run(out) == [], out
+    assert {name: _md5(repo / "models" / f"{name}.pt") for name in MODELS} == first
+
+
+@pytest.mark.slow
+def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, tmp_path):
+    repo = _clone(prepared, tmp_path / "orphan")
+    set_params(repo, {"sample.train.workers": 1})  # a loader worker too
+    log = tmp_path / "orphan.log"
+    proc = _start(["dvc", "repro", "train_fcn32s"], repo, log)
+    try:
+        _wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
+        tree = psutil.Process(proc.pid).children(recursive=True)
+        trainers = [p for p in tree if "stages.train" in " ".join(p.cmdline())]
+        assert trainers, [p.cmdline() for p in tree]
+        os.kill(proc.pid, signal.SIGKILL)  # dvc only, not its group
+        proc.wait(timeout=30)
+        _, alive = psutil.wait_procs(tree, timeout=30)
+        assert not alive, f"outlived dvc: {[(p.pid, p.cmdline()) for p in alive]}"
+    finally:
+        _kill_group(proc)
+    (ckpt,) = _checkpoints(repo)
+    at = _iteration(ckpt)
+    out = run(["dvc", "repro", "train_fcn32s"], repo, timeout=TIMEOUT_S).stdout
+    assert f"resuming from {ckpt} at iteration {at}" in out, out
+    assert (repo / "models" / "fcn32s.pt").is_file() and not _checkpoints(repo)
+
+
+@pytest.mark.slow
+def test_only_fcn32s_own_inputs_decide_whether_it_resumes(prepared, tmp_path):
+    repo = _clone(prepared, tmp_path / "edits")
+    log = tmp_path / "edits.log"
+    proc = _start(["dvc", "repro", "train_fcn32s"], repo, log)
+    try:
+        _wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
+    finally:
+        _kill_group(proc)
+    (ckpt,) = _checkpoints(repo)
+    at = _iteration(ckpt)
+    lr = load_params(repo / "params.yaml")["train"]["fcn32s"]["lr"]
+
+    # its own lr: starts over, says which key changed, keeps the interrupted state
+    out = run(
+        ["dvc", "exp", "run", "train_fcn32s", "-S", f"sample.train.fcn32s.lr={lr * 2}"], repo
+    ).stdout
+    assert f"not resuming the interrupted run in {ckpt.parent}" in out, out
+    assert f"sample.train.fcn32s.lr: {lr} -> {lr * 2}" in out, out
+    assert "resuming from" not in out and ckpt.exists()
+
+    # another stage's lr, the loader workers and the checkpoint cadence, in a queued
+    # experiment (a temporary copy under .dvc/tmp/exps): resumes the interrupted run
+    edits = {
+        "sample.train.fcn32s.lr": lr,
+        "sample.train.fcn8s.lr": lr * 3,
+        "sample.train.workers": 1,
+        "sample.train.checkpoint_every": 3,
+        "sample.train.checkpoint_minutes": 5,
+    }
+    sets = [a for k, v in edits.items() for a in ("-S", f"{k}={v}")]
+    run(["dvc", "exp", "run", "--queue", "train_fcn32s", *sets], repo)
+    out = run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], repo, timeout=TIMEOUT_S).stdout
+    assert f"[train] fcn32s: resuming from {ckpt} at iteration {at}" in out, out
+    assert not ckpt.exists()
+
+
+# --- the stage command itself ------------------------------------------------------------------
+
+
+def _stage(repo: Path, name: str = "fcn32s") -> subprocess.CompletedProcess:
+    e = env()
+    e.pop("DVC_ROOT", None)
+    e.pop("FCN_RESUME_DIR", None)
+    return subprocess.run(
+        [sys.executable, "-m", "stages.train", name, "--no-progress"],
+        cwd=repo,
+        env=e,
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+    )
+
+
+@pytest.mark.slow
+def test_stop_between_last_checkpoint_and_model_file_finishes_without_training(
+    prepared, reference, tmp_path
+):
+    """The run dies after its last end-of-epoch checkpoint, before the model file exists
+    (here: the model path is a directory, so the write fails at exactly that point)."""
+    repo = _clone(prepared, tmp_path / "edge")
+    blocker = repo / "models" / "fcn32s.pt"
+    blocker.mkdir(parents=True)
+    (blocker / "keep").touch()
+    first = _stage(repo)
+    assert first.returncode != 0, first.stdout
+    (ckpt,) = _checkpoints(repo)
+    state = torch.load(ckpt, map_location="cpu", weights_only=True)
+    assert state["epoch"] == 2, state["epoch"]  # both epochs done
+    done = state["iteration"]
+
+    shutil.rmtree(blocker)
+    again = _stage(repo)
+    out = again.stdout + again.stderr
+    assert again.returncode == 0, out
+    assert f"resuming from {ckpt} at iteration {done}" in out, out
+    assert f"{done} iterations (0 in this run)" in out and "epoch 1/2" not in out, out
+    assert "val mean IoU" in out, out  # the saved scores, no KeyError
+    assert not _checkpoints(repo)
+    ref = reference.done()
+    ours, theirs = (
+        _state_dict(repo / "models" / "fcn32s.pt"),
+        _state_dict(ref / "models" / "fcn32s.pt"),
+    )
+    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
+    assert _curves(repo, "fcn32s") == _curves(ref, "fcn32s")
+
+
+@pytest.mark.slow
+def test_a_second_run_of_the_same_stage_is_refused_naming_the_holder(prepared, tmp_path):
+    repo = _clone(prepared, tmp_path / "busy")
+    cfg = load_params(repo / "params.yaml")
+    data = repo / "data" / "preprocessed"
+    inputs = RunInputs.of_stage(
+        "fcn32s",
+        cfg,
+        init_path=repo / "data" / "raw" / "vgg16" / "vgg16.pth",
+        train_dir=data / "train",
+        val_dir=data / "val",
+        dvc_yaml=repo / "dvc.yaml",
+    )
+    store = ResumeStore(repo.resolve() / ".fcn-resume" / "fcn32s", inputs)
+    with store.lock():  # this test process is "the first run"
+        p = _stage(repo)
+    assert p.returncode == 3, p.stdout + p.stderr
+    assert f"train_fcn32s is already running in process {os.getpid()}" in p.stderr, p.stderr
+    assert not (repo / "models" / "fcn32s.pt").exists() and not _checkpoints(repo)
+
+
+# --- the parts, without dvc ------------------------------------------------------------------
+
+
+def test_resume_root_is_the_main_repository_even_from_a_queued_copy(tmp_path):
+    main = tmp_path / "repo"
+    queued = main / ".dvc" / "tmp" / "exps" / "tmpab12cd"
+    queued.mkdir(parents=True)
+    assert resume_root(main, {}) == main.resolve() / ".fcn-resume"
+    assert resume_root(queued, {}) == main.resolve() / ".fcn-resume"
+    # what DVC sets for stage commands, the queue's included: the main repository
+    assert resume_root(queued, {"DVC_ROOT": str(main)}) == main.resolve() / ".fcn-resume"
+    other = tmp_path / "big-disk"
+    assert resume_root(queued, {"FCN_RESUME_DIR": str(other)}) == other.resolve()
+
+
+def _inputs(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> RunInputs:
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    if edit is not None:
+        edit(params)
+    path = tmp_path / "params.yaml"
+    path.write_text(yaml.safe_dump(params))
+    for split in ("train", "val"):
+        index = tmp_path / split / INDEX_NAME
+        if not index.exists():
+            index.parent.mkdir()
+            index.write_text(json.dumps({"split": split}))
+    return RunInputs.of_stage(
+        "fcn32s",
+        load_params(path),
+        init_path=None,
+        train_dir=tmp_path / "train",
+        val_dir=tmp_path / "val",
+    )
+
+
+def test_fingerprint_is_the_stage_declared_params_plus_init_and_data(tmp_path):
+    keys = declared_params("train_fcn32s")
+    assert "${profile}.train.fcn32s" in keys and "${profile}.train.workers" not in keys
+    base = _inputs(tmp_path)
+    assert (
+        base.params["sample.train.fcn32s.lr"] == 0.01 and "sample.train.fcn8s.lr" not in base.params
+    )
+
+    def same(edit: Callable[[dict[str, Any]], None]) -> bool:
+        return _inputs(tmp_path, edit).fingerprint() == base.fingerprint()
+
+    t = "train"
+    assert same(lambda p: p["sample"][t]["fcn8s"].update(lr=0.5))
+    assert same(lambda p: p["sample"][t].update(workers=7))
+    assert same(lambda p: p["sample"][t].update(checkpoint_every=3, checkpoint_minutes=0.5))
+    assert same(lambda p: p["full"][t]["fcn32s"].update(lr=1.0))  # the other profile
+    assert not same(lambda p: p["sample"]["model"].update(width=0.25))
+    changed = _inputs(tmp_path, lambda p: p["sample"][t]["fcn32s"].update(lr=0.02))
+    assert changed.differences(base) == ["sample.train.fcn32s.lr: 0.01 -> 0.02"]
+    (tmp_path / "train" / INDEX_NAME).write_text("{}")  # other data
+    assert _inputs(tmp_path).differences(base) == [
+        "the train data (data/preprocessed/train changed)"
+    ]
+
+
+def test_checkpoint_cadence_counts_iterations_and_wall_time():
+    now = [0.0]
+    cadence = CheckpointCadence(50, 10.0, clock=lambda: now[0])
+    assert cadence.due_by_iteration(50) and not cadence.due_by_iteration(49)
+    now[0] = 599.0
+    assert not cadence.due_by_time()
+    now[0] = 600.0
+    assert cadence.due_by_time()
+    cadence.saved()
+    assert not cadence.due_by_time()
+    assert not CheckpointCadence(50, None, clock=lambda: 1e9).due_by_time()
+
+
+def test_lock_names_its_holder_and_frees_when_it_dies(tmp_path):
+    lock = tmp_path / "fcn32s.lock"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time; from pathlib import Path; from pipeline.train import exclusive_lock\n"
+            "with exclusive_lock(Path(sys.argv[1]), 'x'):\n"
+            "    print('held', flush=True); time.sleep(600)",
+            str(lock),
+        ],
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with (
+            pytest.raises(
+                StageBusyError, match=f"train_fcn32s is already running in process {holder.pid}"
+            ),
+            exclusive_lock(lock, "train_fcn32s"),
+        ):
+            pass
+    finally:
+        holder.kill()
+        holder.wait()
+    with exclusive_lock(lock, "train_fcn32s"):  # SIGKILL released it
+        assert lock.read_text().strip() == str(os.getpid())
