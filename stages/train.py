@@ -16,6 +16,7 @@ import sys
 from pathlib import Path
 
 from pipeline.config import MODEL_NAMES, load_params
+from pipeline.inputs import MissingInputsError, require_inputs
 
 PREVIOUS = {"fcn32s": None, "fcn16s": "fcn32s", "fcn8s": "fcn16s"}
 
@@ -42,6 +43,23 @@ def main(argv: list[str] | None = None) -> int:
     die_with_parent()
 
     cfg = load_params(args.params)
+    models = Path(args.models)
+    prev = PREVIOUS[args.model]
+    # fail in a second with the DVC stage to run, not with a traceback after the relaunch
+    inputs = {
+        Path(args.data) / "train" / "index.json": ("preprocess", "training shards"),
+        Path(args.data) / "val" / "index.json": ("preprocess", "val shards"),
+    }
+    if prev:
+        inputs[models / f"{prev}.pt"] = (f"train_{prev}", "model file")
+    elif cfg["model"]["backbone_init"] == "vgg16":
+        inputs[Path(args.vgg16)] = ("download_vgg16", "VGG16 weights")
+    try:
+        require_inputs(inputs)
+    except MissingInputsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
     nproc = cfg["train"]["nproc"]
     if nproc > 1 and "LOCAL_RANK" not in os.environ:
         # Re-launch under torchrun: one DDP process per slot, same arguments.
@@ -58,8 +76,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"[train] launching {nproc} processes: {' '.join(cmd)}", flush=True)
         os.execv(sys.executable, cmd)
 
-    models = Path(args.models)
-    prev = PREVIOUS[args.model]
     try:
         result = train(
             args.model,
