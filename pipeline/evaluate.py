@@ -319,10 +319,10 @@ def summary_markdown(
     `val_set` names what was scored honestly (the sample's generated split is not VOC).
     """
     pixels = next(iter(results.values()))["num_pixels"] if results else 0
-    cascade = " < ".join(f"{display_name(n)} {_pct(s['mean_iou'])}" for n, s in results.items())
+    cascade = " -> ".join(f"{display_name(n)} {_pct(s['mean_iou'])}" for n, s in results.items())
     return (
         f"# FCN-32s, FCN-16s, FCN-8s on {val_set}\n\n"
-        f"{num_images} val images of {val_set} at original resolution, {pixels:,} labelled "
+        f"{num_images} images at original resolution, {pixels:,} labelled "
         f"pixels (255 ignored){'; ' + setting if setting else ''}. Metrics as in Long et al., "
         "Table 2, in %.\n\n"
         + summary_table(results)

@@ -191,7 +191,8 @@ def pretrain_vgg16(
     and poly lr decay on `train_per_class` x 21 crops, random horizontal flips, fp32, then folds
     the batch norms away (`fold_batchnorm`). Same seed, same machine: the same weights.
     Returns the state dict (torchvision `vgg16` keys, CPU float32) and a report: held-out and
-    train top-1 accuracy (0..1) of the folded net, chance level, crop counts, epochs.
+    train top-1 accuracy (0..1) of the folded net, chance level, mean cross-entropy of the
+    first and last epoch, crop counts, epochs.
     """
     from tqdm import tqdm
 
@@ -208,8 +209,10 @@ def pretrain_vgg16(
     gen = torch.Generator().manual_seed(seed)
     bar = tqdm(total=total, desc="pretrain vgg16", unit="it", disable=not progress)
     step = 0
+    epoch_losses: list[float] = []
     model.train()
     for _ in range(epochs):
+        losses = []
         order = torch.randperm(n_train, generator=gen)
         flips = torch.rand(n_train, generator=gen) < 0.5
         for i in range(0, n_train, batch_size):
@@ -222,9 +225,11 @@ def pretrain_vgg16(
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
+            losses.append(loss.item())
             step += 1
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        epoch_losses.append(sum(losses) / len(losses))
     bar.close()
 
     model.eval()
@@ -237,6 +242,8 @@ def pretrain_vgg16(
         "train_crops": n_train,
         "val_crops": len(val_y),
         "epochs": epochs,
+        "train_loss_first_epoch": round(epoch_losses[0], 4),
+        "train_loss_last_epoch": round(epoch_losses[-1], 4),
         "train_top1": round(classification_accuracy(plain, train_x, train_y), 4),
         "val_top1": round(classification_accuracy(plain, val_x, val_y), 4),
         "chance_top1": round(1.0 / NUM_CLASSES, 4),

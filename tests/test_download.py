@@ -303,7 +303,8 @@ STAGE = Path(__file__).resolve().parents[1] / "stages" / "download.py"
 def _full_params(repo_root: Path, workdir: Path, **sources: dict) -> Path:
     params = yaml.safe_load((repo_root / "params.yaml").read_text())
     params["profile"] = "full"
-    params["full"]["download"].update(sources)
+    for key, source in sources.items():  # keep the keys a test does not set (e.g. pretrain)
+        params["full"]["download"][key].update(source)
     params["full"]["download"]["retries"] = 1
     path = workdir / "params.yaml"
     path.write_text(yaml.safe_dump(params))
