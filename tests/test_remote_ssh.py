@@ -96,6 +96,12 @@ def test_push_then_pull_in_a_clone(sshd: SSHServer, tmp_path: Path) -> None:
     clone = tmp_path / "clone"
     run(["git", "clone", "-q", str(repo), str(clone)], tmp_path, sshd)
     assert not (clone / "weights.bin").exists()
+    # the README's advice: a credential goes to the git-ignored local config, never to git
+    run(
+        ["dvc", "remote", "modify", "--local", "storage", "keyfile", str(sshd.keyfile)], clone, sshd
+    )
+    assert str(sshd.keyfile) in (clone / ".dvc" / "config.local").read_text()
+    assert run(["git", "status", "--porcelain"], clone, sshd).stdout.strip() == ""
     run(["dvc", "pull"], clone, sshd)
     got = {"weights.bin": (clone / "weights.bin").read_bytes()} | {
         f"shards/{k}": v for k, v in _files(clone / "shards").items()
