@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import io
+import json
 import os
 import socket
 import subprocess
@@ -400,10 +401,15 @@ def test_stage_reports_failures_with_the_params_key(tmp_path, repo_root):
 @pytest.mark.slow
 def test_stage_generates_the_offline_sample(tmp_path, repo_root):
     """`generate_sample: true` (the sample profile): archives in the real layout, no network."""
-    (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    params = yaml.safe_load((repo_root / "params.yaml").read_text())
+    # the backbone's pretraining, shortened: this test is about the stage and its outputs
+    params["sample"]["download"]["vgg16"]["pretrain"].update(
+        train_per_class=2, val_per_class=1, epochs=1
+    )
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for target in ("voc", "coco", "vgg16"):
         proc = _stage(tmp_path, target)
-        _, err = proc.communicate(timeout=120)
+        _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     raw = tmp_path / "data" / "raw"
     from pipeline.archives import ZipReader, iter_tar_files
@@ -416,3 +422,5 @@ def test_stage_generates_the_offline_sample(tmp_path, repo_root):
 
     state = torch.load(raw / "vgg16" / "vgg16.pth", weights_only=True)
     assert "features.0.weight" in state and "classifier.6.weight" in state
+    report = json.loads((tmp_path / "metrics" / "vgg16.json").read_text())
+    assert report["train_crops"] == 2 * 21 and 0.0 <= report["val_top1"] <= 1.0
