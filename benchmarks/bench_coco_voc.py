@@ -58,12 +58,15 @@ from pipeline.coco_voc import (  # noqa: E402
     _union_rle,
     plan_split,
 )
+from pipeline.sample import COCO_CATEGORIES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN2017_IMAGES = 118287
 ANNS_PER_IMAGE = 860001 / TRAIN2017_IMAGES
 # the 80 COCO 2017 category ids (1..90 without the 10 unused ones)
-COCO_IDS = [i for i in range(1, 91) if i not in (12, 26, 29, 30, 45, 66, 68, 69, 71, 83)]
+# the real 80 COCO 2017 categories (ids 1..90 with gaps, COCO's names): the stage checks the
+# names of the ids it maps
+COCO_IDS = [c["id"] for c in COCO_CATEGORIES]
 
 
 # --- 1. synthetic train2017 -------------------------------------------------------------------
@@ -159,7 +162,7 @@ def generate(workdir: Path, n_images: int, seed: int, keep_first: int) -> tuple[
                 n_anns += 1
                 if i < keep_first:
                     small["annotations"].append(ann)
-        cats = [{"supercategory": "x", "id": c, "name": f"cat{c}"} for c in COCO_IDS]
+        cats = [dict(c) for c in COCO_CATEGORIES]
         small["categories"] = cats
         f.write('], "categories": ' + json.dumps(cats) + "}")
     json_mb = json_path.stat().st_size / 1e6
