@@ -23,6 +23,17 @@ from pipeline.transforms import normalize
 
 WIDTH = 1 / 16
 FP32_EPS = torch.finfo(torch.float32).eps
+# a short pretraining: few crops and epochs, enough to learn, cheap enough for the suite
+SHORT_RUN = {
+    "width": WIDTH,
+    "seed": 3,
+    "train_per_class": 16,
+    "val_per_class": 4,
+    "epochs": 5,
+    "batch_size": 16,
+    "lr": 0.002,
+    "progress": False,
+}
 
 
 def fp32_dot_bound(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
@@ -41,16 +52,7 @@ def fp32_dot_bound(w: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
 def trained_classifier() -> tuple[dict[str, torch.Tensor], dict]:
     """A short pretraining run: few crops, enough to classify well above chance."""
     torch.manual_seed(0)
-    return pretrain_vgg16(
-        width=WIDTH,
-        seed=3,
-        train_per_class=16,
-        val_per_class=4,
-        epochs=5,
-        batch_size=16,
-        lr=0.002,
-        progress=False,
-    )
+    return pretrain_vgg16(**SHORT_RUN)
 
 
 def test_state_dict_has_torchvision_vgg16_layout() -> None:
@@ -97,16 +99,7 @@ def test_pretraining_learns_and_is_deterministic(trained_classifier) -> None:
     # a short run: it must learn (the loss falls well below its start, which is ln 21 = 3.04
     # for an untrained net), not reach an ImageNet-like accuracy
     assert report["train_loss_last_epoch"] <= 0.9 * report["train_loss_first_epoch"], report
-    again, _ = pretrain_vgg16(
-        width=WIDTH,
-        seed=3,
-        train_per_class=16,
-        val_per_class=4,
-        epochs=5,
-        batch_size=16,
-        lr=0.002,
-        progress=False,
-    )
+    again, _ = pretrain_vgg16(**SHORT_RUN)
     assert all(torch.equal(state[k], again[k]) for k in state)
 
 
