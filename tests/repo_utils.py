@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -121,3 +124,29 @@ def stages_run(output: str) -> list[str]:
         if line.startswith("Running stage '"):
             ran.append(line.split("'")[1])
     return ran
+
+
+def wait_for(
+    proc: subprocess.Popen,
+    log: Path,
+    ready: Callable[[], Any],
+    what: str,
+    timeout_s: float = 300.0,
+    poll_s: float = 0.02,
+) -> None:
+    """Poll `ready()` until it is true while `proc` (started in a session of its own) runs.
+
+    Fails the test with `proc`'s log if it ends before `what` happens, or after `timeout_s`
+    seconds, killing its whole process group then.
+    """
+    import pytest
+
+    deadline = time.monotonic() + timeout_s
+    while not ready():
+        if proc.poll() is not None:
+            cmd = " ".join(map(str, proc.args))
+            pytest.fail(f"{cmd} ended ({proc.returncode}) before {what}:\n{log.read_text()}")
+        if time.monotonic() > deadline:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()}")
+        time.sleep(poll_s)

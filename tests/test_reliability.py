@@ -30,7 +30,16 @@ import yaml
 from pipeline.atomic import atomic_write_bytes
 from pipeline.shards import ShardReader, ShardWriter
 from pipeline.train import build_initial_model, load_checkpoint, save_checkpoint
-from tests.repo_utils import FAST_SAMPLE, REPO, copy_repo, env, run, set_params, stages_run
+from tests.repo_utils import (
+    FAST_SAMPLE,
+    REPO,
+    copy_repo,
+    env,
+    run,
+    set_params,
+    stages_run,
+    wait_for,
+)
 
 # --- kill -9 during `dvc repro` ------------------------------------------------------------------
 
@@ -65,17 +74,6 @@ def _start_repro(repo: Path, log: Path, started: list[subprocess.Popen]) -> subp
         )
     started.append(proc)
     return proc
-
-
-def _wait_for(proc: subprocess.Popen, log: Path, ready: Callable[[], bool], what: str) -> None:
-    deadline = time.monotonic() + STAGE_TIMEOUT_S
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"dvc repro ended ({proc.returncode}) before {what}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()}")
-        time.sleep(POLL_S)
 
 
 def _live_members(pgid: int) -> list[int]:
@@ -199,7 +197,7 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
 
     # 1. mid-conversion: the COCO->VOC stage is writing its shard directory
     proc = _start_repro(repo, log := logs / "1.log", started)
-    _wait_for(proc, log, _new_temporary(data, "coco_voc", set()), "coco_to_voc writes")
+    wait_for(proc, log, _new_temporary(data, "coco_voc", set()), "coco_to_voc writes")
     _kill_9(proc)
     assert not (data / "coco_voc").exists()
     changed = _changed_stages(repo)
@@ -209,7 +207,7 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     # 2. mid-shard-write: preprocess is writing data/preprocessed (coco_to_voc reruns first)
     before = set(data.glob(".preprocessed.*.tmp"))
     proc = _start_repro(repo, log := logs / "2.log", started)
-    _wait_for(proc, log, _new_temporary(data, "preprocessed", before), "preprocess writes")
+    wait_for(proc, log, _new_temporary(data, "preprocessed", before), "preprocess writes")
     _kill_9(proc)
     assert stages_run(log.read_text()) == ["coco_to_voc", "preprocess"], log.read_text()
     assert not list(data.glob(".coco_voc.*.tmp")), "coco_to_voc left the killed run's temporary"
@@ -220,7 +218,7 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     # 3. mid-training: right after FCN-32s saved its first checkpoint (iteration 2 of 8)
     resume = repo / ".fcn-resume" / "fcn32s"
     proc = _start_repro(repo, log := logs / "3.log", started)
-    _wait_for(proc, log, lambda: bool(list(resume.glob("*/last.pt"))), "the first checkpoint")
+    wait_for(proc, log, lambda: bool(list(resume.glob("*/last.pt"))), "the first checkpoint")
     _kill_9(proc)
     (ckpt,) = resume.glob("*/last.pt")
     assert stages_run(log.read_text()) == ["preprocess", "train_fcn32s"], log.read_text()
@@ -232,7 +230,7 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     first_metrics = repo / "metrics" / "fcn32s.json"  # may be committed: wait for a new one
     old = _identity(first_metrics)
     proc = _start_repro(repo, log := logs / "4.log", started)
-    _wait_for(proc, log, lambda: _identity(first_metrics) not in (None, old), "new metrics")
+    wait_for(proc, log, lambda: _identity(first_metrics) not in (None, old), "new metrics")
     _kill_9(proc)
     out = log.read_text()
     assert f"[train] fcn32s: resuming from {ckpt} at iteration" in out, out

@@ -44,7 +44,16 @@ from pipeline.train import (
     exclusive_lock,
     resume_root,
 )
-from tests.repo_utils import FAST_SAMPLE, REPO, copy_repo, env, run, set_params, stages_run
+from tests.repo_utils import (
+    FAST_SAMPLE,
+    REPO,
+    copy_repo,
+    env,
+    run,
+    set_params,
+    stages_run,
+    wait_for,
+)
 
 # Deterministic on CPU (fp32, no loader workers) and small: FCN-32s trains 2 epochs of 4 steps
 # with a checkpoint every 2 steps, so a kill at the first checkpoint lands mid-epoch.
@@ -75,17 +84,6 @@ def _start(args: list[str], repo: Path, log: Path) -> subprocess.Popen:
         return subprocess.Popen(
             args, cwd=repo, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
-
-
-def _wait_for(proc: subprocess.Popen, log: Path, ready: Callable[[], Any], what: str) -> None:
-    deadline = time.monotonic() + TIMEOUT_S
-    while not ready():
-        if proc.poll() is not None:
-            pytest.fail(f"ended ({proc.returncode}) before {what}:\n{log.read_text()}")
-        if time.monotonic() > deadline:
-            os.killpg(proc.pid, signal.SIGKILL)
-            pytest.fail(f"timed out waiting for {what}:\n{log.read_text()}")
-        time.sleep(POLL_S)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -174,7 +172,7 @@ def test_kill_9_under_exp_run_then_the_same_exp_run_resumes(prepared, reference,
     log = tmp_path / "killed.log"
     proc = _start(["dvc", "exp", "run", "train_fcn32s"], repo, log)
     try:
-        _wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
+        wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
     finally:
         _kill_group(proc)
     assert not (repo / "models" / "fcn32s.pt").exists()
@@ -222,7 +220,7 @@ def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, t
     log = tmp_path / "orphan.log"
     proc = _start(["dvc", "repro", "train_fcn32s"], repo, log)
     try:
-        _wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
+        wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
         tree = psutil.Process(proc.pid).children(recursive=True)
         trainers = [p for p in tree if "stages.train" in " ".join(p.cmdline())]
         assert trainers, [p.cmdline() for p in tree]
@@ -245,7 +243,7 @@ def test_only_fcn32s_own_inputs_decide_whether_it_resumes(prepared, tmp_path):
     log = tmp_path / "edits.log"
     proc = _start(["dvc", "repro", "train_fcn32s"], repo, log)
     try:
-        _wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
+        wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
     finally:
         _kill_group(proc)
     (ckpt,) = _checkpoints(repo)
