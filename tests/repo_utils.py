@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -134,7 +135,10 @@ def wait_for(
     timeout_s: float = 300.0,
     poll_s: float = 0.02,
 ) -> None:
-    """Poll `ready()` until it is true while `proc` (started in a session of its own) runs.
+    """Poll `ready()` until it is true while `proc` (started in a session of its own) runs, then
+    freeze its whole process group (SIGSTOP) so that the state the test saw is the state it
+    kills: a small run can otherwise finish, and remove its checkpoint, between the poll and the
+    kill. SIGKILL (and PR_SET_PDEATHSIG's SIGKILL) still ends stopped processes.
 
     Fails the test with `proc`'s log if it ends before `what` happens, or after `timeout_s`
     seconds, killing its whole process group then.
@@ -142,7 +146,14 @@ def wait_for(
     import pytest
 
     deadline = time.monotonic() + timeout_s
-    while not ready():
+    while True:
+        if ready():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGSTOP)
+            if ready():  # still true once frozen: not a state it was leaving
+                return
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGCONT)
         if proc.poll() is not None:
             cmd = " ".join(map(str, proc.args))
             pytest.fail(f"{cmd} ended ({proc.returncode}) before {what}:\n{log.read_text()}")
