@@ -4,10 +4,15 @@ Each model runs on every val image at its original size (batch 1 unless consecut
 share a size), one confusion matrix is accumulated over the whole set on the model's device,
 and the four metrics come from it (pipeline.metrics). Outputs, all written atomically:
 
-    metrics/<model>.json                 DVC metrics: the four metrics + per-class IoU
-    plots/<model>/per_class_iou.csv      class,iou (one row per class; `dvc plots` bar chart)
+    metrics/<model>.json                 DVC metrics: the four metrics, mean Dice (F1), and
+                                         IoU and Dice per class
+    plots/<model>/per_class_iou.csv      class,iou,dice (one row per class; a bar chart)
+    plots/<model>/confusion.csv          actual,predicted,count: all C x C cells, for the
+                                         `confusion_counts` template (`dvc plots diff`)
     plots/<model>/confusion.png          row-normalised confusion matrix
+    plots/<model>/per_image.csv          image,labelled_pixels,pixel_accuracy,mean_iou
     plots/<model>/qualitative.png        image | ground truth | prediction, first val keys
+    plots/<model>/worst.png, best.png    the same for the lowest and highest per-image mean IU
     reports/summary.md                   FCN-32s vs 16s vs 8s in %, like the paper's Table 2
 """
 
@@ -45,6 +50,9 @@ METRIC_COLUMNS = (  # (key, the paper's column name)
     ("mean_iou", "mean IU"),
     ("fw_iou", "f.w. IU"),
 )
+# reported beside the paper's four: not in Table 2, so not in the comparison with it
+EXTRA_COLUMNS = (("mean_dice", "mean Dice (F1)"),)
+PER_IMAGE_FIELDS = ("image", "labelled_pixels", "pixel_accuracy", "mean_iou")
 
 
 def display_name(name: str) -> str:
@@ -101,12 +109,15 @@ def evaluate_model(
     num_classes: int = NUM_CLASSES,
     progress: bool = True,
     desc: str = "evaluate",
+    per_image: list[dict[str, Any]] | None = None,
 ) -> torch.Tensor:
     """The (C, C) int64 confusion matrix of `model` over `dataset` (normalised images, masks).
 
     Images are scored at their own size; up to `batch_size` consecutive images of equal size
     share a forward pass. The matrix is accumulated on `device` and returned on the CPU.
-    The model is moved to `device` and put in eval mode.
+    The model is moved to `device` and put in eval mode. When `per_image` is a list, one
+    `image_scores` row per image is appended to it, in dataset order, with its "index" and
+    "image" key.
     """
     from tqdm import tqdm
 
@@ -129,7 +140,13 @@ def evaluate_model(
         y = torch.stack([m for _, _, m in pending]).to(dev, non_blocking=True)
         pred = forward_labels(model, x, amp_dtype=amp, channels_last=channels_last)
         try:
-            hist.add_(confusion_matrix(pred, y, num_classes))
+            if per_image is None:
+                hist.add_(confusion_matrix(pred, y, num_classes))
+            else:  # one matrix per image: the sum is the same matrix, exactly (integers)
+                for (i, _, _), p, t in zip(pending, pred, y, strict=True):
+                    h = confusion_matrix(p, t, num_classes)
+                    hist.add_(h)
+                    per_image.append({"index": i, "image": _key(dataset, i), **image_scores(h)})
         except ValueError as e:  # name the records: a bad label map is a data problem
             keys = [_key(dataset, i) for i, _, _ in pending]
             raise ValueError(f"val record(s) {keys}: {e}") from None
@@ -160,28 +177,93 @@ def _json_safe(v: float | None) -> float | None:
     return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
 
 
-def metrics_json(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> dict:
-    """The DVC metrics file: four metrics, then per-class IoU by class name (null if absent)."""
-    out: dict[str, Any] = {key: _json_safe(scores[key]) for key, _ in METRIC_COLUMNS}
-    out["per_class_iou"] = {
-        name: _json_safe(v) for name, v in zip(class_names, scores["per_class_iou"], strict=True)
+def image_scores(hist: torch.Tensor) -> dict[str, Any]:
+    """One image's labelled pixel count, pixel accuracy and mean IoU from its (C, C) int64
+    confusion matrix (rows = ground truth). The mean is over the classes in the image's
+    ground truth or prediction (`pipeline.metrics`), so it ranks images for the worst/best
+    sheets; a set's mean IU is *not* the mean of these (Long et al. sum the matrices first).
+    An image with no labelled pixel gets None for both scores.
+    """
+    s = segmentation_scores(hist)
+    return {
+        "labelled_pixels": s["num_pixels"],
+        "pixel_accuracy": _json_safe(s["pixel_accuracy"]),
+        "mean_iou": _json_safe(s["mean_iou"]),
     }
+
+
+def metrics_json(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> dict:
+    """The DVC metrics file: the four metrics, mean Dice, then IoU and Dice per class by class
+    name (null where the class is in neither ground truth nor prediction)."""
+    out: dict[str, Any] = {
+        key: _json_safe(scores[key]) for key, _ in (*METRIC_COLUMNS, *EXTRA_COLUMNS)
+    }
+    for key in ("per_class_iou", "per_class_dice"):
+        out[key] = {name: _json_safe(v) for name, v in zip(class_names, scores[key], strict=True)}
     return out
 
 
+def _cell(v: float | None) -> str:
+    return "" if v is None else f"{v:.6f}"
+
+
 def per_class_iou_csv(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> str:
-    """class,iou rows, one per class; an absent class has an empty iou (CSV null)."""
+    """class,iou,dice rows, one per class; an absent class has empty cells (CSV null)."""
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["class", "iou"])
-    for name, v in zip(class_names, scores["per_class_iou"], strict=True):
-        w.writerow([name, "" if v is None else f"{v:.6f}"])
+    w.writerow(["class", "iou", "dice"])
+    for name, iou, dice in zip(
+        class_names, scores["per_class_iou"], scores["per_class_dice"], strict=True
+    ):
+        w.writerow([name, _cell(iou), _cell(dice)])
+    return buf.getvalue()
+
+
+def confusion_csv(hist: torch.Tensor | np.ndarray, class_names: Sequence[str] = VOC_CLASSES) -> str:
+    """actual,predicted,count: every cell of the (C, C) matrix (rows = ground truth), zeros
+    included, so two revisions' files have the same rows and `dvc plots diff` lines them up.
+
+    DVC's built-in `confusion` template counts *rows* (one per pixel would be ~10^8 rows for
+    VOC val); the project's `confusion_counts` template sums the `count` column instead.
+    """
+    h = np.asarray(hist.cpu() if isinstance(hist, torch.Tensor) else hist)
+    if h.shape != (len(class_names), len(class_names)):
+        raise ValueError(f"confusion matrix {h.shape} does not match {len(class_names)} classes")
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(["actual", "predicted", "count"])
+    for i, actual in enumerate(class_names):
+        for j, predicted in enumerate(class_names):
+            w.writerow([actual, predicted, int(h[i, j])])
+    return buf.getvalue()
+
+
+def per_image_csv(rows: Sequence[Mapping[str, Any]]) -> str:
+    """image,labelled_pixels,pixel_accuracy,mean_iou: one row per val image, by image key."""
+    buf = io.StringIO()
+    w = csv.writer(buf, lineterminator="\n")
+    w.writerow(PER_IMAGE_FIELDS)
+    for r in sorted(rows, key=lambda r: r["image"]):
+        w.writerow(
+            [r["image"], r["labelled_pixels"], _cell(r["pixel_accuracy"]), _cell(r["mean_iou"])]
+        )
     return buf.getvalue()
 
 
 def qualitative_indices(dataset: Any, n: int) -> list[int]:
     """The first `n` records of the val set by key order (fixed whatever the shard order)."""
     return sorted(range(len(dataset)), key=lambda i: _key(dataset, i))[:n]
+
+
+def ranked_indices(rows: Sequence[Mapping[str, Any]], n: int) -> tuple[list[int], list[int]]:
+    """Dataset indices of the `n` worst and the `n` best images by per-image mean IoU (ties:
+    image key order); images without a labelled pixel are left out."""
+    scored = sorted(
+        (r for r in rows if r["mean_iou"] is not None), key=lambda r: (r["mean_iou"], r["image"])
+    )
+    worst = [r["index"] for r in scored[:n]]
+    best = [r["index"] for r in sorted(scored, key=lambda r: (-r["mean_iou"], r["image"]))[:n]]
+    return worst, best
 
 
 def qualitative_samples(
@@ -224,25 +306,33 @@ def write_model_report(
     precision: str | torch.dtype | None = "auto",
     channels_last: bool = True,
     class_names: Sequence[str] = VOC_CLASSES,
+    per_image: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Write metrics/<name>.json and plots/<name>/{per_class_iou.csv,confusion.png,qualitative.png}.
+    """Write metrics/<name>.json and plots/<name>/: per_class_iou.csv, confusion.csv,
+    confusion.png, qualitative.png, and, given `per_image` rows (`evaluate_model`),
+    per_image.csv, worst.png and best.png.
 
-    `dataset` is the raw val set (uint8 images) the qualitative sheet is drawn from.
+    `dataset` is the raw val set (uint8 images) the qualitative sheets are drawn from.
     Returns the scores.
     """
     out_root = Path(out_root)
     scores = segmentation_scores(hist)
     label = display_name(name)
-    samples = qualitative_samples(
-        model,
-        dataset,
-        qualitative_indices(dataset, qualitative_images),
-        device=device,
-        precision=precision,
-        channels_last=channels_last,
-    )
     plots = out_root / "plots" / name
+
+    def sheet(indices: Sequence[int], title: str) -> bytes:
+        samples = qualitative_samples(
+            model,
+            dataset,
+            indices,
+            device=device,
+            precision=precision,
+            channels_last=channels_last,
+        )
+        return qualitative_png(samples, class_names, title)
+
     atomic_write_text(plots / "per_class_iou.csv", per_class_iou_csv(scores, class_names))
+    atomic_write_text(plots / "confusion.csv", confusion_csv(hist, class_names))
     title = (
         f"{label}: mean IU {100 * scores['mean_iou']:.1f}%"
         if not math.isnan(scores["mean_iou"])
@@ -251,7 +341,14 @@ def write_model_report(
     atomic_write_bytes(
         plots / "confusion.png", confusion_png(hist.cpu().numpy(), class_names, title)
     )
-    atomic_write_bytes(plots / "qualitative.png", qualitative_png(samples, class_names, label))
+    atomic_write_bytes(
+        plots / "qualitative.png", sheet(qualitative_indices(dataset, qualitative_images), label)
+    )
+    if per_image:
+        atomic_write_text(plots / "per_image.csv", per_image_csv(per_image))
+        worst, best = ranked_indices(per_image, qualitative_images)
+        atomic_write_bytes(plots / "worst.png", sheet(worst, f"{label}: lowest image mean IU"))
+        atomic_write_bytes(plots / "best.png", sheet(best, f"{label}: highest image mean IU"))
     atomic_write_json(out_root / "metrics" / f"{name}.json", metrics_json(scores, class_names))
     return scores
 
@@ -261,32 +358,33 @@ def _pct(v: float | None) -> str:
 
 
 def summary_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: one row per model, the four metrics in % (the paper's Table 2 layout)."""
+    """Markdown: one row per model, the four metrics in % (the paper's Table 2 layout), then
+    mean Dice (F1)."""
+    columns = [*METRIC_COLUMNS, *EXTRA_COLUMNS]
     lines = [
-        "| model | " + " | ".join(col for _, col in METRIC_COLUMNS) + " |",
-        "|---|" + "---:|" * len(METRIC_COLUMNS),
+        "| model | " + " | ".join(col for _, col in columns) + " |",
+        "|---|" + "---:|" * len(columns),
     ]
     for name, s in results.items():
         lines.append(
-            f"| {display_name(name)} | " + " | ".join(_pct(s[k]) for k, _ in METRIC_COLUMNS) + " |"
+            f"| {display_name(name)} | " + " | ".join(_pct(s.get(k)) for k, _ in columns) + " |"
         )
     return "\n".join(lines) + "\n"
 
 
 def per_class_table(
-    results: Mapping[str, Mapping[str, Any]], class_names: Sequence[str] = VOC_CLASSES
+    results: Mapping[str, Mapping[str, Any]],
+    class_names: Sequence[str] = VOC_CLASSES,
+    key: str = "per_class_iou",
 ) -> str:
-    """Markdown: IoU per class (rows) and model (columns) in %; n/a for absent classes."""
+    """Markdown: `key` (per-class IoU, or "per_class_dice") per class (rows) and model
+    (columns) in %; n/a for absent classes."""
     lines = [
         "| class | " + " | ".join(display_name(n) for n in results) + " |",
         "|---|" + "---:|" * len(results),
     ]
     for c, cname in enumerate(class_names):
-        lines.append(
-            f"| {cname} | "
-            + " | ".join(_pct(s["per_class_iou"][c]) for s in results.values())
-            + " |"
-        )
+        lines.append(f"| {cname} | " + " | ".join(_pct(s[key][c]) for s in results.values()) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -336,6 +434,9 @@ def summary_markdown(
         + "\n## IoU per class (%)\n\nn/a: the class is in neither the ground truth nor the "
         "predictions of this val set, so it is left out of the mean.\n\n"
         + per_class_table(results, class_names)
+        + "\n## Dice (F1) per class (%)\n\n2 TP / (2 TP + FP + FN) = 2 IU / (1 + IU): the same "
+        "ranking as IU, on the scale segmentation reports outside VOC use.\n\n"
+        + per_class_table(results, class_names, "per_class_dice")
     )
 
 
@@ -366,6 +467,7 @@ def evaluate_all(
     results: dict[str, dict[str, Any]] = {}
     for name in names:
         model = load_model(name)
+        per_image: list[dict[str, Any]] = []
         hist = evaluate_model(
             model,
             eval_set,
@@ -376,6 +478,7 @@ def evaluate_all(
             workers=workers,
             progress=progress,
             desc=f"evaluate {name}",
+            per_image=per_image,
         )
         results[name] = write_model_report(
             name,
@@ -387,6 +490,7 @@ def evaluate_all(
             device=dev,
             precision=amp,
             channels_last=channels_last,
+            per_image=per_image,
         )
         s = results[name]
         print(

@@ -181,7 +181,11 @@ def frequency_weighted_iou(hist: np.ndarray) -> float:
 
 
 def segmentation_scores(hist: torch.Tensor | np.ndarray) -> dict[str, Any]:
-    """The four FCN metrics and per-class IoU, Dice and accuracy from a confusion matrix.
+    """The four FCN metrics, mean Dice, and per-class IoU, Dice and accuracy from a confusion
+    matrix `hist` (C, C) of int counts, rows = ground truth, columns = prediction.
+
+    Dice (= F1) per class is 2 TP / (2 TP + FP + FN); it ranks classes like IoU (Dice =
+    2 IoU / (1 + IoU)) but its mean is what medical and remote-sensing reports quote.
 
     Means are over the classes for which the value is defined; undefined per-class values are
     None (JSON null). Everything is a plain Python float, ready for json.dump.
@@ -194,13 +198,15 @@ def segmentation_scores(hist: torch.Tensor | np.ndarray) -> dict[str, Any]:
     h = h.astype(np.float64)
     acc = per_class_accuracy(h)
     iou = per_class_iou(h)
+    dice = per_class_dice(h)
     return {
         "pixel_accuracy": pixel_accuracy(h),
         "mean_class_accuracy": _nanmean(acc),
         "mean_iou": _nanmean(iou),
         "fw_iou": frequency_weighted_iou(h),
+        "mean_dice": _nanmean(dice),
         "per_class_iou": _nan_to_none(iou),
-        "per_class_dice": _nan_to_none(per_class_dice(h)),
+        "per_class_dice": _nan_to_none(dice),
         "per_class_accuracy": _nan_to_none(acc),
         "num_pixels": int(h.sum()),
     }

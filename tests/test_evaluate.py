@@ -17,10 +17,13 @@ from PIL import Image
 from pipeline.classes import NUM_CLASSES, VOC_CLASSES
 from pipeline.config import MODEL_NAMES
 from pipeline.evaluate import (
+    confusion_csv,
     evaluate_all,
     evaluate_model,
+    image_scores,
     qualitative_indices,
     qualitative_samples,
+    ranked_indices,
     summary_table,
     val_datasets,
 )
@@ -127,7 +130,13 @@ def test_qualitative_images_are_the_first_keys(val_dir: Path, val_ids: list[str]
         assert key.startswith("voc/")
 
 
-def check_outputs(out: Path, results: dict, n_qualitative: int) -> None:
+def labelled_pixels(val_dir: Path) -> int:
+    """Pixels of the val set's label maps that are not 255, counted from the shards."""
+    _, raw_set = val_datasets(val_dir)
+    return sum(int((torch.as_tensor(raw_set[i][1]) != 255).sum()) for i in range(len(raw_set)))
+
+
+def check_outputs(out: Path, results: dict, n_qualitative: int, labelled: int) -> None:
     for name in MODEL_NAMES:
         m = json.loads((out / "metrics" / f"{name}.json").read_text())
         assert list(m) == [
@@ -135,24 +144,34 @@ def check_outputs(out: Path, results: dict, n_qualitative: int) -> None:
             "mean_class_accuracy",
             "mean_iou",
             "fw_iou",
+            "mean_dice",
             "per_class_iou",
+            "per_class_dice",
         ]
-        assert list(m["per_class_iou"]) == list(VOC_CLASSES)
+        assert list(m["per_class_iou"]) == list(m["per_class_dice"]) == list(VOC_CLASSES)
         assert m["mean_iou"] == pytest.approx(results[name]["mean_iou"])
+        assert m["mean_dice"] == pytest.approx(results[name]["mean_dice"])
         assert 0.0 <= m["pixel_accuracy"] <= 1.0
-        rows = list(csv.DictReader((out / "plots" / name / "per_class_iou.csv").open()))
+        plots = out / "plots" / name
+        rows = list(csv.DictReader((plots / "per_class_iou.csv").open()))
         assert len(rows) == 21 and [r["class"] for r in rows] == list(VOC_CLASSES)
         for r, v in zip(rows, results[name]["per_class_iou"], strict=True):
             assert (r["iou"] == "") if v is None else float(r["iou"]) == pytest.approx(v, abs=1e-6)
-        for png in ("confusion.png", "qualitative.png"):
-            with Image.open(out / "plots" / name / png) as im:
+        cells = list(csv.DictReader((plots / "confusion.csv").open()))
+        assert len(cells) == NUM_CLASSES**2
+        assert sum(int(c["count"]) for c in cells) == labelled
+        images = list(csv.DictReader((plots / "per_image.csv").open()))
+        assert sum(int(r["labelled_pixels"]) for r in images) == labelled
+        for png in ("confusion.png", "qualitative.png", "worst.png", "best.png"):
+            with Image.open(plots / png) as im:
                 assert im.format == "PNG" and im.width > 200
-                if png == "qualitative.png":
+                if png != "confusion.png":
                     assert im.height > 150 * n_qualitative
     summary = (out / "reports" / "summary.md").read_text()
     for name, label in zip(MODEL_NAMES, ("FCN-32s", "FCN-16s", "FCN-8s"), strict=True):
         assert f"| {label} | {100 * results[name]['pixel_accuracy']:.1f} |" in summary
-    assert "| pixel acc. | mean acc. | mean IU | f.w. IU |" in summary
+    assert "| pixel acc. | mean acc. | mean IU | f.w. IU | mean Dice (F1) |" in summary
+    assert "## Dice (F1) per class (%)" in summary
     assert not [p for p in out.rglob("*") if p.name.endswith(".tmp")]  # nothing half-written
 
 
@@ -169,7 +188,7 @@ def test_evaluate_all_writes_every_output(tmp_path: Path, small_val_dir: Path, c
         progress=False,
     )
     assert list(results) == list(MODEL_NAMES)
-    check_outputs(tmp_path, results, 2)
+    check_outputs(tmp_path, results, 2, labelled_pixels(small_val_dir))
     printed = capsys.readouterr().out
     assert summary_table(results) in printed  # the table is printed at the end
 
@@ -203,4 +222,44 @@ def test_stage_end_to_end_with_real_models(tmp_path: Path, small_val_dir: Path):
     results = {n: json.loads((out / "metrics" / f"{n}.json").read_text()) for n in MODEL_NAMES}
     for r in results.values():
         r["per_class_iou"] = list(r["per_class_iou"].values())
-    check_outputs(out, results, 1)
+    check_outputs(out, results, 1, labelled_pixels(small_val_dir))
+
+
+def test_per_image_rows_sum_to_the_set_matrix_and_rank_worst_first(val_dir: Path):
+    eval_set, _ = val_datasets(val_dir)
+    rows: list[dict] = []
+    hist = evaluate_model(
+        TinyFCN(), eval_set, device="cpu", precision="fp32", progress=False, per_image=rows
+    )
+    plain = evaluate_model(TinyFCN(), eval_set, device="cpu", precision="fp32", progress=False)
+    assert torch.equal(hist, plain)  # per-image bookkeeping changes nothing
+    assert [r["index"] for r in rows] == list(range(len(eval_set)))
+    assert sum(r["labelled_pixels"] for r in rows) == int(hist.sum())
+    worst, best = ranked_indices(rows, 2)
+    by_index = {r["index"]: r["mean_iou"] for r in rows}
+    scored = sorted(v for v in by_index.values() if v is not None)
+    assert [by_index[i] for i in worst] == scored[:2]
+    assert [by_index[i] for i in best] == scored[::-1][:2]
+
+
+def test_image_scores_by_hand():
+    # 2 classes present: background 6 px (5 right), class 1 4 px (3 right, 1 called background)
+    h = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64)
+    h[0, 0], h[0, 1], h[1, 1], h[1, 0] = 5, 1, 3, 1
+    s = image_scores(h)
+    assert s["labelled_pixels"] == 10
+    assert s["pixel_accuracy"] == pytest.approx(8 / 10)
+    assert s["mean_iou"] == pytest.approx((5 / 7 + 3 / 5) / 2)
+    empty = image_scores(torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64))
+    assert empty == {"labelled_pixels": 0, "pixel_accuracy": None, "mean_iou": None}
+
+
+def test_confusion_csv_lists_every_cell_in_class_order():
+    h = np.arange(NUM_CLASSES**2).reshape(NUM_CLASSES, NUM_CLASSES)
+    rows = list(csv.DictReader(io.StringIO(confusion_csv(h))))
+    assert len(rows) == 441
+    assert rows[0] == {"actual": "background", "predicted": "background", "count": "0"}
+    assert rows[22] == {"actual": VOC_CLASSES[1], "predicted": VOC_CLASSES[1], "count": "22"}
+    assert sum(int(r["count"]) for r in rows) == int(h.sum())
+    with pytest.raises(ValueError, match="does not match 21 classes"):
+        confusion_csv(np.zeros((3, 3)))

@@ -161,7 +161,11 @@ def test_plots_show_renders_curves_bars_and_images(run_copy):
     for model in ("fcn32s", "fcn16s", "fcn8s"):
         assert f"dvclive/{model}/plots/metrics/train/loss.tsv" in page
         assert f"plots/{model}/per_class_iou.csv" in page  # the bar chart
-        for image in ("confusion.png", "qualitative.png"):
+        assert f"plots/{model}/per_image.csv" in page
+        assert f"plots/{model}/confusion.csv" in page  # the confusion_counts template
+        for image in ("confusion.png", "qualitative.png", "worst.png", "best.png"):
             assert f"plots/{model}/{image}" in page
     assert "bar" in page  # vega-lite bar mark of the per-class IoU template
+    # the project's confusion template: counts summed per (actual, predicted) cell, not rows
+    assert '"op": "sum", "field": "pixels"' in page or '"op":"sum","field":"pixels"' in page
     assert "<img" in page  # the confusion matrices and qualitative sheets are embedded
