@@ -74,8 +74,8 @@ def _str(**kw: Any) -> Spec:
     return Spec("str", **kw)
 
 
-def _bool() -> Spec:
-    return Spec("bool")
+def _bool(**kw: Any) -> Spec:
+    return Spec("bool", **kw)
 
 
 def _check_urls(urls: list[str]) -> str | None:
@@ -93,6 +93,13 @@ def _check_scale(v: list[float]) -> str | None:
     lo, hi = v
     if not 0 < lo <= hi:
         return f"needs 0 < low <= high, got {v!r}"
+    return None
+
+
+def _check_endpoint(v: str) -> str | None:
+    host, sep, port = v.rpartition(":")
+    if not sep or not host.strip("[]") or not port.isdigit() or not 0 < int(port) < 65536:
+        return f"expected HOST:PORT (node 0's address and a free port), got {v!r}"
     return None
 
 
@@ -181,7 +188,12 @@ SCHEMA: dict[str, Any] = {
         "device": _DEVICE,
         "precision": _PRECISION,
         "channels_last": _bool(),
-        "nproc": _int(min=1, max=1024),
+        "nproc": _int(min=1, max=1024),  # processes per node
+        # Multi-node DDP: every node runs the stage with the same params except node_rank.
+        "nnodes": _int(min=1, max=4096, default=1),
+        "node_rank": _int(min=0, default=0),
+        "rdzv_endpoint": Spec("str", _check_endpoint, nullable=True, default=None),
+        "compile": _bool(default=False),  # torch.compile the training forward/backward
         "batch_size": _int(min=1),
         "accumulate": _int(min=1),
         "workers": _int(min=0, max=256),
@@ -209,6 +221,8 @@ SCHEMA: dict[str, Any] = {
 
 
 def _validate(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
+    """Errors of `tree` against `schema`; a missing key whose spec has a `default` is filled
+    in (in place) instead, so params files written before the key existed still load."""
     if not isinstance(tree, dict):
         return [f"{path}: expected a mapping, got {type(tree).__name__} {tree!r}"]
     errors = []
@@ -218,6 +232,8 @@ def _validate(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
             errors.append(f"{path}.{key}: unknown key (known keys here: {known})")
     for key, spec in schema.items():
         sub = f"{path}.{key}"
+        if key not in tree and isinstance(spec, Spec) and "default" in spec.kw:
+            tree[key] = spec.kw["default"]
         if key not in tree:
             errors.append(f"{sub}: missing")
         elif isinstance(spec, dict):
@@ -233,6 +249,16 @@ def _cross_checks(cfg: dict[str, Any], path: str) -> list[str]:
     if s["min_side"] > s["max_side"]:
         errors.append(
             f"{path}.download.sample.min_side: {s['min_side']} > max_side {s['max_side']}"
+        )
+    t = cfg["train"]
+    if t["nnodes"] > 1 and t["rdzv_endpoint"] is None:
+        errors.append(
+            f"{path}.train.rdzv_endpoint: must be set (HOST:PORT of node 0) when "
+            f"train.nnodes is {t['nnodes']} > 1"
+        )
+    if t["node_rank"] >= t["nnodes"]:
+        errors.append(
+            f"{path}.train.node_rank: {t['node_rank']} is not below train.nnodes {t['nnodes']}"
         )
     if cfg["train"]["momentum"] >= 1:
         errors.append(f"{path}.train.momentum: must be < 1, got {cfg['train']['momentum']}")

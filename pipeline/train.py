@@ -203,11 +203,40 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[
     ]
 
 
+def sgd_implementation(device: torch.device) -> dict[str, bool]:
+    """The SGD kernel flags for parameters on `device`: `fused` (one kernel for all the
+    parameters' updates) on CUDA, `foreach` (multi-tensor ops, one per group instead of one per
+    parameter) elsewhere. Same update as the per-parameter loop, fewer kernel launches."""
+    return {"fused": True} if device.type == "cuda" else {"foreach": True}
+
+
 def make_optimizer(
-    model: nn.Module, lr: float, momentum: float, weight_decay: float
+    model: nn.Module,
+    lr: float,
+    momentum: float,
+    weight_decay: float,
+    device: torch.device | None = None,
 ) -> torch.optim.SGD:
-    """SGD with momentum over `param_groups` (the FCN solver's lr_mult/decay_mult 1/1, 2/0)."""
-    return torch.optim.SGD(param_groups(model, lr, weight_decay), lr=lr, momentum=momentum)
+    """SGD with momentum over `param_groups` (the FCN solver's lr_mult/decay_mult 1/1, 2/0),
+    with the fast kernels of `sgd_implementation` for `device` (default: the device of the
+    model's first parameter, CPU for a model without any). Call it after moving the model."""
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    return torch.optim.SGD(
+        param_groups(model, lr, weight_decay),
+        lr=lr,
+        momentum=momentum,
+        **sgd_implementation(device),
+    )
+
+
+def use_sgd_implementation(optimizer: torch.optim.Optimizer, device: torch.device) -> None:
+    """Set `sgd_implementation(device)` on every group, in place: `load_state_dict` restores
+    the flags a checkpoint was saved with (an older checkpoint: none; another device: the
+    other kernel, and a fused update needs its parameters on a supported device)."""
+    flags = {"foreach": None, "fused": None, **sgd_implementation(device)}
+    for group in optimizer.param_groups:
+        group.update(flags)
 
 
 def lr_factor(policy: str, step: int, total_steps: int, power: float = 0.9) -> float:
@@ -285,6 +314,46 @@ def forward_backward(
 
 
 # --- model construction ----------------------------------------------------------------------
+
+
+def enable_fast_kernels(device: torch.device) -> None:
+    """Process-wide speed settings for training on `device`. CUDA: cuDNN benchmark mode, which
+    times the convolution algorithms once per input shape and keeps the fastest: training crops
+    have one fixed size (`train.crop_size`), so that search is paid once per run. (Validation
+    at original resolution sees many shapes and turns it off: `cudnn_benchmark`.) Nothing on
+    other devices."""
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True
+
+
+@contextlib.contextmanager
+def cudnn_benchmark(enabled: bool) -> Iterator[None]:
+    """cuDNN benchmark mode set to `enabled` for the block, restored after."""
+    before = torch.backends.cudnn.benchmark
+    torch.backends.cudnn.benchmark = enabled
+    try:
+        yield
+    finally:
+        torch.backends.cudnn.benchmark = before
+
+
+def training_module(
+    model: nn.Module, tcfg: dict[str, Any], device: torch.device, distributed: bool
+) -> nn.Module:
+    """What the training step calls: `model` itself, wrapped in DDP when `distributed`, then in
+    `torch.compile` when `train.compile` is true (compiled lazily, at the first step).
+
+    Only the step goes through the wrapper: checkpoints, validation and the saved model use
+    `model`, whose state-dict keys stay those of the plain module.
+    """
+    module = model
+    if distributed:
+        module = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
+    if tcfg.get("compile", False):
+        module = torch.compile(module)
+    return module
 
 
 def set_dropout(model: nn.Module, p: float) -> None:
@@ -687,14 +756,17 @@ def validate(
     was_training = model.training
     model.eval()
     hist = torch.zeros(NUM_CLASSES, NUM_CLASSES, dtype=torch.int64, device=device)
-    for i in range(rank, len(dataset), world):
-        image, mask = dataset[i]
-        x = image.unsqueeze(0).to(device)
-        if channels_last:
-            x = x.contiguous(memory_format=torch.channels_last)
-        with autocast(device, amp_dtype):
-            logits = model(x)
-        hist += confusion_matrix(logits.argmax(1), mask.unsqueeze(0).to(device), NUM_CLASSES)
+    # images at original resolution: nearly every one is a new shape to benchmark
+    with cudnn_benchmark(False):
+        for i in range(rank, len(dataset), world):
+            image, mask = dataset[i]
+            x = image.unsqueeze(0).to(device)
+            if channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with autocast(device, amp_dtype):
+                logits = model(x)
+            target = mask.unsqueeze(0).to(device)
+            hist += confusion_matrix(logits.argmax(1), target, NUM_CLASSES)
     if world > 1:
         dist.all_reduce(hist)
     model.train(was_training)
@@ -735,7 +807,7 @@ def micro_batches(
 class StepContext:
     """What one optimiser step needs besides the batches."""
 
-    model: nn.Module  # the DDP wrapper when distributed
+    model: nn.Module  # `training_module`: the DDP and/or torch.compile wrapper, or the model
     optimizer: torch.optim.Optimizer
     scaler: torch.amp.GradScaler
     device: torch.device
@@ -837,6 +909,28 @@ def epoch_entry(epoch: int, epoch_losses: list[float], lr: float) -> dict[str, f
     }
 
 
+def check_same_start(iteration: int, store: ResumeStore, device: torch.device, world: int) -> None:
+    """Every rank must start from the same iteration (a collective under DDP; nothing alone).
+    Each rank reads the checkpoint from its own disk: on several machines, a resume folder
+    that is not shared leaves the other nodes' ranks at 0 while node 0 resumes.
+
+    Raises:
+        RuntimeError: the ranks found different checkpoints (on every rank, so none hangs).
+    """
+    if world == 1:
+        return
+    lo = torch.tensor([iteration], dtype=torch.int64, device=device)
+    hi = lo.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if int(lo.item()) != int(hi.item()):
+        raise RuntimeError(
+            f"ranks found different resume states in {store.checkpoint_path} (iterations "
+            f"{int(lo.item())} to {int(hi.item())}): on several machines, set {RESUME_DIR_ENV} "
+            "to a folder shared by all of them, or remove the resume state to start over"
+        )
+
+
 def start_or_resume(
     name: str,
     cfg: dict[str, Any],
@@ -855,8 +949,9 @@ def start_or_resume(
     reproducibly; augmentation is seeded per sample), then restored from the checkpoint.
     """
     tcfg, mcfg = cfg["train"], cfg["model"]
-    rank, _ = dist_info()
+    rank, world = dist_info()
     state = store.load()
+    check_same_start(state.iteration if state is not None else 0, store, device, world)
     model, init_log = build_initial_model(
         name,
         width=mcfg["width"],
@@ -869,11 +964,14 @@ def start_or_resume(
     model.to(device)
     if tcfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
-    optimizer = make_optimizer(model, tcfg[name]["lr"], tcfg["momentum"], tcfg["weight_decay"])
+    optimizer = make_optimizer(
+        model, tcfg[name]["lr"], tcfg["momentum"], tcfg["weight_decay"], device
+    )
     torch.manual_seed(tcfg["seed"] + rank)
     if state is not None:
         model.load_state_dict(state.model)
         optimizer.load_state_dict(state.optimizer)
+        use_sgd_implementation(optimizer, device)
         set_rng_state(state.rng[rank])
         say(
             f"[train] {name}: resuming from {store.checkpoint_path} at iteration {state.iteration}",
@@ -1001,13 +1099,9 @@ def _train_stage(
         name, cfg, store, vgg16_path=vgg16_path, init_from=init_from, device=device, say=say
     )
 
-    ddp_model = model
-    if distributed:
-        ddp_model = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
-        )
+    enable_fast_kernels(device)
     ctx = StepContext(
-        model=ddp_model,
+        model=training_module(model, tcfg, device, distributed),
         optimizer=optimizer,
         scaler=grad_scaler(device, amp_dtype),
         device=device,

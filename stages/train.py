@@ -1,7 +1,9 @@
 """DVC stage `train_<model>`: train FCN-32s, FCN-16s or FCN-8s with the active params profile.
 
-With `train.nproc` > 1 the stage re-launches itself under torchrun (one process per GPU or CPU
-slot, DDP); DVC sees a single command either way.
+With `train.nproc` > 1 or `train.nnodes` > 1 the stage re-launches itself under torchrun (one
+process per GPU or CPU slot, DDP; `torchrun_command`); DVC sees a single command either way.
+On several machines each runs the stage with its own `train.node_rank`; node 0 (the one that
+runs dvc) hosts the rendezvous at `train.rdzv_endpoint` and writes the model.
 
 The process dies with its launcher (a killed `dvc` leaves no trainer behind, torchrun and its
 ranks included), and an interrupted run resumes from `.fcn-resume/<model>/` at the repository
@@ -14,11 +16,51 @@ import argparse
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
-from pipeline.config import MODEL_NAMES, load_params
+from pipeline.config import MODEL_NAMES, ParamsError, load_params
 from pipeline.inputs import MissingInputsError, require_inputs
 
 PREVIOUS = {"fcn32s": None, "fcn16s": "fcn32s", "fcn8s": "fcn16s"}
+
+
+def needs_torchrun(tcfg: dict[str, Any]) -> bool:
+    """Whether the `train` params ask for more than one process in all (DDP)."""
+    return tcfg["nproc"] > 1 or tcfg.get("nnodes", 1) > 1
+
+
+def torchrun_command(tcfg: dict[str, Any], argv: list[str]) -> list[str]:
+    """The argv that re-runs `python -m stages.train <argv>` under torchrun for the `train`
+    params `tcfg`: `train.nproc` processes on this node; one node: `--standalone` (a private
+    rendezvous on a free local port); `train.nnodes` > 1: a static rendezvous at
+    `train.rdzv_endpoint` (HOST:PORT of node 0) with this node's `train.node_rank`. Static,
+    not c10d: c10d ignores `--node-rank` and orders nodes its own way, while global rank 0
+    (which writes the model and the resume state) must run on node 0, the node that runs dvc.
+
+    Raises:
+        ValueError: `train.nnodes` > 1 without `train.rdzv_endpoint`, or `train.node_rank` not
+            in 0..nnodes-1.
+    """
+    nproc, nnodes = tcfg["nproc"], tcfg.get("nnodes", 1)
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
+    if nnodes == 1:
+        cmd.append("--standalone")
+    else:
+        endpoint, node_rank = tcfg.get("rdzv_endpoint"), tcfg.get("node_rank", 0)
+        if not endpoint:
+            raise ValueError(
+                f"train.rdzv_endpoint: must be set (HOST:PORT of node 0) when train.nnodes "
+                f"is {nnodes} > 1"
+            )
+        if not 0 <= node_rank < nnodes:
+            raise ValueError(f"train.node_rank: {node_rank} is not in 0..{nnodes - 1}")
+        cmd += [
+            f"--nnodes={nnodes}",
+            f"--node-rank={node_rank}",
+            "--rdzv-backend=static",
+            f"--rdzv-endpoint={endpoint}",
+        ]
+    return [*cmd, f"--nproc-per-node={nproc}", "-m", "stages.train", *argv]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -42,7 +84,11 @@ def main(argv: list[str] | None = None) -> int:
     # before the torchrun relaunch: the setting survives execv, so torchrun dies with dvc too
     die_with_parent()
 
-    cfg = load_params(args.params)
+    try:
+        cfg = load_params(args.params)
+    except ParamsError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     models = Path(args.models)
     prev = PREVIOUS[args.model]
     # fail in a second with the DVC stage to run, not with a traceback after the relaunch
@@ -60,20 +106,17 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    nproc = cfg["train"]["nproc"]
-    if nproc > 1 and "LOCAL_RANK" not in os.environ:
+    tcfg = cfg["train"]
+    if needs_torchrun(tcfg) and "LOCAL_RANK" not in os.environ:
         # Re-launch under torchrun: one DDP process per slot, same arguments.
-        cmd = [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc-per-node={nproc}",
-            "-m",
-            "stages.train",
-            *(argv if argv is not None else sys.argv[1:]),
-        ]
-        print(f"[train] launching {nproc} processes: {' '.join(cmd)}", flush=True)
+        try:
+            cmd = torchrun_command(tcfg, argv if argv is not None else sys.argv[1:])
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 1
+        nodes = tcfg.get("nnodes", 1)
+        where = f" on node {tcfg.get('node_rank', 0)} of {nodes}" if nodes > 1 else ""
+        print(f"[train] launching {tcfg['nproc']} processes{where}: {' '.join(cmd)}", flush=True)
         os.execv(sys.executable, cmd)
 
     try:

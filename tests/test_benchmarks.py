@@ -3,6 +3,7 @@ figures, so each figure in BENCHMARKS.md can be re-measured with the command pri
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import subprocess
@@ -10,6 +11,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 NUMBER = r"-?\d+(?:\.\d+)?"
@@ -23,6 +25,7 @@ QUICK = {
 QUICK_SLOW = {
     "bench_train.py": rf"project \(.+\)\s+{NUMBER} img/s\s+{NUMBER}x",
     "bench_dvc_scale.py": rf"no-op dvc status \(median\)\s+{NUMBER}\s+{NUMBER}",
+    "bench_gpu.py": rf"train bf16 batch\s+1\s+{NUMBER} img/s",  # CPU where there is no GPU
 }
 # these read the real VOC/COCO sample JPEGs
 QUICK_REAL_DATA = {
@@ -69,3 +72,40 @@ def test_quick_mode_slow(script: str) -> None:
 @pytest.mark.parametrize("script", sorted(QUICK_REAL_DATA))
 def test_quick_mode_on_real_data(script: str, shared_data: Path) -> None:
     run_quick(script, QUICK_REAL_DATA[script], {"FCN_SHARED_DATA": str(shared_data)})
+
+
+def test_gpu_check_exits_2_at_once_without_cuda() -> None:
+    if torch.cuda.is_available():
+        pytest.skip("this machine has CUDA: gpu_check.sh would run the whole benchmark")
+    p = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_check.sh")],
+        env={**os.environ, "PYTHON": sys.executable},
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert p.returncode == 2, p.stdout + p.stderr
+    assert (
+        "gpu_check: no CUDA device (torch.cuda.is_available() is False); run this on a GPU machine"
+        in p.stderr
+    )
+    assert "img/s" not in p.stdout  # the benchmark did not start
+
+
+def test_bench_gpu_imports_and_runs_on_cpu_at_a_tiny_size(capsys) -> None:
+    """The GPU benchmark's code path, on CPU: width 1/16, crop 64, batch 1, 2 timed steps."""
+    spec = importlib.util.spec_from_file_location("bench_gpu", REPO / "benchmarks" / "bench_gpu.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    args = "--device cpu --width 0.0625 --crop 64 --batches 1 --steps 2 --warmup 1"
+    args += " --precisions fp32 --infer-size 64 --runs 3"
+    assert bench.main(args.split()) == 0
+    out = capsys.readouterr().out
+    assert "cpu (no GPU), torch " + torch.__version__ in out.splitlines()[0]
+    train = re.search(rf"train fp32 batch\s+1\s+({NUMBER}) img/s\s+peak n/a", out)
+    infer = re.search(
+        rf"infer fp32\s+({NUMBER}) img/s\s+p50\s+({NUMBER}) ms\s+p95\s+({NUMBER}) ms", out
+    )
+    assert train and infer, out
+    assert float(train[1]) > 0 and float(infer[1]) > 0
+    assert 0 < float(infer[2]) <= float(infer[3])  # p50 <= p95

@@ -84,6 +84,19 @@ def test_load_params_returns_active_profile(repo_root):
             lambda p: p["full"]["download"]["vgg16"].update(sha256_prefix="xyz"),
             "sha256_prefix: expected",
         ),
+        (
+            lambda p: p["full"]["train"].update(nnodes=2),
+            "full.train.rdzv_endpoint: must be set (HOST:PORT of node 0) when train.nnodes is 2",
+        ),
+        (
+            lambda p: p["full"]["train"].update(nnodes=2, node_rank=2, rdzv_endpoint="n0:29400"),
+            "full.train.node_rank: 2 is not below train.nnodes 2",
+        ),
+        (
+            lambda p: p["full"]["train"].update(rdzv_endpoint="node0"),
+            "full.train.rdzv_endpoint: expected HOST:PORT",
+        ),
+        (lambda p: p["sample"]["train"].update(compile="yes"), "sample.train.compile: expected"),
     ],
 )
 def test_mistakes_are_rejected_with_the_key_path(params, mutate, expected):
@@ -134,3 +147,14 @@ def test_unquoted_all_digit_checksums_are_text(tmp_path, repo_root):
     params["sample"]["download"]["vgg16"]["sha256_prefix"] = 12345678
     params["profile"] = "sample"
     assert validate_params(params)["download"]["vgg16"]["sha256_prefix"] == "12345678"
+
+
+def test_launch_and_compile_keys_are_optional_with_single_node_defaults(params):
+    """A params file written before these keys existed loads as one node, uncompiled."""
+    for key in ("nnodes", "node_rank", "rdzv_endpoint", "compile"):
+        del params["sample"]["train"][key]
+    train = validate_params(params)["train"]
+    assert (train["nnodes"], train["node_rank"], train["rdzv_endpoint"]) == (1, 0, None)
+    assert train["compile"] is False
+    params["sample"]["train"].update(nnodes=2, node_rank=1, rdzv_endpoint="[fd00::1]:29400")
+    assert validate_params(params)["train"]["nnodes"] == 2

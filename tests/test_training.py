@@ -629,3 +629,134 @@ def test_a_non_finite_loss_is_caught_at_read_back_naming_its_iteration() -> None
         readback.add(torch.tensor(float("nan") if i == 7 else 1.0), 100 + i)
     with pytest.raises(FloatingPointError, match="at iteration 107; lower train.fcn32s.lr"):
         readback.flush()
+
+
+# --- 8. throughput settings: SGD kernels, torch.compile, the torchrun command -------------------
+
+
+def _tiny_fcn() -> torch.nn.Module:
+    from pipeline.train import set_dropout
+
+    model, _ = build_initial_model(
+        "fcn32s", width=0.0625, backbone_init="random", vgg16_path=None, init_from=None, seed=0
+    )
+    set_dropout(model, 0.0)  # the same function on every call
+    return model
+
+
+def test_cpu_optimizer_uses_foreach_and_updates_like_the_per_parameter_loop() -> None:
+    from pipeline.train import param_groups
+
+    model = _tiny_fcn()
+    for p in model.parameters():  # score_fr starts at zero: give every weight a gradient
+        if p.requires_grad:
+            p.data.normal_(0, 0.05)
+    reference, start = copy.deepcopy(model), copy.deepcopy(model)
+    fast = make_optimizer(model, 0.01, 0.9, 5e-4)  # device inferred from the parameters
+    assert fast.defaults["foreach"] is True and not fast.defaults["fused"]
+    assert all(g["foreach"] is True for g in fast.param_groups)
+    assert make_optimizer(model, 0.01, 0.9, 5e-4, torch.device("cpu")).defaults["foreach"]
+    loop = torch.optim.SGD(
+        param_groups(reference, 0.01, 5e-4), lr=0.01, momentum=0.9, foreach=False
+    )
+    x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 21, (2, 64, 64))
+    for m, opt in ((model, fast), (reference, loop)):
+        for _ in range(2):  # the second step uses the momentum buffers
+            opt.zero_grad(set_to_none=True)
+            torch.nn.functional.cross_entropy(m(x), y).backward()
+            opt.step()
+    moved = 0
+    for (name, a), b, c in zip(
+        model.named_parameters(), reference.parameters(), start.parameters(), strict=True
+    ):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7, msg=name)
+        moved += int(not torch.equal(a, c))
+    assert moved > 0  # the steps changed the weights: the comparison is not vacuous
+
+
+def test_resumed_optimizer_gets_this_devices_kernels_back() -> None:
+    from pipeline.train import use_sgd_implementation
+
+    model = _tiny_fcn()
+    opt = make_optimizer(model, 0.01, 0.9, 5e-4)
+    # a checkpoint saved before the flags were set (foreach None), or on another device
+    for saved in ({"foreach": None, "fused": None}, {"foreach": None, "fused": True}):
+        groups = [dict(g, **saved) for g in opt.state_dict()["param_groups"]]
+        opt.load_state_dict({"state": {}, "param_groups": groups})
+        assert all(g["foreach"] is None for g in opt.param_groups)  # what load_state_dict does
+        use_sgd_implementation(opt, torch.device("cpu"))
+        assert all(g["foreach"] is True and not g["fused"] for g in opt.param_groups)
+
+
+def test_compile_false_leaves_the_model_uncompiled_and_true_wraps_it(monkeypatch) -> None:
+    from pipeline.train import training_module
+
+    cfg = load_params(REPO / "params.yaml")
+    assert cfg["train"]["compile"] is False  # the shipped default
+    model, cpu = _tiny_fcn(), torch.device("cpu")
+    assert training_module(model, cfg["train"], cpu, distributed=False) is model
+    compiled: list[torch.nn.Module] = []
+
+    def fake_compile(module: torch.nn.Module) -> str:  # torch.compile itself takes minutes
+        compiled.append(module)
+        return "compiled"
+
+    monkeypatch.setattr(torch, "compile", fake_compile)
+    assert training_module(model, {**cfg["train"], "compile": True}, cpu, False) == "compiled"
+    assert compiled == [model]
+
+
+def test_torchrun_command_one_node_is_standalone() -> None:
+    from stages.train import needs_torchrun, torchrun_command
+
+    tcfg = {**load_params(REPO / "params.yaml")["train"], "nproc": 4}
+    cmd = torchrun_command(tcfg, ["fcn8s", "--no-progress"])
+    assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
+    assert "--standalone" in cmd and not any(a.startswith("--nnodes") for a in cmd)
+    assert cmd[-5:] == ["--nproc-per-node=4", "-m", "stages.train", "fcn8s", "--no-progress"]
+    assert needs_torchrun(tcfg) and not needs_torchrun({**tcfg, "nproc": 1})
+    assert needs_torchrun({**tcfg, "nproc": 1, "nnodes": 2})
+
+
+def test_torchrun_command_several_nodes_meet_at_node_zero() -> None:
+    from stages.train import torchrun_command
+
+    tcfg = {
+        **load_params(REPO / "params.yaml")["train"],
+        "nproc": 8,
+        "nnodes": 2,
+        "node_rank": 1,
+        "rdzv_endpoint": "node0.cluster:29400",
+    }
+    cmd = torchrun_command(tcfg, ["fcn32s"])
+    assert "--standalone" not in cmd
+    launcher = cmd[3 : cmd.index("-m", 3)]
+    assert launcher == [
+        "--nnodes=2",
+        "--node-rank=1",
+        "--rdzv-backend=static",
+        "--rdzv-endpoint=node0.cluster:29400",
+        "--nproc-per-node=8",
+    ]
+    with pytest.raises(ValueError, match="train.rdzv_endpoint: must be set"):
+        torchrun_command({**tcfg, "rdzv_endpoint": None}, ["fcn32s"])
+    with pytest.raises(ValueError, match="train.node_rank: 2 is not in 0..1"):
+        torchrun_command({**tcfg, "node_rank": 2}, ["fcn32s"])
+
+
+def test_the_stage_refuses_several_nodes_without_an_endpoint(tmp_path) -> None:
+    """The params check names the key, before any data is read or any process launched."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params["sample"]["train"]["nnodes"] = 2
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    p = subprocess.run(
+        [sys.executable, "-m", "stages.train", "fcn32s", "--params", str(tmp_path / "params.yaml")],
+        cwd=tmp_path,
+        env=stage_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode != 0
+    assert "sample.train.rdzv_endpoint: must be set" in p.stderr, p.stderr[-2000:]
+    assert "torch.distributed.run" not in p.stdout
