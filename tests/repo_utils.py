@@ -24,6 +24,7 @@ ALL_STAGES = [
     "download_vgg16",
     "coco_to_voc",
     "preprocess",
+    "data_card",
     "train_fcn32s",
     "train_fcn16s",
     "train_fcn8s",

@@ -221,7 +221,8 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     wait_for(proc, log, lambda: bool(list(resume.glob("*/last.pt"))), "the first checkpoint")
     _kill_9(proc)
     (ckpt,) = resume.glob("*/last.pt")
-    assert stages_run(log.read_text()) == ["preprocess", "train_fcn32s"], log.read_text()
+    ran = stages_run(log.read_text())
+    assert ran == ["preprocess", "data_card", "train_fcn32s"], log.read_text()
     assert not (repo / "models" / "fcn32s.pt").exists()
     assert "train_fcn32s" in _changed_stages(repo) - {"preprocess"}
     _assert_outputs_whole(repo)

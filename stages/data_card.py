@@ -1,0 +1,87 @@
+"""DVC stage `data_card`: what the models see, counted from data/preprocessed.
+
+Writes reports/data_card.md (images and labelled pixels per source and split, class pixel
+shares, what coco_to_voc and preprocess dropped and why, the COCO -> VOC rules next to
+torchvision's reference, the terms of each source), plots/data/class_pixels.csv
+(source,split,class,pixels,share) and metrics/data.json. Byte-identical on every run of the
+same inputs. Reads `download.generate_sample` of the active params profile (whether the data
+is the generated sample or the real data sets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+if __package__ in (None, ""):  # run as `python stages/data_card.py`: make `pipeline` importable
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.inputs import MissingInputsError, require_inputs  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap.add_argument(
+        "--data",
+        type=Path,
+        default=Path("data/preprocessed"),
+        help="preprocess output: train/, val/, report.json (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--coco-report",
+        type=Path,
+        default=Path("data/coco_voc/report.json"),
+        help="coco_to_voc's report (default: %(default)s)",
+    )
+    ap.add_argument(
+        "--out",
+        type=Path,
+        default=Path("."),
+        help="root of reports/, plots/, metrics/ (default: .)",
+    )
+    ap.add_argument(
+        "--workers", type=int, default=2, help="label decoding processes (default: %(default)s)"
+    )
+    args = ap.parse_args(argv)
+    try:
+        params = load_params(args.params)
+        require_inputs(
+            {
+                args.data / "train" / "index.json": ("preprocess", "train shards"),
+                args.data / "val" / "index.json": ("preprocess", "val shards"),
+                args.data / "report.json": ("preprocess", "report"),
+                args.coco_report: ("coco_to_voc", "report"),
+            }
+        )
+    except (ParamsError, MissingInputsError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+
+    from pipeline.data_card import CARD, DataCardError, metrics_json, write_data_card
+
+    try:
+        counts = write_data_card(
+            args.data,
+            args.coco_report,
+            args.out,
+            generate_sample=params["download"]["generate_sample"],
+            workers=args.workers,
+        )
+    except DataCardError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    for source, splits in metrics_json(counts).items():
+        shown = ", ".join(
+            f"{split} {m['images']} images / {m['labelled_pixels']} labelled pixels"
+            for split, m in splits.items()
+        )
+        print(f"data_card: {source}: {shown}")
+    print(f"data_card: {args.out / CARD}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
