@@ -217,7 +217,25 @@ SCHEMA: dict[str, Any] = {
         "batch_size": _int(min=1),
         "qualitative_images": _int(min=0, max=64),
     },
+    # speed and memory of the trained models (stage inference_report); a params file written
+    # before these sections existed gets the defaults
+    "inference": {
+        "warmup": _int(min=0, max=1000, default=1),  # untimed passes over the inputs
+        "repeats": _int(min=1, max=10000, default=3),  # timed passes
+        "val_images": _int(min=0, default=2),  # val images timed at their own size
+    },
+    "export": {  # stage export_onnx
+        "opset": _int(min=18, max=30, default=18),
+        "val_images": _int(min=0, default=2),  # real val images checked against PyTorch
+        "min_agreement": _float(min=0, max=1, default=0.999),  # argmax pixels, each input
+    },
 }
+
+
+def _all_defaults(schema: dict[str, Any]) -> bool:
+    return all(
+        _all_defaults(s) if isinstance(s, dict) else "default" in s.kw for s in schema.values()
+    )
 
 
 def _validate(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
@@ -234,6 +252,8 @@ def _validate(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
         sub = f"{path}.{key}"
         if key not in tree and isinstance(spec, Spec) and "default" in spec.kw:
             tree[key] = spec.kw["default"]
+        elif key not in tree and isinstance(spec, dict) and _all_defaults(spec):
+            tree[key] = {}  # a whole section of defaults, filled in below
         if key not in tree:
             errors.append(f"{sub}: missing")
         elif isinstance(spec, dict):

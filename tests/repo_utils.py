@@ -29,6 +29,8 @@ ALL_STAGES = [
     "train_fcn16s",
     "train_fcn8s",
     "evaluate",
+    "inference_report",
+    "export_onnx",
 ]
 FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
 

@@ -66,11 +66,12 @@ def test_models_are_loadable_with_weights_only(sample_run):
         assert state["arch"] == model
 
 
-def test_fcn8s_param_change_reruns_only_fcn8s_and_evaluate(run_copy):
+def test_fcn8s_param_change_reruns_only_fcn8s_and_its_downstream(run_copy):
     repo = run_copy
     set_params(repo, {"sample.train.fcn8s.lr": 0.001})
     out = run(["dvc", "repro"], repo)
-    assert stages_run(out.stdout) == ["train_fcn8s", "evaluate"], out.stdout
+    downstream = ["evaluate", "inference_report", "export_onnx"]  # all read models/fcn8s.pt
+    assert stages_run(out.stdout) == ["train_fcn8s", *downstream], out.stdout
     # compare across commits: the param and the FCN-8s metrics changed, FCN-32s did not
     params = run(["dvc", "params", "diff"], repo).stdout
     assert "sample.train.fcn8s.lr" in params, params

@@ -1,0 +1,181 @@
+"""Model cards: one markdown page per trained model, reports/model_cards/<name>.md.
+
+What a user needs before using a model, from what the pipeline already knows: the recipe (the
+active params profile), the data (the val set named honestly: the sample profile's is
+generated, not VOC), the evaluation metrics (metrics/<name>.json of the `evaluate` stage), the
+inference figures (`pipeline.inference.benchmark_model`), intended use and limits. Written by
+the DVC stage `inference_report`, which has the inference figures at hand.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.evaluate import EXTRA_COLUMNS, METRIC_COLUMNS, display_name
+
+PREVIOUS = {"fcn16s": "fcn32s", "fcn8s": "fcn16s"}  # the staged training's initial models
+ARCH_NOTES = {
+    "fcn32s": "one stream: the stride-32 scores upsampled 32x (fixed bilinear)",
+    "fcn16s": "stride-32 scores upsampled 2x and fused with the pool4 scores, then 16x",
+    "fcn8s": "FCN-16s's fusion upsampled 2x and fused with the pool3 scores, then 8x",
+}
+
+
+def initialisation(name: str, params: Mapping[str, Any]) -> str:
+    """Where the model's training started, in words."""
+    if name in PREVIOUS:
+        prev = PREVIOUS[name]
+        return f"{display_name(prev)} (models/{prev}.pt), new layers zero-initialised"
+    if params["model"]["backbone_init"] == "random":
+        return "random weights (no pretrained backbone)"
+    if params["download"]["generate_sample"]:
+        return (
+            "the sample's stand-in VGG16 classifier (stage download_vgg16: a width-reduced VGG16 "
+            "trained on crops of the generated sample, not ImageNet)"
+        )
+    return "torchvision's ImageNet VGG16 (vgg16-397923af.pth), fc6/fc7 reshaped to convolutions"
+
+
+def _pct(v: float | None) -> str:
+    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
+
+
+def recipe_table(name: str, params: Mapping[str, Any]) -> str:
+    """Markdown: the training settings of `name` from the active params profile."""
+    t, m = params["train"], params["model"]
+    batch = t["batch_size"] * t["accumulate"] * t["nproc"] * t["nnodes"]
+    rows = [
+        ("initialised from", initialisation(name, params)),
+        ("VGG16 width multiplier", f"{m['width']:g}"),
+        ("dropout after fc6/fc7", f"{m['dropout']:g}"),
+        ("epochs", str(t[name]["epochs"])),
+        ("learning rate", f"{t[name]['lr']:g} ({t['lr_policy']} policy)"),
+        (
+            "batch",
+            f"{batch} images per step ({t['batch_size']} per process x {t['accumulate']} "
+            f"accumulated x {t['nproc'] * t['nnodes']} processes)",
+        ),
+        ("loss", f"cross-entropy, {t['loss']} over pixels, 255 ignored"),
+        ("optimiser", f"SGD, momentum {t['momentum']:g}, weight decay {t['weight_decay']:g}"),
+        ("crops", f"{t['crop_size']} px, scale {t['scale_range']}, hflip {t['hflip']}"),
+        ("precision", t["precision"]),
+    ]
+    return "| setting | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+
+
+def metrics_table(metrics: Mapping[str, Any]) -> str:
+    """Markdown: the four Table 2 metrics and mean Dice (when present) in %."""
+    cols = [(k, c) for k, c in (*METRIC_COLUMNS, *EXTRA_COLUMNS) if k in metrics]
+    return (
+        "| " + " | ".join(c for _, c in cols) + " |\n"
+        "|" + "---:|" * len(cols) + "\n"
+        "| " + " | ".join(_pct(metrics[k]) for k, _ in cols) + " |\n"
+    )
+
+
+def inference_table(report: Mapping[str, Any]) -> str:
+    """Markdown: img/s and p50/p95 latency per input setting of a `benchmark_model` report."""
+    lines = ["| input | images/s | p50 ms | p95 ms |", "|---|---:|---:|---:|"]
+    for key, value in report.items():
+        if key.startswith("at_") and isinstance(value, Mapping):
+            label = (
+                f"val images ({value['images']}; {value['sizes']})"
+                if key == "at_val_sizes"
+                else key[3:]
+            )
+            lines.append(
+                f"| {label} | {value['images_per_s']:.2f} | {value['latency_p50_ms']:.1f} | "
+                f"{value['latency_p95_ms']:.1f} |"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def model_card(
+    name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    inference: Mapping[str, Any],
+    val_set: str,
+) -> str:
+    """The markdown model card of `name`.
+
+    `params`: the active profile (`pipeline.config.load_params`); `metrics`: the dict of
+    metrics/<name>.json; `inference`: `benchmark_model`'s report; `val_set`: what the metrics
+    were scored on, in words (stages/evaluate.py `val_set_name`).
+    """
+    label = display_name(name)
+    gflops = next((v for k, v in inference.items() if k.startswith("gflops_")), None)
+    gflops_at = next((k[7:] for k in inference if k.startswith("gflops_")), "")
+    sample = params["download"]["generate_sample"]
+    train_data = (
+        "the generated sample's train split and its generated COCO-style images (synthetic "
+        "shapes in VOC 2012's and COCO's layouts, pipeline/sample.py)"
+        if sample
+        else "PASCAL VOC 2012 train"
+        + (
+            " + COCO 2017 instances of the 20 VOC classes"
+            if params["preprocess"]["use_coco"]
+            else ""
+        )
+    )
+    limits = [
+        "21 classes only (background + the 20 PASCAL VOC classes); anything else is background "
+        "or a wrong VOC class.",
+        "Semantic, not instance segmentation: touching objects of one class merge.",
+        "Thin structures and small objects suffer from the stride-8/16/32 decoder (FCN-8s least).",
+        "Inputs: RGB scaled to 0..1 and normalised with the ImageNet mean/std; other "
+        "normalisations give wrong labels without an error.",
+    ]
+    if sample:
+        limits.insert(
+            0,
+            "**Trained and scored on generated data (the sample profile)**: it demonstrates the "
+            "pipeline and says nothing about real photos. Use the full profile for a real model.",
+        )
+    intended = (
+        "A smoke-test model: checking the pipeline, the export and deployment plumbing end to end."
+        if sample
+        else "Semantic segmentation of photos into the 20 PASCAL VOC classes, as in Long et al.; "
+        "a baseline to compare newer segmentation models against."
+    )
+    mem = inference.get("peak_memory_mib")
+    return (
+        f"# Model card: {label}\n\n"
+        f"Generated by the DVC stage `inference_report` (profile `{params['profile']}`) from "
+        f"params.yaml, metrics/{name}.json and models/{name}.pt; do not edit by hand.\n\n"
+        "## Model\n\n"
+        f"- {label}, fully convolutional network on a VGG16 backbone (Long, Shelhamer, Darrell, "
+        f"CVPR 2015): {ARCH_NOTES.get(name, '')}.\n"
+        f"- {inference['parameters']:,} parameters"
+        + (f"; {gflops:.2f} GFLOPs per {gflops_at} image" if gflops is not None else "")
+        + " (FlopCounterMode, a multiply-add = 2 FLOPs).\n"
+        "- Input `[N, 3, H, W]` float32, any H and W: RGB in 0..1 normalised with the ImageNet "
+        "mean/std. Output: logits `[N, 21, H, W]`; argmax over dim 1 is the label map.\n"
+        f"- Files: `models/{name}.pt` (`pipeline.models.fcn.load_model`), "
+        f"`models/onnx/{name}.onnx` (stage `export_onnx`, dynamic H and W).\n\n"
+        "## Training recipe\n\n" + recipe_table(name, params) + "\n"
+        "## Data\n\n"
+        f"- Profile: `{params['profile']}`.\n"
+        f"- Trained on: {train_data}.\n"
+        f"- Evaluated on: {val_set}, each image at its original resolution.\n\n"
+        f"## Metrics in % on {val_set}\n\n"
+        + metrics_table(metrics)
+        + "\nAs in Long et al., Table 2: the confusion matrix summed over the val set, then the "
+        "metrics; mean IU averages the classes present in ground truth or prediction.\n\n"
+        "## Inference\n\n"
+        f"{inference['device']}, {inference['precision']}, batch {inference.get('batch_size', 1)}"
+        f", after {inference['warmup']} warm-up pass(es), {inference['repeats']} timed "
+        f"repeat(s). Machine: {inference['machine']}.\n\n"
+        + inference_table(inference)
+        + (
+            f"\nPeak memory of one pass: {mem:.1f} MiB ({inference['peak_memory_method']}).\n"
+            if mem is not None
+            else ""
+        )
+        + f"Figures vary between runs and machines: metrics/inference/{name}.json holds them, "
+        "`dvc metrics diff` compares two commits.\n\n"
+        "## Intended use\n\n" + intended + "\n\n"
+        "## Limits\n\n" + "".join(f"- {item}\n" for item in limits)
+    )
