@@ -32,6 +32,7 @@ ALL_STAGES = [
     "inference_report",
     "export_onnx",
 ]
+AFTER_EVALUATE = ALL_STAGES[ALL_STAGES.index("evaluate") + 1 :]
 FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
 
 # A sample run small enough for the test suite: same stages and code, fewer/smaller images.
@@ -51,6 +52,10 @@ FAST_SAMPLE: dict[str, Any] = {
     "sample.train.fcn16s.epochs": 1,
     "sample.train.fcn8s.epochs": 1,
     "sample.evaluate.qualitative_images": 2,
+    "sample.inference.warmup": 0,
+    "sample.inference.repeats": 1,
+    "sample.inference.val_images": 1,
+    "sample.export.val_images": 1,
 }
 
 

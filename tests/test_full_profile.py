@@ -46,6 +46,10 @@ TINY: dict[str, Any] = {
     "full.train.momentum": 0.9,
     **{f"full.train.{m}.{k}": v for m in MODELS for k, v in (("epochs", 1), ("lr", 0.01))},
     "full.evaluate.qualitative_images": 2,
+    "full.inference.warmup": 0,
+    "full.inference.repeats": 1,
+    "full.inference.val_images": 1,
+    "full.export.val_images": 1,
 }
 
 
