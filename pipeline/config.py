@@ -40,6 +40,8 @@ class Spec:
             "bool": isinstance(value, bool),
             "str": isinstance(value, str),
             "list[str]": isinstance(value, list) and all(isinstance(v, str) for v in value),
+            "list[float]": isinstance(value, list)
+            and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value),
             "pair[float]": isinstance(value, list)
             and len(value) == 2
             and all(isinstance(v, int | float) and not isinstance(v, bool) for v in value),
@@ -216,6 +218,15 @@ SCHEMA: dict[str, Any] = {
         "precision": _PRECISION,
         "batch_size": _int(min=1),
         "qualitative_images": _int(min=0, max=64),
+        # test-time augmentation, scored as separate metrics (metrics/tta/<model>.json)
+        "tta": {
+            "flip": _bool(default=False),
+            "scales": Spec(
+                "list[float]",
+                lambda v: None if v and all(x > 0 for x in v) else "needs positive scales",
+                default=[1.0],
+            ),
+        },
     },
     # speed and memory of the trained models (stage inference_report); a params file written
     # before these sections existed gets the defaults

@@ -13,6 +13,7 @@ and the four metrics come from it (pipeline.metrics). Outputs, all written atomi
     plots/<model>/per_image.csv          image,labelled_pixels,pixel_accuracy,mean_iou
     plots/<model>/qualitative.png        image | ground truth | prediction, first val keys
     plots/<model>/worst.png, best.png    the same for the lowest and highest per-image mean IU
+    metrics/tta/<model>.json             the same metrics with test-time augmentation, if on
     reports/summary.md                   FCN-32s vs 16s vs 8s in %, like the paper's Table 2
 """
 
@@ -454,17 +455,24 @@ def evaluate_all(
     channels_last: bool = True,
     progress: bool = True,
     val_set: str = VOC2012_VAL,
+    tta_flip: bool = False,
+    tta_scales: Sequence[float] = (1.0,),
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each named model (loaded one at a time), write its report and reports/summary.md.
 
-    `val_set` is the name the summary gives the scored images.
+    `val_set` is the name the summary gives the scored images. With test-time augmentation
+    (`tta_flip`, `tta_scales`: `pipeline.tta`) each model is scored a second time through it,
+    into metrics/tta/<name>.json and a table of its own; without, that file says "none".
     """
+    from pipeline.tta import TestTimeAugmentation, tta_enabled, tta_name
+
     out_root = Path(out_root)
     eval_set, raw_set = val_datasets(val_dir)
     if len(eval_set) == 0:
         raise ValueError(f"{val_dir}: the val set is empty")
     dev, amp = _resolve(device, precision)
     results: dict[str, dict[str, Any]] = {}
+    tta_results: dict[str, dict[str, Any]] = {}
     for name in names:
         model = load_model(name)
         per_image: list[dict[str, Any]] = []
@@ -498,9 +506,32 @@ def evaluate_all(
             f"{_pct(s['pixel_accuracy'])}%",
             flush=True,
         )
+        tta = {"tta": tta_name(tta_flip, tta_scales)}
+        if tta_enabled(tta_flip, tta_scales):
+            hist_tta = evaluate_model(
+                TestTimeAugmentation(model, flip=tta_flip, scales=tta_scales),
+                eval_set,
+                device=dev,
+                precision=amp,
+                channels_last=channels_last,
+                batch_size=batch_size,
+                workers=workers,
+                progress=progress,
+                desc=f"evaluate {name} + TTA",
+            )
+            tta_results[name] = segmentation_scores(hist_tta)
+            tta.update(metrics_json(tta_results[name]))
+        atomic_write_json(out_root / "metrics" / "tta" / f"{name}.json", tta)
         del model
     setting = f"device {dev.type}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}"
     md = summary_markdown(results, num_images=len(eval_set), setting=setting, val_set=val_set)
+    if tta_results:
+        md += (
+            f"\n## With test-time augmentation ({tta_name(tta_flip, tta_scales)})\n\n"
+            "Class probabilities averaged over the augmented views (`pipeline/tta.py`); the "
+            "paper scores single views, so these are not for comparison with Table 2.\n\n"
+            + summary_table(tta_results)
+        )
     atomic_write_text(out_root / "reports" / "summary.md", md)
     print("\n" + summary_table(results), flush=True)
     return results

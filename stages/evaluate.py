@@ -1,6 +1,6 @@
 """DVC stage `evaluate`: score FCN-32s, FCN-16s and FCN-8s on VOC 2012 val (original resolution).
 
-Reads models/<name>.pt and data/preprocessed/val; writes metrics/<name>.json,
+Reads models/<name>.pt and data/preprocessed/val; writes metrics/<name>.json, metrics/tta/,
 plots/<name>/{per_class_iou.csv,confusion.png,qualitative.png} and reports/summary.md
 (Table 2 of the paper: pixel acc., mean acc., mean IU, f.w. IU). Settings come from the
 `evaluate` section of the active params profile: device, precision, batch_size,
@@ -75,6 +75,8 @@ def main(argv: list[str] | None = None) -> int:
         workers=args.workers,
         progress=not args.no_progress,
         val_set=val_set_name(params),
+        tta_flip=cfg["tta"]["flip"],
+        tta_scales=cfg["tta"]["scales"],
     )
     return 0
 

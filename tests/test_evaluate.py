@@ -27,7 +27,7 @@ from pipeline.evaluate import (
     summary_table,
     val_datasets,
 )
-from pipeline.metrics import confusion_matrix
+from pipeline.metrics import confusion_matrix, segmentation_scores
 from pipeline.models import fcn
 from pipeline.shards import ShardWriter
 from pipeline.transforms import normalize
@@ -263,3 +263,56 @@ def test_confusion_csv_lists_every_cell_in_class_order():
     assert sum(int(r["count"]) for r in rows) == int(h.sum())
     with pytest.raises(ValueError, match="does not match 21 classes"):
         confusion_csv(np.zeros((3, 3)))
+
+
+def test_tta_flip_of_a_mirror_symmetric_model_changes_nothing_and_is_reported(
+    tmp_path: Path, small_val_dir: Path
+):
+    from pipeline.tta import TestTimeAugmentation
+
+    class Mirror(torch.nn.Module):  # logits symmetric under a left-right flip of the input
+        def __init__(self) -> None:
+            super().__init__()
+            self.net = TinyFCN(0)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.net(x) + self.net(x.flip(-1)).flip(-1)
+
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 37, 45)
+    m = Mirror().eval()
+    with torch.no_grad():
+        plain, tta = m(x), TestTimeAugmentation(m, flip=True)(x)
+    assert tta.shape == plain.shape
+    assert torch.equal(tta.argmax(1), plain.argmax(1))
+    assert torch.allclose(tta.exp().sum(1), torch.ones(2, 37, 45), atol=1e-5)  # probabilities
+
+    results = evaluate_all(
+        lambda name: TinyFCN(1),
+        ["fcn8s"],
+        small_val_dir,
+        tmp_path,
+        device="cpu",
+        precision="fp32",
+        qualitative_images=1,
+        progress=False,
+        tta_flip=True,
+        tta_scales=[0.5, 1.0],
+    )
+    tta_json = json.loads((tmp_path / "metrics" / "tta" / "fcn8s.json").read_text())
+    assert tta_json["tta"] == "flip, scales 0.5/1"
+    assert 0.0 <= tta_json["mean_iou"] <= 1.0
+    eval_set, _ = val_datasets(small_val_dir)
+    by_hand = evaluate_model(
+        TestTimeAugmentation(TinyFCN(1), flip=True, scales=[0.5, 1.0]),
+        eval_set,
+        device="cpu",
+        precision="fp32",
+        progress=False,
+    )
+    assert tta_json["mean_iou"] == pytest.approx(segmentation_scores(by_hand)["mean_iou"])
+    assert results["fcn8s"]["num_pixels"] == int(by_hand.sum())  # same pixels, other views
+    summary = (tmp_path / "reports" / "summary.md").read_text()
+    assert "## With test-time augmentation (flip, scales 0.5/1)" in summary
+    with pytest.raises(ValueError, match="positive"):
+        TestTimeAugmentation(m, scales=[0.0])
