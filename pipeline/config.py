@@ -218,6 +218,8 @@ SCHEMA: dict[str, Any] = {
         "precision": _PRECISION,
         "batch_size": _int(min=1),
         "qualitative_images": _int(min=0, max=64),
+        # what is scored: all of VOC 2012 val, or the paper's seg11valid (pipeline/splits.py)
+        "split": _str(choices=("voc2012_val", "seg11valid"), default="voc2012_val"),
         # test-time augmentation, scored as separate metrics (metrics/tta/<model>.json)
         "tta": {
             "flip": _bool(default=False),

@@ -457,19 +457,33 @@ def evaluate_all(
     val_set: str = VOC2012_VAL,
     tta_flip: bool = False,
     tta_scales: Sequence[float] = (1.0,),
+    split: str = "voc2012_val",
+    train_dir: str | Path | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each named model (loaded one at a time), write its report and reports/summary.md.
 
     `val_set` is the name the summary gives the scored images. With test-time augmentation
     (`tta_flip`, `tta_scales`: `pipeline.tta`) each model is scored a second time through it,
     into metrics/tta/<name>.json and a table of its own; without, that file says "none".
+    `split` ("voc2012_val" or "seg11valid", `pipeline.splits`) selects the scored records;
+    with `train_dir`, scoring an image that is also in the training shards is refused.
+
+    Raises:
+        ValueError: empty val set, unknown split, seg11valid ids missing from the val shards,
+            or val images that are also training images.
     """
     from pipeline.tta import TestTimeAugmentation, tta_enabled, tta_name
 
     out_root = Path(out_root)
-    eval_set, raw_set = val_datasets(val_dir)
+    from pipeline.shards import ShardReader
+    from pipeline.splits import check_no_overlap, select_split
+
+    eval_set, raw_set = (select_split(d, split) for d in val_datasets(val_dir))
     if len(eval_set) == 0:
         raise ValueError(f"{val_dir}: the val set is empty")
+    if train_dir is not None:
+        train_keys = [r["key"] for r in ShardReader(train_dir).records]
+        check_no_overlap(train_keys, [eval_set.key(i) for i in range(len(eval_set))], split)
     dev, amp = _resolve(device, precision)
     results: dict[str, dict[str, Any]] = {}
     tta_results: dict[str, dict[str, Any]] = {}

@@ -19,6 +19,8 @@ from pipeline.inputs import MissingInputsError, require_inputs
 
 def val_set_name(params: dict) -> str:
     """What the val shards hold, said plainly: the sample's split is generated, not VOC."""
+    if params["evaluate"]["split"] == "seg11valid":
+        return "seg11valid (736 images of PASCAL VOC 2011 val, none in SBD train)"
     if params["download"]["generate_sample"]:
         n = params["download"]["sample"]["voc_val"]
         return f"the generated sample's val split ({n} synthetic images in VOC 2012's layout)"
@@ -77,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
         val_set=val_set_name(params),
         tta_flip=cfg["tta"]["flip"],
         tta_scales=cfg["tta"]["scales"],
+        split=cfg["split"],
+        train_dir=Path(args.data).parent / "train",
     )
     return 0
 
