@@ -65,6 +65,12 @@ def main(argv: list[str] | None = None) -> int:
     from pipeline.evaluate import evaluate_all
     from pipeline.models.fcn import load_model
 
+    # the training shards beside the val shards: scoring an image trained on is refused
+    train_dir = Path(args.data).parent / "train"
+    if not (train_dir / "index.json").is_file():
+        print(f"[evaluate] no training shards in {train_dir}: train/val overlap not checked")
+        train_dir = None
+
     evaluate_all(
         lambda name: load_model(models / f"{name}.pt", map_location="cpu"),
         args.only,
@@ -80,7 +86,7 @@ def main(argv: list[str] | None = None) -> int:
         tta_flip=cfg["tta"]["flip"],
         tta_scales=cfg["tta"]["scales"],
         split=cfg["split"],
-        train_dir=Path(args.data).parent / "train",
+        train_dir=train_dir,
     )
     return 0
 
