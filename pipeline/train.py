@@ -779,7 +779,13 @@ def validate(
 def make_loader(
     train_set, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device
 ) -> DataLoader:
-    """One epoch's loader; its workers die with the trainer."""
+    """One epoch's loader; its workers die with the trainer.
+
+    It draws its workers' base seed from a generator of its own: from the global RNG (the
+    default), a run resumed mid-epoch would draw it once more than the uninterrupted run at
+    that point and then drop other units (the restored RNG state moved on). Augmentation is
+    seeded per sample, so the workers' seed changes nothing else.
+    """
     return DataLoader(
         train_set,
         batch_size=batch_size,
@@ -788,6 +794,7 @@ def make_loader(
         pin_memory=device.type == "cuda",
         drop_last=False,
         worker_init_fn=functools.partial(_loader_worker_init, trainer_pid=os.getpid()),
+        generator=torch.Generator().manual_seed(sampler.seed * 1_000_003 + sampler.epoch),
     )
 
 
