@@ -18,10 +18,17 @@ Layer names are shared across the three classes so that `pipeline.surgery.transp
 the staged training by name; `features` keeps torchvision's VGG16 indices (`features.0` ...
 `features.28`) so ImageNet weights copy 1:1. Inputs: RGB in 0..1 normalised with the ImageNet
 mean/std (`normalization = "imagenet"`), what torchvision's VGG16 weights expect.
+
+Weights made for another input (the Caffe releases: BGR 0..255 minus a mean colour) carry an
+`input_adapter` (`CaffeInput`) that turns the pipeline's input into theirs as the first op, so
+every model still takes the same input and evaluate/predict need not know. The model file's
+`normalization` field then names the weights' own input (`CaffeInput.spec()`), and `load_model`
+rebuilds the adapter from it; models without an adapter write "imagenet", as they always did.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import pickle
 from pathlib import Path
@@ -38,6 +45,7 @@ from pipeline.surgery import (
     vgg16_channels,
     zero_init_scores,
 )
+from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NORMALIZATION = "imagenet"
 CONV1_PAD = 100
@@ -45,6 +53,60 @@ CONV1_PAD = 100
 _LAYERS = [layer for v in VGG16_CFG for layer in (("pool",) if v == "M" else ("conv", "relu"))]
 _POOLS = [i for i, v in enumerate(_LAYERS) if v == "pool"]
 POOL3, POOL4 = _POOLS[2], _POOLS[3]  # 16, 23
+# Mean colour (B, G, R, 0..255) subtracted from the input of the released Caffe FCNs: the
+# FCN repository's voc_layers.py and infer.py (fcn.berkeleyvision.org).
+CAFFE_MEAN_BGR: tuple[float, float, float] = (104.00699, 116.66877, 122.67892)
+CAFFE_BGR = "caffe_bgr"  # `normalization["kind"]` of weights that take Caffe's input
+
+
+class CaffeInput(nn.Module):
+    """The pipeline's input -> the Caffe releases' input, exactly, as one affine map per channel.
+
+    In: float [N, 3, H, W], RGB in 0..1 normalised with the ImageNet mean/std
+    (`pipeline.transforms.normalize`). Out: float [N, 3, H, W], BGR in 0..255 minus `mean_bgr`
+    (the Caffe nets' `data` blob). Channel k of the output is input channel 2-k times
+    255*std + (255*mean - mean_bgr[k]): the inverse of `normalize`, then Caffe's own
+    preprocessing. No tensors of its own (nothing in the state dict): the file's
+    `normalization` field, `spec()`, is all it needs. The arithmetic stays float32 under autocast
+    (element-wise ops), where a bf16 1x1 conv would round 0..255 values by up to 0.5.
+    """
+
+    def __init__(self, mean_bgr: tuple[float, float, float] | list[float] = CAFFE_MEAN_BGR) -> None:
+        super().__init__()
+        mean_bgr = tuple(float(m) for m in mean_bgr)
+        if len(mean_bgr) != 3 or not all(math.isfinite(m) for m in mean_bgr):
+            raise ValueError(f"mean_bgr must be 3 finite numbers (B, G, R), got {mean_bgr!r}")
+        self.mean_bgr = mean_bgr
+        std_bgr, mean_rgb_as_bgr = IMAGENET_STD[::-1], IMAGENET_MEAN[::-1]
+        self._scale = tuple(255.0 * s for s in std_bgr)
+        self._shift = tuple(255.0 * m - c for m, c in zip(mean_rgb_as_bgr, mean_bgr, strict=True))
+
+    def spec(self) -> dict[str, Any]:
+        """The model file's `normalization` value: {"kind": "caffe_bgr", "mean_bgr": [B, G, R]}."""
+        return {"kind": CAFFE_BGR, "mean_bgr": list(self.mean_bgr)}
+
+    @classmethod
+    def from_spec(cls, spec: Any) -> CaffeInput:
+        """Inverse of `spec()`; ValueError on anything else."""
+        if not (isinstance(spec, dict) and spec.get("kind") == CAFFE_BGR and "mean_bgr" in spec):
+            raise ValueError(
+                f"normalization {spec!r} is neither {NORMALIZATION!r} nor "
+                f'{{"kind": {CAFFE_BGR!r}, "mean_bgr": [B, G, R]}}'
+            )
+        mean = spec["mean_bgr"]
+        if not isinstance(mean, list | tuple) or not all(
+            isinstance(m, int | float) and not isinstance(m, bool) for m in mean
+        ):
+            raise ValueError(f"normalization mean_bgr must be 3 numbers, got {mean!r}")
+        return cls(mean)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.tensor(self._scale, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        shift = torch.tensor(self._shift, dtype=x.dtype, device=x.device).view(1, 3, 1, 1)
+        return x.flip(1) * scale + shift
+
+    def extra_repr(self) -> str:
+        return f"mean_bgr={self.mean_bgr}"
 
 
 def make_vgg16_features(width: float) -> nn.Sequential:
@@ -97,6 +159,8 @@ class _FCN(nn.Module):
         convs, fc = vgg16_channels(width)  # validates width
         self.num_classes = num_classes
         self.width = float(width)
+        # None: the weights take the pipeline's input; else a CaffeInput converting it first
+        self.input_adapter: CaffeInput | None = None
         self.features = make_vgg16_features(width)
         self.fc6 = nn.Conv2d(convs[-1], fc, 7)
         self.relu6 = nn.ReLU(inplace=True)
@@ -116,7 +180,7 @@ class _FCN(nn.Module):
         """(pool3, pool4, score_fr) of an [N,3,H,W] batch."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"{self.arch}: expected input [N,3,H,W], got {tuple(x.shape)}")
-        h = x
+        h = x if self.input_adapter is None else self.input_adapter(x)
         pool3 = pool4 = h
         for i, layer in enumerate(self.features):
             h = layer(h)
@@ -127,6 +191,14 @@ class _FCN(nn.Module):
         h = self.drop6(self.relu6(self.fc6(h)))
         h = self.drop7(self.relu7(self.fc7(h)))
         return pool3, pool4, self.score_fr(h)
+
+    @property
+    def weights_normalization(self) -> str | dict[str, Any]:
+        """The input the weights were made for: "imagenet", or the adapter's `spec()`.
+
+        `normalization` (the class attribute) stays "imagenet": what `forward` takes.
+        """
+        return NORMALIZATION if self.input_adapter is None else self.input_adapter.spec()
 
     def extra_repr(self) -> str:
         return f"arch={self.arch}, num_classes={self.num_classes}, width={self.width}"
@@ -241,6 +313,8 @@ def _check_plain(value: Any, where: str) -> None:
 def save_model(path: str | os.PathLike, model: nn.Module, **extra_meta: Any) -> None:
     """Write {"arch", "num_classes", "width", "normalization", "state_dict", **extra_meta}.
 
+    `normalization` is `model.weights_normalization`: "imagenet" for the pipeline's own models
+    (their files are what they always were), a dict for imported weights with an input adapter.
     Atomic (no half-written file on failure); CPU tensors and plain Python values only, so the
     file loads with `torch.load(path, weights_only=True)`.
     """
@@ -256,7 +330,7 @@ def save_model(path: str | os.PathLike, model: nn.Module, **extra_meta: Any) -> 
         "arch": model.arch,
         "num_classes": model.num_classes,
         "width": model.width,
-        "normalization": model.normalization,
+        "normalization": model.weights_normalization,
         "state_dict": {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()},
         **extra_meta,
     }
@@ -276,6 +350,8 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     """Rebuild the model `save_model` wrote, in eval mode; extra metadata in `model.meta`.
 
     Reads with `weights_only=True`: a file that pickles arbitrary objects is refused, never run.
+    A `normalization` other than "imagenet" must be a `CaffeInput.spec()`: the model gets that
+    input adapter back and takes the pipeline's input like any other (ModelFileError otherwise).
     """
     path = Path(path)
     if not path.is_file():
@@ -299,11 +375,15 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     arch, num_classes, width = payload["arch"], payload["num_classes"], payload["width"]
     if arch not in MODELS:
         raise ModelFileError(f"{path}: unknown arch {arch!r}; valid: {', '.join(MODELS)}")
+    adapter = None
     if payload["normalization"] != NORMALIZATION:
-        raise ModelFileError(
-            f"{path}: normalization {payload['normalization']!r}, this pipeline feeds "
-            f"{NORMALIZATION!r}"
-        )
+        try:
+            adapter = CaffeInput.from_spec(payload["normalization"])
+        except ValueError as e:
+            raise ModelFileError(
+                f"{path}: unknown input normalization ({e}); this pipeline feeds "
+                f"{NORMALIZATION!r} and can adapt it to {CAFFE_BGR!r} only"
+            ) from None
     state_dict = payload["state_dict"]
     if not isinstance(state_dict, dict):
         raise ModelFileError(f"{path}: state_dict is a {type(state_dict).__name__}, not a dict")
@@ -314,5 +394,6 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
         model.load_state_dict(state_dict, strict=True, assign=True)
     except (RuntimeError, ValueError, TypeError) as e:
         raise ModelFileError(f"{path}: weights do not fit {arch} (width {width}): {e}") from None
+    model.input_adapter = adapter  # no tensors: built off the meta device, fits any device
     model.meta = {k: v for k, v in payload.items() if k not in _RESERVED}
     return model.eval()

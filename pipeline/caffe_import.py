@@ -1,0 +1,327 @@
+"""Import the released Caffe FCN weights (fcn.berkeleyvision.org) without Caffe.
+
+    blobs = read_caffemodel("fcn8s-heavy-pascal.caffemodel")   # {layer name: [weight, bias]}
+    model = fcn_from_caffe("fcn8s", blobs)                      # pipeline.models.FCN8s
+
+A `.caffemodel` is a binary protobuf `caffe.NetParameter`. This module declares the few fields it
+reads (`caffe_schema`), built at import time with `descriptor_pb2` + `message_factory` in a
+private descriptor pool: no protoc step, no generated file, no clash with a real `caffe` package.
+Field numbers are those of BVLC Caffe's src/caffe/proto/caffe.proto:
+
+    NetParameter      name = 1, layers = 2 (V1LayerParameter, old files), layer = 100
+    LayerParameter    name = 1, type = 2, blobs = 7
+    V1LayerParameter  name = 4, type = 5 (an enum there; the same varint on the wire), blobs = 6
+    BlobProto         num = 1, channels = 2, height = 3, width = 4 (legacy 4-D shape),
+                      data = 5 (packed float), shape = 7, double_data = 8 (packed double)
+    BlobShape         dim = 1 (packed int64)
+
+Every other field of the real schema is skipped by the parser as an unknown field.
+
+The layer names of the releases are those of this project's models (conv1_1 ... conv5_3, fc6,
+fc7, score_fr, upscore, upscore2, score_pool4, upscore16, upscore_pool4, score_pool3, upscore8),
+and Caffe's blob layouts are PyTorch's: Convolution weight [out, in, kh, kw] + bias [out];
+Deconvolution weight [in, out/group, kh, kw] like ConvTranspose2d (no bias in the FCN nets).
+The releases take BGR 0..255 minus `CAFFE_MEAN_BGR`; the imported model gets a `CaffeInput`
+adapter as its first op, so it takes the pipeline's normalised RGB like any other model and
+`evaluate`/`predict` use it unchanged (see pipeline.models.fcn).
+
+FCN-8s at-once (fcn8s-atonce-pascal.caffemodel) scales pool4 by 0.01 and pool3 by 0.0001
+(`scale_pool4`, `scale_pool3`) before the skip scores; this project's FCN8s has no such layers,
+so that file is refused with an error that says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
+from google.protobuf.message import DecodeError
+from torch import nn
+
+from pipeline.models.fcn import CAFFE_MEAN_BGR, MODELS, CaffeInput, build_model, save_model
+from pipeline.surgery import VGG16_CFG, VGG16_CONV_INDICES
+
+ATONCE_LAYERS = ("scale_pool4", "scale_pool3")
+
+# --- the schema ------------------------------------------------------------------------------
+
+_F = descriptor_pb2.FieldDescriptorProto
+_PACKAGE = "fcn_pipeline.caffe_min"
+# (message, [(field name, number, type, label, message type or None, packed)])
+_MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str | None, bool]]]] = [
+    ("BlobShape", [("dim", 1, _F.TYPE_INT64, _F.LABEL_REPEATED, None, True)]),
+    (
+        "BlobProto",
+        [
+            ("num", 1, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
+            ("channels", 2, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
+            ("height", 3, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
+            ("width", 4, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
+            ("data", 5, _F.TYPE_FLOAT, _F.LABEL_REPEATED, None, True),
+            ("shape", 7, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, "BlobShape", False),
+            ("double_data", 8, _F.TYPE_DOUBLE, _F.LABEL_REPEATED, None, True),
+        ],
+    ),
+    (
+        "LayerParameter",
+        [
+            ("name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
+            ("type", 2, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
+            ("blobs", 7, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "BlobProto", False),
+        ],
+    ),
+    (
+        "V1LayerParameter",
+        [
+            ("name", 4, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
+            ("type", 5, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
+            ("blobs", 6, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "BlobProto", False),
+        ],
+    ),
+    (
+        "NetParameter",
+        [
+            ("name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
+            ("layers", 2, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "V1LayerParameter", False),
+            ("layer", 100, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "LayerParameter", False),
+        ],
+    ),
+]
+
+
+def _build_schema() -> dict[str, type]:
+    fdp = descriptor_pb2.FileDescriptorProto(
+        name="fcn_pipeline_caffe_min.proto", package=_PACKAGE, syntax="proto2"
+    )
+    for msg_name, fields in _MESSAGES:
+        msg = fdp.message_type.add(name=msg_name)
+        for name, number, ftype, label, type_name, packed in fields:
+            f = msg.field.add(name=name, number=number, type=ftype, label=label)
+            if type_name:
+                f.type_name = f".{_PACKAGE}.{type_name}"
+            if packed:
+                f.options.packed = True
+    pool = descriptor_pool.DescriptorPool()
+    pool.Add(fdp)
+    return {
+        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
+        for name, _ in _MESSAGES
+    }
+
+
+caffe_schema: dict[str, type] = _build_schema()
+NetParameter = caffe_schema["NetParameter"]
+
+
+# --- reading ---------------------------------------------------------------------------------
+
+
+def _blob_array(blob: Any, where: str) -> np.ndarray:
+    if blob.HasField("shape"):
+        shape = tuple(int(d) for d in blob.shape.dim)
+    else:  # legacy files: always 4-D, e.g. a bias as (1, 1, 1, N)
+        shape = (blob.num, blob.channels, blob.height, blob.width)
+    if len(blob.data) and len(blob.double_data):
+        raise ValueError(f"{where}: both float and double data")
+    data = blob.data if len(blob.data) else blob.double_data
+    arr = np.asarray(data, dtype=np.float32)
+    if arr.size != int(np.prod(shape, dtype=np.int64)):
+        raise ValueError(
+            f"{where}: shape {shape} needs {int(np.prod(shape))} values, found {arr.size}"
+        )
+    return arr.reshape(shape)
+
+
+def read_caffemodel(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
+    """{layer name: its blobs, in Caffe's order (weight, then bias)} of a `.caffemodel`.
+
+    Arrays are float32 in the blob's own shape (legacy 4-D files: (num, channels, height,
+    width)). Layers without blobs (ReLU, Pooling, Crop, ...) map to []. Reads both `layer`
+    (field 100) and the older V1 `layers` (field 2). Raises FileNotFoundError, or ValueError
+    naming the path for bytes that are not a NetParameter, a layer named twice, or a blob whose
+    data does not fill its shape.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{path}: caffemodel not found")
+    net = NetParameter()
+    try:
+        net.ParseFromString(path.read_bytes())
+    except DecodeError as e:
+        raise ValueError(f"{path}: not a Caffe NetParameter protobuf ({e})") from None
+    layers = list(net.layer) + list(net.layers)
+    if not layers:
+        raise ValueError(f"{path}: no layers (neither `layer` nor V1 `layers`): not a caffemodel?")
+    out: dict[str, list[np.ndarray]] = {}
+    for layer in layers:
+        if layer.name in out:
+            raise ValueError(f"{path}: layer {layer.name!r} appears twice")
+        out[layer.name] = [
+            _blob_array(b, f"{path}: layer {layer.name!r} blob {i}")
+            for i, b in enumerate(layer.blobs)
+        ]
+    return out
+
+
+def write_caffemodel(
+    path: str | os.PathLike, blobs: dict[str, list[np.ndarray]], *, v1: bool = False
+) -> None:
+    """Write `blobs` as a `.caffemodel` (the inverse of `read_caffemodel`), with this schema.
+
+    `v1=True` uses the V1 `layers` field and legacy 4-D blob shapes, as pre-2015 Caffe did.
+    For tests and for re-exporting; not atomic.
+    """
+    net = NetParameter(name="fcn")
+    for name, arrays in blobs.items():
+        layer = net.layers.add(name=name) if v1 else net.layer.add(name=name)
+        for a in arrays:
+            a = np.asarray(a, dtype=np.float32)
+            blob = layer.blobs.add()
+            if v1:
+                if a.ndim > 4:
+                    raise ValueError(f"{name}: a legacy blob has at most 4 axes, got {a.shape}")
+                blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - a.ndim) + a.shape
+            else:
+                blob.shape.dim.extend(a.shape)
+            blob.data.extend(a.ravel().tolist())
+    Path(path).write_bytes(net.SerializeToString())
+
+
+# --- into the model --------------------------------------------------------------------------
+
+
+def caffe_layer_names() -> dict[str, str]:
+    """{Caffe layer name: module name} of the VGG16 convs: conv1_1 -> features.0, ..."""
+    names, block, i = [], 1, 1
+    for v in VGG16_CFG:
+        if v == "M":
+            block, i = block + 1, 1
+        else:
+            names.append(f"conv{block}_{i}")
+            i += 1
+    return {n: f"features.{idx}" for n, idx in zip(names, VGG16_CONV_INDICES, strict=True)}
+
+
+def _layer_plan(model: nn.Module) -> dict[str, nn.Module]:
+    """{Caffe layer name: module} of every conv / transposed conv of an FCN."""
+    modules = dict(model.named_modules())
+    plan = {caffe: modules[name] for caffe, name in caffe_layer_names().items()}
+    for name, m in modules.items():
+        if isinstance(m, nn.Conv2d | nn.ConvTranspose2d) and not name.startswith("features"):
+            plan[name] = m
+    return plan
+
+
+def _fits(found: tuple[int, ...], want: tuple[int, ...]) -> bool:
+    # A legacy blob is 4-D with leading 1s: Caffe's own loader accepts (1, 1, 1, N) for (N,).
+    return found == want or (
+        len(found) == 4 and len(want) < 4 and found == (1,) * (4 - len(want)) + want
+    )
+
+
+def _infer_size(blobs: dict[str, list[np.ndarray]]) -> tuple[int, float]:
+    """(num_classes, width) from score_fr's and conv1_1's weights (VGG16: conv1_1 has 64)."""
+    for layer in ("conv1_1", "score_fr"):
+        if not blobs.get(layer):
+            raise ValueError(f"layer {layer!r} missing from the caffemodel (or has no blobs)")
+    # both are 4-D conv weights [out, in, kh, kw], in legacy files too
+    return int(blobs["score_fr"][0].shape[0]), blobs["conv1_1"][0].shape[0] / VGG16_CFG[0]
+
+
+@torch.no_grad()
+def fcn_from_caffe(
+    name: str,
+    blobs: dict[str, list[np.ndarray]],
+    *,
+    num_classes: int | None = None,
+    width: float | None = None,
+) -> nn.Module:
+    """`build_model(name, num_classes, width)` holding the Caffe blobs, with a `CaffeInput` adapter.
+
+    `blobs` as from `read_caffemodel`. Each layer of the model is filled from the Caffe layer of
+    the same name (`conv1_1` ... `conv5_3` for `features.N`); every blob's shape is checked
+    against the model before anything is copied. `num_classes` and `width` default to what the
+    blobs say (score_fr's outputs; conv1_1's outputs / 64): the releases are 21 classes, width
+    1.0. The model returned is in eval mode and takes the pipeline's normalised RGB input (the
+    adapter converts it to the releases' BGR 0..255 minus `CAFFE_MEAN_BGR`).
+
+    Raises ValueError naming the layer for a missing layer, a missing or extra blob, a blob of
+    the wrong shape (expected and found shapes) or non-finite values; for the FCN-8s at-once
+    release (its `scale_pool4`/`scale_pool3` layers have no counterpart here); and for a layer
+    with weights that the model has no place for.
+    """
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    atonce = [n for n in ATONCE_LAYERS if n in blobs]
+    if atonce:
+        raise ValueError(
+            f"this is the FCN-8s at-once release (layers {atonce}: fixed scales 0.01 on pool4 and "
+            "0.0001 on pool3 before the skip scores); this project's FCN8s has no such scales, "
+            "so it is not imported. Use fcn8s-heavy-pascal.caffemodel"
+        )
+    inferred = _infer_size(blobs) if num_classes is None or width is None else (0, 0.0)
+    num_classes = inferred[0] if num_classes is None else num_classes
+    width = inferred[1] if width is None else width
+    model = build_model(name, num_classes=num_classes, width=width)
+    plan = _layer_plan(model)
+
+    def params_of(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+        return [("weight", m.weight)] + ([("bias", m.bias)] if m.bias is not None else [])
+
+    missing = [
+        f"{layer!r} (expected blobs {[tuple(p.shape) for _, p in params_of(m)]})"
+        for layer, m in plan.items()
+        if layer not in blobs
+    ]
+    if missing:
+        raise ValueError(f"{name}: layers missing from the caffemodel: {'; '.join(missing)}")
+    copies: list[tuple[torch.Tensor, np.ndarray]] = []
+    for layer, m in plan.items():
+        params = params_of(m)
+        want = [tuple(p.shape) for _, p in params]
+        found = [tuple(b.shape) for b in blobs[layer]]
+        if len(found) != len(want):
+            raise ValueError(
+                f"{name}: layer {layer!r} has {len(found)} blobs {found}, expected "
+                f"{len(want)} ({', '.join(k for k, _ in params)}) {want}"
+            )
+        for (kind, p), w, f, b in zip(params, want, found, blobs[layer], strict=True):
+            if not _fits(f, w):
+                raise ValueError(
+                    f"{name}: layer {layer!r} {kind} blob has shape {f}, expected {w} "
+                    f"(width {width}, {num_classes} classes)"
+                )
+            if not np.isfinite(b).all():
+                raise ValueError(f"{name}: layer {layer!r} {kind} blob has NaN or infinite values")
+            copies.append((p, b))
+    unused = sorted(k for k, v in blobs.items() if v and k not in plan)
+    if unused:
+        raise ValueError(
+            f"{name}: the caffemodel has weights for layers {unused} that {name} lacks"
+        )
+    for p, b in copies:
+        p.copy_(torch.from_numpy(np.ascontiguousarray(b, dtype=np.float32)).reshape(p.shape))
+    model.input_adapter = CaffeInput(CAFFE_MEAN_BGR)
+    return model.eval()
+
+
+def import_caffemodel(src: str | os.PathLike, name: str, out: str | os.PathLike) -> nn.Module:
+    """Read `src`, build `name` from it (`fcn_from_caffe`) and `save_model` it to `out`.
+
+    The file records where the weights came from: `imported_from` (file name) and
+    `source_sha256` of the caffemodel. Atomic (save_model). Returns the model.
+    """
+    src = Path(src)
+    blobs = read_caffemodel(src)
+    model = fcn_from_caffe(name, blobs)
+    digest = hashlib.sha256()
+    with open(src, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    save_model(out, model, imported_from=src.name, source_sha256=digest.hexdigest())
+    return model

@@ -1,0 +1,323 @@
+"""Importing the released Caffe FCN weights (pipeline.caffe_import), checked against Caffe's nets.
+
+The .caffemodel files here are written by the test itself (random weights under the releases'
+layer names and shapes, at width 1/16 to stay fast) in Caffe's real byte format; the reference
+forward is written from the Caffe net definitions (voc-fcn{32,16,8}s/net.py of the FCN
+repository): BGR 0..255 minus the mean, conv1_1 pad 100, ceil-mode pools, Crop offsets 19 /
+5, 27 / 5, 9, 31, no dropout at test time.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from pipeline.caffe_import import fcn_from_caffe, read_caffemodel, write_caffemodel
+from pipeline.models import load_model, save_model
+from pipeline.models.fcn import CAFFE_MEAN_BGR, CaffeInput, build_model
+from pipeline.predict import predict_labels
+from pipeline.transforms import normalize
+
+SMALL = 1 / 16
+C = 21
+BLOCKS = ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))  # VGG16: (block, convs in it)
+CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
+CAFFE_CROPS = {  # the Crop layers' offsets in the FCN repository's prototxts
+    "fcn32s": {"score": 19},
+    "fcn16s": {"score_pool4c": 5, "score": 27},
+    "fcn8s": {"score_pool4c": 5, "score_pool3c": 9, "score": 31},
+}
+
+
+def _ch(c: int, width: float = SMALL) -> int:
+    return max(1, int(math.floor(c * width + 0.5)))
+
+
+def caffe_blobs(name: str, seed: int = 0, width: float = SMALL) -> dict[str, list[np.ndarray]]:
+    """Random blobs with the releases' layer names and shapes (Caffe's layouts)."""
+    rng = np.random.default_rng(seed)
+
+    def conv(out: int, inp: int, k: int) -> list[np.ndarray]:
+        w = rng.normal(0, math.sqrt(2 / (inp * k * k)), (out, inp, k, k))
+        return [w.astype(np.float32), rng.normal(0, 0.1, out).astype(np.float32)]
+
+    def deconv(k: int) -> list[np.ndarray]:  # [in, out, kh, kw], no bias; not bilinear
+        return [rng.normal(0, 0.5, (C, C, k, k)).astype(np.float32)]
+
+    blobs: dict[str, list[np.ndarray]] = {"data": []}
+    in_c = 3
+    for block, n in BLOCKS:
+        for i in range(1, n + 1):
+            blobs[f"conv{block}_{i}"] = conv(_ch(CHANNELS[block], width), in_c, 3)
+            blobs[f"relu{block}_{i}"] = []
+            in_c = _ch(CHANNELS[block], width)
+        blobs[f"pool{block}"] = []
+    fc = _ch(4096, width)
+    blobs.update(fc6=conv(fc, in_c, 7), fc7=conv(fc, fc, 1), score_fr=conv(C, fc, 1))
+    if name == "fcn32s":
+        blobs["upscore"] = deconv(64)
+    else:
+        blobs.update(upscore2=deconv(4), score_pool4=conv(C, _ch(512, width), 1))
+        if name == "fcn16s":
+            blobs["upscore16"] = deconv(32)
+        else:
+            blobs.update(
+                upscore_pool4=deconv(4),
+                score_pool3=conv(C, _ch(256, width), 1),
+                upscore8=deconv(16),
+            )
+    blobs["score"] = []
+    return blobs
+
+
+def caffe_forward(name: str, blobs: dict[str, list[np.ndarray]], img: torch.Tensor) -> torch.Tensor:
+    """The Caffe net, layer by layer, on uint8 RGB [N, 3, H, W]: logits [N, 21, H, W] float32."""
+
+    def t(a: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(np.asarray(a, dtype=np.float32))
+
+    def conv(h: torch.Tensor, layer: str, pad: int = 0) -> torch.Tensor:
+        w, b = blobs[layer]
+        return F.conv2d(h, t(w), t(b), padding=pad)
+
+    def deconv(h: torch.Tensor, layer: str, stride: int) -> torch.Tensor:
+        return F.conv_transpose2d(h, t(blobs[layer][0]), stride=stride)
+
+    def crop(h: torch.Tensor, like: torch.Tensor, offset: int) -> torch.Tensor:
+        return h[:, :, offset : offset + like.shape[2], offset : offset + like.shape[3]]
+
+    data = img.to(torch.float32).flip(1) - torch.tensor(CAFFE_MEAN_BGR).view(1, 3, 1, 1)
+    h = data
+    pools = {}
+    for block, n in BLOCKS:
+        for i in range(1, n + 1):
+            h = F.relu(conv(h, f"conv{block}_{i}", pad=100 if (block, i) == (1, 1) else 1))
+        h = pools[block] = F.max_pool2d(h, 2, stride=2, ceil_mode=True)
+    h = F.relu(conv(h, "fc6"))
+    h = F.relu(conv(h, "fc7"))
+    score_fr = conv(h, "score_fr")
+    crops = CAFFE_CROPS[name]
+    if name == "fcn32s":
+        return crop(deconv(score_fr, "upscore", 32), data, crops["score"])
+    up2 = deconv(score_fr, "upscore2", 2)
+    fuse4 = up2 + crop(conv(pools[4], "score_pool4"), up2, crops["score_pool4c"])
+    if name == "fcn16s":
+        return crop(deconv(fuse4, "upscore16", 16), data, crops["score"])
+    up4 = deconv(fuse4, "upscore_pool4", 2)
+    fuse3 = up4 + crop(conv(pools[3], "score_pool3"), up4, crops["score_pool3c"])
+    return crop(deconv(fuse3, "upscore8", 8), data, crops["score"])
+
+
+def _image(seed: int = 0, h: int = 37, w: int = 53) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=g)
+
+
+def _assert_matches_caffe(logits: torch.Tensor, ref: torch.Tensor) -> None:
+    # Both run the same float32 convolutions on the same weights; they differ only in how the
+    # input is formed (normalize + CaffeInput vs Caffe's subtraction): a rounding of a few
+    # float32 ulps (eps 1.2e-7) per input value, which 16 conv layers with reductions of up to
+    # 7*7*32 terms carry to the logits as ~1e-6 of the largest logit (measured: 0.7-1e-6).
+    # 1e-5 leaves a 10x margin and is far below what a wrong layout, channel order or crop
+    # gives (order 1).
+    assert logits.shape == ref.shape
+    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+# --- the byte format -------------------------------------------------------------------------
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes | int) -> bytes:
+    if isinstance(payload, int):
+        return _varint(number << 3) + _varint(payload)
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def test_reads_hand_encoded_bytes_with_caffe_proto_field_numbers(tmp_path) -> None:
+    """Bytes spelled out from caffe.proto's field numbers, not from the module's schema: the
+    current `layer` (100) with `shape`, and the V1 `layers` (2) with the legacy 4-D shape."""
+    floats = struct.pack("<6f", *range(6))
+    shape = _field(1, b"".join(_varint(d) for d in (2, 3)))  # BlobShape.dim, packed
+    blob = _field(7, shape) + _field(5, floats)  # BlobProto.shape, .data (packed)
+    layer = _field(1, b"conv") + _field(2, b"Convolution") + _field(7, blob)
+    legacy = _field(1, 1) + _field(2, 1) + _field(3, 2) + _field(4, 3) + _field(5, floats)
+    v1 = _field(4, b"old") + _field(5, 4) + _field(6, legacy)  # name, type CONVOLUTION, blobs
+    path = tmp_path / "hand.caffemodel"
+    path.write_bytes(_field(1, b"net") + _field(2, v1) + _field(100, layer))
+    got = read_caffemodel(path)
+    assert list(got) == ["conv", "old"]
+    np.testing.assert_array_equal(got["conv"][0], np.arange(6, dtype=np.float32).reshape(2, 3))
+    np.testing.assert_array_equal(got["old"][0], np.arange(6, dtype=np.float32).reshape(1, 1, 2, 3))
+
+
+def test_read_refuses_foreign_bytes(tmp_path) -> None:
+    path = tmp_path / "x.caffemodel"
+    path.write_bytes(b"\xff\xff\xff\xff not a protobuf")
+    with pytest.raises(ValueError, match="x.caffemodel"):
+        read_caffemodel(path)
+    with pytest.raises(FileNotFoundError, match="absent"):
+        read_caffemodel(tmp_path / "absent.caffemodel")
+
+
+# --- the import ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["fcn32s", "fcn16s", "fcn8s"])
+def test_imported_net_computes_the_caffe_net(name: str, tmp_path) -> None:
+    blobs = caffe_blobs(name)
+    path = tmp_path / f"{name}.caffemodel"
+    write_caffemodel(path, blobs)
+    read = read_caffemodel(path)
+    assert list(read) == list(blobs)
+    for k in blobs:
+        for a, b in zip(read[k], blobs[k], strict=True):
+            np.testing.assert_array_equal(a, b)
+    model = fcn_from_caffe(name, read)
+    assert (model.arch, model.num_classes, model.width) == (name, 21, SMALL)
+    assert isinstance(model.input_adapter, CaffeInput) and not model.training
+    img = _image()
+    with torch.no_grad():
+        _assert_matches_caffe(model(normalize(img)), caffe_forward(name, blobs, img))
+
+
+def test_v1_layers_file_imports_the_same(tmp_path) -> None:
+    blobs = caffe_blobs("fcn16s", seed=1)
+    new, old = tmp_path / "new.caffemodel", tmp_path / "v1.caffemodel"
+    write_caffemodel(new, blobs)
+    write_caffemodel(old, blobs, v1=True)
+    read = read_caffemodel(old)
+    assert read["fc7"][1].shape == (1, 1, 1, _ch(4096))  # a legacy 4-D bias
+    a, b = fcn_from_caffe("fcn16s", read_caffemodel(new)), fcn_from_caffe("fcn16s", read)
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_wrong_shape_missing_blob_or_layer_name_the_layer() -> None:
+    fc = _ch(4096)
+    blobs = caffe_blobs("fcn8s")
+    blobs["score_fr"] = [np.zeros((C, fc + 1, 1, 1), np.float32), blobs["score_fr"][1]]
+    with pytest.raises(
+        ValueError, match=rf"'score_fr' weight .*\(21, {fc + 1}, 1, 1\).*\(21, {fc}"
+    ):
+        fcn_from_caffe("fcn8s", blobs)
+    blobs = caffe_blobs("fcn8s")
+    blobs["fc7"] = blobs["fc7"][:1]
+    with pytest.raises(ValueError, match=r"'fc7' has 1 blobs .*expected 2 \(weight, bias\)"):
+        fcn_from_caffe("fcn8s", blobs)
+    blobs = caffe_blobs("fcn8s")
+    del blobs["conv3_2"]
+    with pytest.raises(
+        ValueError, match=r"missing.*: 'conv3_2' \(expected blobs \[\(16, 16, 3, 3\), \(16,\)\]\)$"
+    ):
+        fcn_from_caffe("fcn8s", blobs)
+    # FCN-16s weights are not FCN-8s: score_pool3 and upscore_pool4 are missing
+    with pytest.raises(ValueError, match="missing.*'upscore_pool4'.*; 'score_pool3'"):
+        fcn_from_caffe("fcn8s", caffe_blobs("fcn16s"))
+    # ... and weights with no place in the model are not dropped silently
+    blobs = caffe_blobs("fcn16s")
+    blobs["score_pool3"] = caffe_blobs("fcn8s")["score_pool3"]
+    with pytest.raises(ValueError, match=r"weights for layers \['score_pool3'\] that fcn16s lacks"):
+        fcn_from_caffe("fcn16s", blobs)
+
+
+def test_atonce_release_is_refused() -> None:
+    blobs = caffe_blobs("fcn8s")
+    blobs["scale_pool4"] = [np.full(_ch(512), 0.01, np.float32)]
+    with pytest.raises(ValueError, match="at-once.*fcn8s-heavy"):
+        fcn_from_caffe("fcn8s", blobs)
+
+
+# --- model files -----------------------------------------------------------------------------
+
+
+def test_model_file_round_trip_keeps_the_normalisation(tmp_path) -> None:
+    from stages.import_caffe import main
+
+    blobs = caffe_blobs("fcn8s", seed=2)
+    src, out = tmp_path / "fcn8s-heavy.caffemodel", tmp_path / "models" / "fcn8s.pt"
+    write_caffemodel(src, blobs)
+    assert main([str(src), "--model", "fcn8s", "--out", str(out)]) == 0
+    raw = torch.load(out, weights_only=True)
+    assert raw["normalization"] == {"kind": "caffe_bgr", "mean_bgr": list(CAFFE_MEAN_BGR)}
+    assert raw["imported_from"] == src.name and len(raw["source_sha256"]) == 64
+    assert not any(k.startswith("input_adapter") for k in raw["state_dict"])
+    loaded = load_model(out)
+    assert isinstance(loaded.input_adapter, CaffeInput) and loaded.normalization == "imagenet"
+    img = _image(seed=3)
+    ref = caffe_forward("fcn8s", blobs, img)
+    with torch.no_grad():
+        _assert_matches_caffe(loaded(normalize(img)), ref)
+    # predict (and evaluate, which calls it) feed the pipeline's input unchanged
+    labels = predict_labels(loaded, img)
+    assert (labels == ref.argmax(1)).float().mean() > 0.999
+    # saving the loaded model again writes the same normalisation
+    save_model(tmp_path / "again.pt", loaded)
+    assert (
+        torch.load(tmp_path / "again.pt", weights_only=True)["normalization"]
+        == (raw["normalization"])
+    )
+
+
+def test_trained_model_files_are_unchanged(tmp_path) -> None:
+    """A model without adapter writes exactly the bytes it wrote before the adapter existed."""
+    import io
+
+    model = build_model("fcn16s", width=SMALL)
+    path = tmp_path / "fcn16s.pt"
+    save_model(path, model, epoch=1)
+    old = io.BytesIO()
+    torch.save(
+        {
+            "arch": "fcn16s",
+            "num_classes": 21,
+            "width": SMALL,
+            "normalization": "imagenet",
+            "state_dict": {k: v.detach().contiguous() for k, v in model.state_dict().items()},
+            "epoch": 1,
+        },
+        old,
+    )
+    assert path.read_bytes() == old.getvalue()
+    assert load_model(path).input_adapter is None
+
+
+def test_load_model_refuses_unknown_normalisation(tmp_path) -> None:
+    from pipeline.models import ModelFileError
+
+    model = build_model("fcn32s", width=SMALL)
+    path = tmp_path / "m.pt"
+    save_model(path, model)
+    raw = torch.load(path, weights_only=True)
+    for bad in ("caffe", {"kind": "caffe_bgr"}, {"kind": "caffe_bgr", "mean_bgr": ["a"]}):
+        torch.save({**raw, "normalization": bad}, path)
+        with pytest.raises(ModelFileError, match="m.pt: unknown input normalization"):
+            load_model(path)
+
+
+def test_cli_help_and_errors(tmp_path, capsys) -> None:
+    from stages.import_caffe import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--help"])
+    assert e.value.code == 0 and "fcn8s-atonce" in capsys.readouterr().out
+    blobs = caffe_blobs("fcn8s")
+    blobs["scale_pool3"] = [np.full(_ch(256), 1e-4, np.float32)]
+    src = tmp_path / "fcn8s-atonce-pascal.caffemodel"
+    write_caffemodel(src, blobs)
+    out = tmp_path / "m.pt"
+    assert main([str(src), "--model", "fcn8s", "--out", str(out)]) == 1
+    assert "at-once" in capsys.readouterr().err and not out.exists()
