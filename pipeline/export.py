@@ -68,7 +68,43 @@ def export_onnx(model: nn.Module, path: str | os.PathLike, *, opset: int = OPSET
         )
     path = Path(path)
     program.save(path, external_data=False)  # weights inside: one file for DVC to track
+    strip_stack_traces(path)
     return path
+
+
+STACK_TRACE_KEY = "pkg.torch.onnx.stack_trace"
+
+
+def strip_stack_traces(path: str | os.PathLike) -> None:
+    """Drop the exporter's per-node Python stack traces from the ONNX file at `path`.
+
+    torch's dynamo exporter records, in each node's `metadata_props`, the stack trace of the
+    code that produced it, with absolute source paths: two checkouts of the same commit would
+    write different bytes, so DVC would see a changed output and cache a copy per checkout. The
+    graph, weights and the other metadata are kept as they are.
+    """
+    import onnx
+
+    model = onnx.load(str(path))
+
+    def strip(graph: onnx.GraphProto) -> None:
+        for node in graph.node:
+            keep = [p for p in node.metadata_props if p.key != STACK_TRACE_KEY]
+            del node.metadata_props[:]
+            node.metadata_props.extend(keep)
+            for attr in node.attribute:
+                if attr.type == onnx.AttributeProto.GRAPH:
+                    strip(attr.g)
+                for g in attr.graphs:
+                    strip(g)
+
+    strip(model.graph)
+    for function in model.functions:
+        keep_nodes = onnx.GraphProto(node=function.node)
+        strip(keep_nodes)
+        del function.node[:]
+        function.node.extend(keep_nodes.node)
+    onnx.save(model, str(path))
 
 
 def check_inputs(

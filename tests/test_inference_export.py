@@ -68,6 +68,15 @@ def test_onnx_agrees_with_pytorch_at_two_odd_sizes(fcn8s_onnx):
     export.require_agreement(report, 0.999, "fcn8s")  # no error
 
 
+def test_onnx_file_names_no_source_path_and_repeats_byte_for_byte(fcn8s_onnx, tmp_path):
+    model, path = fcn8s_onnx
+    data = path.read_bytes()
+    repo = str(Path(export.__file__).resolve().parents[1]).encode()
+    assert repo not in data and export.STACK_TRACE_KEY.encode() not in data
+    again = export.export_onnx(model, tmp_path / "again.onnx")
+    assert again.read_bytes() == data  # a second checkout of the commit writes the same file
+
+
 def test_onnx_agrees_on_real_val_images_at_odd_sizes(fcn8s_onnx, voc_sample: Path, tmp_path):
     model, path = fcn8s_onnx
     ids = (voc_sample / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:2]
