@@ -6,10 +6,10 @@ give the identical matrix; they run interleaved (one round = each variant once, 
 rotated every round) and the median of the rounds is reported in megapixels per second:
 
   numpy fast_hist     the original FCN score.py, per map: mask, int64 index, np.bincount
-                      (the baseline; shared/NOTES.md: 214 MP/s)
-  torch masked        torchvision references' ConfusionMatrix.update, per map (NOTES: 107)
+                      (the baseline: 214 MP/s measured earlier)
+  torch masked        torchvision references' ConfusionMatrix.update, per map (107 MP/s measured earlier)
   torchmetrics        MulticlassConfusionMatrix(validate_args=False), per map (--torchmetrics;
-                      NOTES: 105 MP/s)
+                      105 MP/s measured earlier)
   ours, per map       confusion_matrix(pred, gt) for each map (how evaluate calls it)
   ours, int64 inputs  the same on int64 maps (what argmax and the dataset hand over)
   ours, batched       one confusion_matrix call on all maps stacked

@@ -1,7 +1,7 @@
 """Datasets over preprocessed shards: decode JPEG/PNG records into tv_tensors, seeded per sample.
 
 A record of `data/preprocessed/{train,val}` holds `{"image": JPEG, "label": PNG}`. The image is
-decoded by torchvision (libjpeg-turbo, about twice as fast as PIL here, shared/NOTES.md) straight
+decoded by torchvision (libjpeg-turbo, about twice as fast as PIL on these machines) straight
 to RGB, so a grayscale or CMYK JPEG still gives 3 channels. The label PNG holds class indices:
 mode L (written by preprocess) or the original VOC palette PNG (val), whose palette indices *are*
 the class ids - it is decoded to indices, never to colours.

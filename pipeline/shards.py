@@ -1,7 +1,7 @@
 """Sharded record storage: a few large files instead of one file per image.
 
 DVC hashes, pushes and pulls every file of an output directory separately, so 100k small files
-make `dvc status`/`push`/`pull` crawl (shared/NOTES.md). A dataset directory here holds
+make `dvc status`/`push`/`pull` crawl (BENCHMARKS.md, DVC at full scale). A dataset directory here holds
 
     index.json          {"format": "fcn-shards/1", "shards": [...], "records": [...]}
     shard-00000.bin     concatenated blobs of up to `shard_size` records
