@@ -20,6 +20,7 @@ and the four metrics come from it (pipeline.metrics). Outputs, all written atomi
 from __future__ import annotations
 
 import csv
+import functools
 import io
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -487,21 +488,20 @@ def evaluate_all(
     dev, amp = _resolve(device, precision)
     results: dict[str, dict[str, Any]] = {}
     tta_results: dict[str, dict[str, Any]] = {}
+    score = functools.partial(
+        evaluate_model,
+        dataset=eval_set,
+        device=dev,
+        precision=amp,
+        channels_last=channels_last,
+        batch_size=batch_size,
+        workers=workers,
+        progress=progress,
+    )
     for name in names:
         model = load_model(name)
         per_image: list[dict[str, Any]] = []
-        hist = evaluate_model(
-            model,
-            eval_set,
-            device=dev,
-            precision=amp,
-            channels_last=channels_last,
-            batch_size=batch_size,
-            workers=workers,
-            progress=progress,
-            desc=f"evaluate {name}",
-            per_image=per_image,
-        )
+        hist = score(model, desc=f"evaluate {name}", per_image=per_image)
         results[name] = write_model_report(
             name,
             hist,
@@ -522,15 +522,8 @@ def evaluate_all(
         )
         tta = {"tta": tta_name(tta_flip, tta_scales)}
         if tta_enabled(tta_flip, tta_scales):
-            hist_tta = evaluate_model(
+            hist_tta = score(
                 TestTimeAugmentation(model, flip=tta_flip, scales=tta_scales),
-                eval_set,
-                device=dev,
-                precision=amp,
-                channels_last=channels_last,
-                batch_size=batch_size,
-                workers=workers,
-                progress=progress,
                 desc=f"evaluate {name} + TTA",
             )
             tta_results[name] = segmentation_scores(hist_tta)

@@ -48,7 +48,7 @@ def image_id(key: str) -> tuple[str, str]:
 
 
 class KeySubset(Dataset):
-    """The records of `dataset` at `indices`, keeping `key(i)` (and `meta(i)` where present)."""
+    """The records of `dataset` at `indices`, keeping `key(i)`."""
 
     def __init__(self, dataset: Any, indices: Sequence[int]) -> None:
         self.dataset, self.indices = dataset, list(indices)
@@ -75,12 +75,8 @@ def select_split(dataset: Any, split: str) -> Any:
         raise ValueError(f"unknown evaluation split {split!r}; use one of {', '.join(SPLITS)}")
     if split == "voc2012_val":
         return dataset
-    wanted = set(seg11valid_ids())
-    indices = [
-        i
-        for i in range(len(dataset))
-        if image_id(dataset.key(i))[0] == "voc" and image_id(dataset.key(i))[1] in wanted
-    ]
+    wanted = {f"voc/{i}" for i in seg11valid_ids()}  # VOC records only: not SBD's copies
+    indices = [i for i in range(len(dataset)) if dataset.key(i) in wanted]
     if len(indices) != len(wanted):
         raise ValueError(
             f"seg11valid has {len(wanted)} images, the val shards hold {len(indices)} of them: "
