@@ -79,11 +79,13 @@ def _checkpoints(repo: Path, name: str = "fcn32s") -> list[Path]:
     return sorted((repo / ".fcn-resume" / name).glob("*/last.pt"))
 
 
-def _start(args: list[str], repo: Path, log: Path) -> subprocess.Popen:
-    """A dvc command in a session of its own (killpg reaches it and every stage process)."""
+def _start(args: list[str], repo: Path, log: Path, shell: str | None = None) -> subprocess.Popen:
+    """A dvc command in a session of its own (killpg reaches it and every stage process);
+    `shell` sets $SHELL, which dvc runs stage commands with."""
+    e = env() if shell is None else {**env(), "SHELL": shell}
     with open(log, "w") as f:
         return subprocess.Popen(
-            args, cwd=repo, env=env(), stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+            args, cwd=repo, env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
         )
 
 
@@ -221,7 +223,9 @@ def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, t
     repo = _clone(prepared, tmp_path / "orphan")
     set_params(repo, {"sample.train.workers": 1})  # a loader worker too
     log = tmp_path / "orphan.log"
-    proc = _start(["dvc", "repro", "train_fcn32s"], repo, log)
+    # dvc runs stage commands with $SHELL -c; dash (Debian's /bin/sh) forks rather than execs
+    # the last command, the case where a trainer could outlive dvc under an orphaned shell
+    proc = _start(["dvc", "repro", "train_fcn32s"], repo, log, shell="/bin/sh")
     try:
         wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
         tree = psutil.Process(proc.pid).children(recursive=True)
@@ -229,6 +233,9 @@ def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, t
         assert trainers, [p.cmdline() for p in tree]
         os.kill(proc.pid, signal.SIGKILL)  # dvc only, not its group
         proc.wait(timeout=30)
+        # wait_for froze the group; a process that outlived dvc must be free to run on
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGCONT)
         _, alive = psutil.wait_procs(tree, timeout=30)
         assert not alive, f"outlived dvc: {[(p.pid, p.cmdline()) for p in alive]}"
     finally:
