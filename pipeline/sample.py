@@ -139,10 +139,12 @@ def class_colour(c: int) -> np.ndarray:
 
     The dark group is shifted by 18 deg, so any two classes differ in hue by >= 18 deg and those of
     the same brightness by >= 36 deg; saturation 0.9 keeps them far from the muted backgrounds.
+    Value 0.95 against 0.45: the darker stripes of a bright class (x 0.8, `paint_class`) stay
+    far brighter than a dark class, so brightness tells the two groups apart everywhere.
     """
     k, dark = (c - 1) % 10, (c - 1) // 10
     hue = (k * 36 + dark * 18) / 360.0
-    return np.array(colorsys.hsv_to_rgb(hue, 0.9, 0.55 if dark else 0.95), dtype=np.float32)
+    return np.array(colorsys.hsv_to_rgb(hue, 0.9, 0.45 if dark else 0.95), dtype=np.float32)
 
 
 def class_shape(c: int) -> int:
@@ -326,20 +328,23 @@ def sample_scene(
     crowd: bool = False,
     two_part_p: float = 0.0,
 ) -> list[_Object]:
-    """1-4 objects of 1-3 VOC classes (one of them `first_class`) plus `clutter` non-VOC objects.
+    """1-3 objects of 1-2 VOC classes (one of them `first_class`) plus `clutter` non-VOC objects.
 
+    Objects are large (radius 0.22-0.4 of the shorter side), as in most VOC photos: at the
+    sample's ~160 px an object then spans 2-4 cells of FCN-32s's 32-px output grid, so even the
+    coarsest net can place it (smaller objects are left to FCN-16s/8s's finer outputs).
     Returned in drawing order: a crowd first, then by decreasing area, so smaller objects lie on
     top; painting COCO annotations largest first reproduces the image.
     """
-    n_obj = int(rng.integers(1, 5))
-    n_cls = int(rng.integers(1, min(3, n_obj) + 1))
+    n_obj = int(rng.integers(1, 4))
+    n_cls = int(rng.integers(1, min(2, n_obj) + 1))
     others = [c for c in range(1, NUM_CLASSES) if c != first_class]
     classes = [first_class, *rng.choice(others, n_cls - 1, replace=False).tolist()]
     obj_classes = classes + rng.choice(classes, n_obj - n_cls).tolist()
     objects: list[_Object] = []
     for c in obj_classes:
         seg, m = _place_object(
-            rng, h, w, class_shape(c), objects, r_range=(0.15, 0.32), two_part_p=two_part_p
+            rng, h, w, class_shape(c), objects, r_range=(0.22, 0.4), two_part_p=two_part_p
         )
         objects.append(_Object(c, VOC_TO_COCO[c], seg, m))
     for _ in range(clutter):
@@ -398,7 +403,7 @@ def paint_class(img: np.ndarray, where: np.ndarray, c: int, rng: np.random.Gener
     angle, period = class_stripes(c)
     u = xx * np.cos(angle) + yy * np.sin(angle) + rng.uniform(0, period)
     stripe = ((u / period) % 1.0) < 0.5
-    shade = np.where(stripe, 0.65, 1.0)[..., None] * rng.uniform(0.9, 1.1)
+    shade = np.where(stripe, 0.8, 1.0)[..., None] * rng.uniform(0.9, 1.1)
     tex = class_colour(c) * shade + rng.normal(0, 0.02, (h, w, 1))
     img[where] = np.clip(tex, 0, 1)[where]
 
@@ -442,15 +447,18 @@ def voc_label(sem: np.ndarray, inst: np.ndarray) -> np.ndarray:
 
 
 def classification_crop(seed: int, index: int, size: int, voc_class: int) -> np.ndarray:
-    """A `size` x `size` uint8 RGB crop (H, W, 3) showing one object of `voc_class` (1..20).
+    """A `size` x `size` uint8 RGB crop (H, W, 3) whose centre shows `voc_class` (0..20).
 
-    The sample's ImageNet: the same appearance families and muted backgrounds as the scenes,
-    with 0-2 non-VOC distractors (`paint_clutter`) beside the object; `voc_class` 0 gives a crop
-    of distractors and background only. Like ImageNet's photos the object sits near the centre
-    (within 0.35-0.65 of the side), so that fc8 applied as a convolution labels what is at the
-    centre of each 224-pixel window; its radius, 0.12-0.35 of the side, spans the scales objects
-    take in the resized training scenes. Drawn from
-    its own stream `(seed, STREAM_CROPS, index)`, so crop `index` is the same for any `n`.
+    The sample's ImageNet, labelled like ImageNet by the object in the middle: an object of
+    `voc_class` covers the crop's centre (placed within 0.45-0.55 of the side), or, for class 0,
+    the centre is background. 0-2 other VOC objects of random classes and 0-2 non-VOC
+    distractors (`paint_clutter`) lie around it, kept clear of a disc of radius 0.12 x `size`
+    about the centre. The label then depends on *where* things are, so fc8 applied as a
+    convolution labels what is at the centre of each 224-pixel window instead of anything
+    anywhere in it: the position selectivity FCN-32s needs on images hardly larger than that
+    window. Object radii (0.14-0.3 of 224 px) span the sizes objects take in the resized
+    scenes. Drawn from its own stream `(seed, STREAM_CROPS, index)`, so crop `index` is the
+    same for any number of crops.
 
     Raises:
         ValueError: `voc_class` outside 0..20 or `size` < 33.
@@ -460,25 +468,43 @@ def classification_crop(seed: int, index: int, size: int, voc_class: int) -> np.
     if size < 33:
         raise ValueError(f"crop size must be >= 33, got {size}")
     rng = np.random.default_rng([seed, STREAM_CROPS, index])
-    objects: list[_Object] = []
+    yy, xx = np.mgrid[0:size, 0:size]
+    half = size / 2
+    # a stand-in over the centre that the others avoid (max_overlap 0), dropped before painting
+    centre = _Object(0, 0, None, (yy - half) ** 2 + (xx - half) ** 2 <= (0.12 * size) ** 2)
+    objects = [centre]
     if voc_class:
         seg, m = _place_object(
             rng,
             size,
             size,
             class_shape(voc_class),
-            objects,
-            r_range=(0.12, 0.35),
+            [],
+            r_range=(0.14, 0.3),
             two_part_p=0.1,
-            centre_range=(0.35, 0.65),
+            centre_range=(0.45, 0.55),
         )
-        objects.append(_Object(voc_class, VOC_TO_COCO[voc_class], seg, m))
-    for _ in range(int(rng.integers(0 if voc_class else 1, 3))):
+        objects = [_Object(voc_class, VOC_TO_COCO[voc_class], seg, m)]
+    for _ in range(int(rng.integers(0, 3))):
+        other = int(rng.integers(1, NUM_CLASSES))
+        seg, m = _place_object(
+            rng,
+            size,
+            size,
+            class_shape(other),
+            objects,
+            r_range=(0.14, 0.3),
+            two_part_p=0.0,
+            max_overlap=0.0,
+        )
+        objects.append(_Object(other, VOC_TO_COCO[other], seg, m))
+    for _ in range(int(rng.integers(0, 3))):
         family = int(rng.integers(len(_UNIT_SHAPES)))
         seg, m = _place_object(
             rng, size, size, family, objects, r_range=(0.08, 0.2), two_part_p=0.0, max_overlap=0.0
         )
         objects.append(_Object(0, int(rng.choice(NON_VOC_COCO_IDS)), seg, m))
+    objects = [o for o in objects if o is not centre]
     img, _, _ = render(rng, size, size, objects)
     return img
 

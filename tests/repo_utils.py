@@ -169,3 +169,45 @@ def wait_for(
             os.killpg(proc.pid, signal.SIGKILL)
             pytest.fail(f"timed out waiting for {what}:\n{log.read_text()}")
         time.sleep(poll_s)
+
+
+# --- shards of VOC-layout pairs, without the data stages ----------------------------------
+
+
+def voc_ids(voc: Path, split: str) -> list[str]:
+    return (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
+
+
+def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int | None, square: bool) -> Path:
+    """Real VOC pairs resized to longer side `side` (image bilinear, label nearest; None: kept at
+    their original resolution), optionally centre-cropped to a square first (then a crop of
+    `side` sees the whole image, no padding)."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.shards import ShardWriter
+
+    with ShardWriter(out) as writer:
+        for i in ids:
+            image = Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB")
+            label = Image.open(voc / "SegmentationClass" / f"{i}.png")  # mode P: indices
+            if square:
+                m = min(image.size)
+                box = ((image.width - m) // 2, (image.height - m) // 2)
+                box = (*box, box[0] + m, box[1] + m)
+                image, label = image.crop(box), label.crop(box)
+            s = 1.0 if side is None else side / max(image.size)
+            size = (max(1, round(image.width * s)), max(1, round(image.height * s)))
+            image = image.resize(size, Image.BILINEAR)
+            label = Image.fromarray(np.asarray(label.resize(size, Image.NEAREST)), "L")
+            jpg, png = io.BytesIO(), io.BytesIO()
+            image.save(jpg, "JPEG", quality=95)
+            label.save(png, "PNG")
+            writer.add(
+                f"voc/{i}",
+                {"image": jpg.getvalue(), "label": png.getvalue()},
+                {"height": size[1], "width": size[0], "source": "voc"},
+            )
+    return out

@@ -9,7 +9,6 @@ transplant agreement on a trained net.
 from __future__ import annotations
 
 import copy
-import io
 import json
 import os
 import pickle
@@ -21,17 +20,15 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import pytest
 import torch
 import yaml
-from PIL import Image
+from repo_utils import voc_ids, write_voc_shards
 
 from pipeline.config import load_params
 from pipeline.datasets import SegmentationShards
 from pipeline.metrics import confusion_matrix, segmentation_scores
 from pipeline.models.fcn import load_model
-from pipeline.shards import ShardWriter
 from pipeline.train import (
     CHECKPOINT_NAME,
     ResumeState,
@@ -51,38 +48,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding 
 
 
 # --- real data in tiny shard dirs ------------------------------------------------------------
-
-
-def voc_ids(voc: Path, split: str) -> list[str]:
-    return (voc / "ImageSets" / "Segmentation" / f"{split}.txt").read_text().split()
-
-
-def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int | None, square: bool) -> Path:
-    """Real VOC pairs resized to longer side `side` (image bilinear, label nearest; None: kept at
-    their original resolution), optionally centre-cropped to a square first (then a crop of
-    `side` sees the whole image, no padding)."""
-    with ShardWriter(out) as writer:
-        for i in ids:
-            image = Image.open(voc / "JPEGImages" / f"{i}.jpg").convert("RGB")
-            label = Image.open(voc / "SegmentationClass" / f"{i}.png")  # mode P: indices
-            if square:
-                m = min(image.size)
-                box = ((image.width - m) // 2, (image.height - m) // 2)
-                box = (*box, box[0] + m, box[1] + m)
-                image, label = image.crop(box), label.crop(box)
-            s = 1.0 if side is None else side / max(image.size)
-            size = (max(1, round(image.width * s)), max(1, round(image.height * s)))
-            image = image.resize(size, Image.BILINEAR)
-            label = Image.fromarray(np.asarray(label.resize(size, Image.NEAREST)), "L")
-            jpg, png = io.BytesIO(), io.BytesIO()
-            image.save(jpg, "JPEG", quality=95)
-            label.save(png, "PNG")
-            writer.add(
-                f"voc/{i}",
-                {"image": jpg.getvalue(), "label": png.getvalue()},
-                {"height": size[1], "width": size[0], "source": "voc"},
-            )
-    return out
 
 
 @pytest.fixture(scope="module")
