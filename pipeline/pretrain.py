@@ -8,8 +8,8 @@ torchvision's exact module layout (`torchvision.models.VGG`: `features.N`, `avgp
 `classifier.0/3/6` Linear layers). The FCN-32s stage then performs the real surgery on it:
 fc6/fc7 Linear -> convolution, score layer zero-initialised.
 
-Classes: 0 = "no VOC object" (background and non-VOC distractors only), 1..20 = the VOC
-classes, so `classifier.6` has 21 outputs (ImageNet's has 1000; FCN discards it either way).
+Classes: the class under the crop's centre, 0 = background (or a non-VOC distractor) there,
+1..20 = the VOC classes, so `classifier.6` has 21 outputs (ImageNet's has 1000; FCN discards it either way).
 Deterministic for a seed on one machine in fp32: crops are drawn from fixed streams, the
 batch order from a seeded generator, and no DataLoader workers are involved.
 """
