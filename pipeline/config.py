@@ -211,7 +211,16 @@ SCHEMA: dict[str, Any] = {
         "checkpoint_every": _int(min=1),
         "checkpoint_minutes": _float(gt=0, nullable=True),
         "val_every": _int(min=1),
-        **{m: {"epochs": _int(min=1), "lr": _float(gt=0)} for m in MODEL_NAMES},
+        # max_iter: the budget in iterations (epochs then derived, the last one cut short), so a
+        # recipe means the same on 1.5k or 100k images; null: `epochs` full epochs
+        **{
+            m: {
+                "epochs": _int(min=1),
+                "lr": _float(gt=0),
+                "max_iter": _int(min=1, nullable=True, default=None),
+            }
+            for m in MODEL_NAMES
+        },
     },
     "evaluate": {
         "device": _DEVICE,

@@ -42,6 +42,14 @@ def _pct(v: float | None) -> str:
     return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
 
 
+def budget(stage: Mapping[str, Any]) -> tuple[str, str]:
+    """The (setting, value) row of a stage's training length: its `max_iter` when set, else
+    its epochs (`pipeline.train.iteration_budget`)."""
+    if stage.get("max_iter") is not None:
+        return "iterations", f"{stage['max_iter']} (max_iter; epochs derived from it)"
+    return "epochs", str(stage["epochs"])
+
+
 def recipe_table(name: str, params: Mapping[str, Any]) -> str:
     """Markdown: the training settings of `name` from the active params profile."""
     t, m = params["train"], params["model"]
@@ -50,7 +58,7 @@ def recipe_table(name: str, params: Mapping[str, Any]) -> str:
         ("initialised from", initialisation(name, params)),
         ("VGG16 width multiplier", f"{m['width']:g}"),
         ("dropout after fc6/fc7", f"{m['dropout']:g}"),
-        ("epochs", str(t[name]["epochs"])),
+        budget(t[name]),
         ("learning rate", f"{t[name]['lr']:g} ({t['lr_policy']} policy)"),
         (
             "batch",

@@ -35,7 +35,7 @@ import shutil
 import signal
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -245,6 +245,23 @@ def lr_factor(policy: str, step: int, total_steps: int, power: float = 0.9) -> f
     if policy == "fixed":
         return 1.0
     return max(0.0, 1.0 - step / max(total_steps, 1)) ** power
+
+
+def iteration_budget(stage: Mapping[str, Any], steps_per_epoch: int) -> tuple[int, int]:
+    """(iterations, epochs) of one stage's training: `max_iter` iterations when it is set, the
+    epochs derived (ceil; the last one cut short), else `epochs` full epochs of
+    `steps_per_epoch` optimiser steps each. The paper's solvers count iterations (Caffe's
+    `max_iter`), which keeps a recipe's meaning whatever the size of the training set.
+
+    Raises:
+        ValueError: `steps_per_epoch` < 1.
+    """
+    if steps_per_epoch < 1:
+        raise ValueError(f"steps_per_epoch must be >= 1, got {steps_per_epoch}")
+    max_iter = stage.get("max_iter")
+    if max_iter is None:
+        return steps_per_epoch * stage["epochs"], stage["epochs"]
+    return max_iter, math.ceil(max_iter / steps_per_epoch)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
@@ -1119,9 +1136,9 @@ def _train_stage(
         distributed=distributed,
     )
     sampler = EpochSampler(len(train_set), seed, rank, world)
-    batch, accumulate, epochs = tcfg["batch_size"], tcfg["accumulate"], stage["epochs"]
+    batch, accumulate = tcfg["batch_size"], tcfg["accumulate"]
     steps_per_epoch = math.ceil(sampler.per_rank / (batch * accumulate))
-    total_steps = steps_per_epoch * epochs
+    total_steps, epochs = iteration_budget(stage, steps_per_epoch)
     cadence = CheckpointCadence(tcfg["checkpoint_every"], tcfg.get("checkpoint_minutes"))
     readback = LossReadback(name, tcfg["loss"], world)
     live = open_live(live_dir, state.history) if rank == 0 else None
@@ -1168,7 +1185,8 @@ def _train_stage(
         train_set.set_epoch(epoch)
         model.train()
         loader = make_loader(train_set, sampler, batch, tcfg["workers"], device)
-        for micro in micro_batches(loader, accumulate, steps_per_epoch - first_step):
+        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)  # max_iter cuts
+        for micro in micro_batches(loader, accumulate, steps - first_step):
             lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], state.iteration, total_steps)
             set_lr(optimizer, lr_now)
             readback.add(train_one_step(ctx, micro), state.iteration)

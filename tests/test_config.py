@@ -97,6 +97,10 @@ def test_load_params_returns_active_profile(repo_root):
             "full.train.rdzv_endpoint: expected HOST:PORT",
         ),
         (lambda p: p["sample"]["train"].update(compile="yes"), "sample.train.compile: expected"),
+        (
+            lambda p: p["full"]["train"]["fcn32s"].update(max_iter=0),
+            "full.train.fcn32s.max_iter: must be >= 1",
+        ),
     ],
 )
 def test_mistakes_are_rejected_with_the_key_path(params, mutate, expected):
@@ -158,3 +162,11 @@ def test_launch_and_compile_keys_are_optional_with_single_node_defaults(params):
     assert train["compile"] is False
     params["sample"]["train"].update(nnodes=2, node_rank=1, rdzv_endpoint="[fd00::1]:29400")
     assert validate_params(params)["train"]["nnodes"] == 2
+
+
+def test_max_iter_is_optional_and_null_means_epochs(params):
+    """A stage without max_iter (params written before it existed) trains by epochs."""
+    train = validate_params(params)["train"]
+    assert all(train[m]["max_iter"] is None for m in ("fcn32s", "fcn16s", "fcn8s"))
+    params["sample"]["train"]["fcn8s"]["max_iter"] = 100_000
+    assert validate_params(params)["train"]["fcn8s"]["max_iter"] == 100_000

@@ -35,7 +35,9 @@ from pipeline.train import (
     ResumeStore,
     RunInputs,
     build_initial_model,
+    iteration_budget,
     load_checkpoint,
+    lr_factor,
     make_optimizer,
     rng_state,
     train,
@@ -336,6 +338,56 @@ def test_accumulation_equals_one_big_batch(shards, tmp_path) -> None:
     assert c["iterations"] == 8
     sc = state_dict(tmp_path / "c" / "fcn32s.pt")
     assert not torch.allclose(sc["score_fr.weight"], sa["score_fr.weight"], rtol=1e-4, atol=1e-6)
+
+
+def test_iteration_budget_counts_iterations_and_derives_epochs() -> None:
+    assert iteration_budget({"epochs": 3, "max_iter": None}, 4) == (12, 3)
+    assert iteration_budget({"epochs": 3}, 4) == (12, 3)  # params written before max_iter
+    assert iteration_budget({"epochs": 3, "max_iter": 5}, 4) == (5, 2)  # epochs ignored
+    assert iteration_budget({"epochs": 1, "max_iter": 8}, 4) == (8, 2)
+    with pytest.raises(ValueError, match="steps_per_epoch"):
+        iteration_budget({"epochs": 1}, 0)
+
+
+def test_max_iter_budget_cuts_the_last_epoch_and_whole_epochs_match_epochs(
+    shards, tmp_path
+) -> None:
+    """8 images at batch 2: 4 steps per epoch. max_iter 5 trains 5 steps over 2 epochs, the
+    poly lr ending where 5 steps end; max_iter 8 is exactly the 2-epoch run, weight for weight."""
+    lr = 0.01
+    cut = run_train(
+        "fcn32s",
+        base_cfg(fcn32s={"epochs": 1, "lr": lr, "max_iter": 5}),
+        shards["small"],
+        shards["val"],
+        tmp_path / "cut",
+    )
+    assert cut["iterations"] == 5
+    assert [h["epoch"] for h in cut["history"]] == [1, 2]
+    assert cut["history"][-1]["lr"] == pytest.approx(lr * lr_factor("poly", 4, 5))
+    assert "val/mean_iou" in cut["history"][-1]  # the last (short) epoch is validated
+
+    whole = run_train(
+        "fcn32s",
+        base_cfg(fcn32s={"epochs": 1, "lr": lr, "max_iter": 8}),
+        shards["small"],
+        shards["val"],
+        tmp_path / "whole",
+    )
+    epochs = run_train(
+        "fcn32s",
+        base_cfg(fcn32s={"epochs": 2, "lr": lr}),
+        shards["small"],
+        shards["val"],
+        tmp_path / "epochs",
+    )
+    assert whole["iterations"] == epochs["iterations"] == 8
+    a, b = (
+        state_dict(tmp_path / "whole" / "fcn32s.pt"),
+        state_dict(tmp_path / "epochs" / "fcn32s.pt"),
+    )
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 # --- 5. FCN-32s -> FCN-16s on a trained net ---------------------------------------------------
