@@ -395,8 +395,9 @@ def test_fingerprint_is_the_stage_declared_params_plus_init_and_data(tmp_path):
     keys = declared_params("train_fcn32s")
     assert "${profile}.train.fcn32s" in keys and "${profile}.train.workers" not in keys
     base = _inputs(tmp_path)
+    lr = load_params(REPO / "params.yaml")["train"]["fcn32s"]["lr"]
     assert (
-        base.params["sample.train.fcn32s.lr"] == 0.01 and "sample.train.fcn8s.lr" not in base.params
+        base.params["sample.train.fcn32s.lr"] == lr and "sample.train.fcn8s.lr" not in base.params
     )
 
     def same(edit: Callable[[dict[str, Any]], None]) -> bool:
@@ -408,8 +409,8 @@ def test_fingerprint_is_the_stage_declared_params_plus_init_and_data(tmp_path):
     assert same(lambda p: p["sample"][t].update(checkpoint_every=3, checkpoint_minutes=0.5))
     assert same(lambda p: p["full"][t]["fcn32s"].update(lr=1.0))  # the other profile
     assert not same(lambda p: p["sample"]["model"].update(width=0.25))
-    changed = _inputs(tmp_path, lambda p: p["sample"][t]["fcn32s"].update(lr=0.02))
-    assert changed.differences(base) == ["sample.train.fcn32s.lr: 0.01 -> 0.02"]
+    changed = _inputs(tmp_path, lambda p: p["sample"][t]["fcn32s"].update(lr=2 * lr))
+    assert changed.differences(base) == [f"sample.train.fcn32s.lr: {lr} -> {2 * lr}"]
     (tmp_path / "train" / INDEX_NAME).write_text("{}")  # other data
     assert _inputs(tmp_path).differences(base) == [
         "the train data (data/preprocessed/train changed)"
