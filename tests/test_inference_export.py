@@ -188,7 +188,12 @@ def test_model_card_names_the_val_set_and_holds_the_metrics():
     assert "| 500x500 | 1.90 | 528.0 | 542.3 |" in card
     assert "2,239,207 parameters" in card and "6.98 GFLOPs" in card
     assert "generated data" in card and "PASCAL VOC 2012 val" not in card
-    assert "| epochs | 24 |" in card and "learning rate | 0.01 (poly policy)" in card
+    stage = params["train"]["fcn8s"]
+    assert f"| epochs | {stage['epochs']} |" in card
+    assert f"learning rate | {stage['lr']:g} (poly policy)" in card
+    stage["max_iter"] = 1000  # an iteration budget replaces the epochs in the card
+    card = model_card("fcn8s", params, metrics, report, val_set)
+    assert "| iterations | 1000 (max_iter" in card and "| epochs |" not in card
     full = {"profile": "full", **yaml.safe_load((REPO / "params.yaml").read_text())["full"]}
     metrics.pop("mean_dice")
     card = model_card("fcn32s", full, metrics, report, val_set_name(full))

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import load_params
 from tests.repo_utils import ALL_STAGES, FAST_SAMPLE, FOUR, copy_repo, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
@@ -68,7 +69,8 @@ def test_models_are_loadable_with_weights_only(sample_run):
 
 def test_fcn8s_param_change_reruns_only_fcn8s_and_its_downstream(run_copy):
     repo = run_copy
-    set_params(repo, {"sample.train.fcn8s.lr": 0.001})
+    lr = load_params(repo / "params.yaml")["train"]["fcn8s"]["lr"]
+    set_params(repo, {"sample.train.fcn8s.lr": lr / 2})  # any other value
     out = run(["dvc", "repro"], repo)
     downstream = ["evaluate", "inference_report", "export_onnx"]  # all read models/fcn8s.pt
     assert stages_run(out.stdout) == ["train_fcn8s", *downstream], out.stdout
