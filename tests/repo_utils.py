@@ -211,3 +211,25 @@ def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int | None, squ
                 {"height": size[1], "width": size[0], "source": "voc"},
             )
     return out
+
+
+def scores_on(model: Any, directory: Path) -> tuple[Any, list[Any]]:
+    """The confusion matrix (rows: ground truth) of `model` over every record of a shard dir
+    at its stored resolution, and the per-image argmax maps."""
+    import torch
+
+    from pipeline.datasets import SegmentationShards
+    from pipeline.metrics import confusion_matrix
+    from pipeline.transforms import eval_transform
+
+    data = SegmentationShards(directory, transform=eval_transform())
+    hist = torch.zeros(21, 21, dtype=torch.int64)
+    preds = []
+    model.eval()
+    with torch.no_grad():
+        for i in range(len(data)):
+            image, mask = data[i]
+            pred = model(image.unsqueeze(0)).argmax(1)[0]
+            hist += confusion_matrix(pred, mask)
+            preds.append(pred)
+    return hist, preds

@@ -12,34 +12,20 @@ from pathlib import Path
 
 import pytest
 import torch
-from repo_utils import voc_ids, write_voc_shards
+from repo_utils import scores_on, voc_ids, write_voc_shards
 
 from pipeline.config import load_params
-from pipeline.datasets import SegmentationShards
-from pipeline.metrics import confusion_matrix, segmentation_scores
+from pipeline.metrics import segmentation_scores
 from pipeline.models.fcn import load_model
 from pipeline.pretrain import pretrain_vgg16, save_state_dict
 from pipeline.sample import VOC_ROOT, make_voc_sample
 from pipeline.train import train
-from pipeline.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("fcn32s", "fcn16s", "fcn8s")
 # the sample profile's recipe with its backbone pretraining as is, and about a third of its
 # segmentation training: 32 instead of 88 training images, 12 / 4 / 8 epochs
 SHORT = {"voc_train": 32, "voc_val": 12, "epochs": {"fcn32s": 12, "fcn16s": 4, "fcn8s": 8}}
-
-
-def _confusion(model: torch.nn.Module, directory: Path) -> torch.Tensor:
-    """Confusion matrix (rows: ground truth) over a shard dir at its stored resolution."""
-    data = SegmentationShards(directory, transform=eval_transform())
-    hist = torch.zeros(21, 21, dtype=torch.int64)
-    model.eval()
-    with torch.no_grad():
-        for i in range(len(data)):
-            image, mask = data[i]
-            hist += confusion_matrix(model(image.unsqueeze(0)).argmax(1)[0], mask)
-    return hist
 
 
 def _all_background(hist: torch.Tensor) -> torch.Tensor:
@@ -93,7 +79,7 @@ def test_shortened_cascade_beats_all_background_at_every_stage(tmp_path) -> None
             init_from=previous,
             progress=False,
         )
-        hist = _confusion(load_model(out), val_dir)
+        hist, _ = scores_on(load_model(out), val_dir)
         mean_iu[name] = segmentation_scores(hist)["mean_iou"]
         previous = out
     floor = segmentation_scores(_all_background(hist))["mean_iou"]

@@ -23,11 +23,10 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from repo_utils import voc_ids, write_voc_shards
+from repo_utils import scores_on, voc_ids, write_voc_shards
 
 from pipeline.config import load_params
-from pipeline.datasets import SegmentationShards
-from pipeline.metrics import confusion_matrix, segmentation_scores
+from pipeline.metrics import segmentation_scores
 from pipeline.models.fcn import load_model
 from pipeline.train import (
     CHECKPOINT_NAME,
@@ -42,7 +41,6 @@ from pipeline.train import (
     rng_state,
     train,
 )
-from pipeline.transforms import eval_transform
 
 REPO = Path(__file__).resolve().parents[1]
 # torchvision 0.29 warns on every decode_jpeg call (pipeline.datasets silences it outside pytest)
@@ -110,22 +108,6 @@ def run_train(name: str, cfg: dict[str, Any], train_dir: Path, val_dir: Path, ou
 
 def state_dict(path: Path) -> dict[str, torch.Tensor]:
     return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def scores_on(model: torch.nn.Module, directory: Path) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The confusion matrix (rows: ground truth) of `model` over every record of a shard dir
-    at its stored resolution, and the per-image argmax maps."""
-    data = SegmentationShards(directory, transform=eval_transform())
-    hist = torch.zeros(21, 21, dtype=torch.int64)
-    preds = []
-    model.eval()
-    with torch.no_grad():
-        for i in range(len(data)):
-            image, mask = data[i]
-            pred = model(image.unsqueeze(0)).argmax(1)[0]
-            hist += confusion_matrix(pred, mask)
-            preds.append(pred)
-    return hist, preds
 
 
 # --- 1. overfitting 8 real images from scratch ------------------------------------------------
@@ -355,37 +337,21 @@ def test_max_iter_budget_cuts_the_last_epoch_and_whole_epochs_match_epochs(
     """8 images at batch 2: 4 steps per epoch. max_iter 5 trains 5 steps over 2 epochs, the
     poly lr ending where 5 steps end; max_iter 8 is exactly the 2-epoch run, weight for weight."""
     lr = 0.01
-    cut = run_train(
-        "fcn32s",
-        base_cfg(fcn32s={"epochs": 1, "lr": lr, "max_iter": 5}),
-        shards["small"],
-        shards["val"],
-        tmp_path / "cut",
-    )
+
+    def run(tag: str, **budget: int) -> dict:
+        cfg = base_cfg(fcn32s={"lr": lr, "epochs": 1, **budget})
+        return run_train("fcn32s", cfg, shards["small"], shards["val"], tmp_path / tag)
+
+    cut = run("cut", max_iter=5)
     assert cut["iterations"] == 5
     assert [h["epoch"] for h in cut["history"]] == [1, 2]
     assert cut["history"][-1]["lr"] == pytest.approx(lr * lr_factor("poly", 4, 5))
     assert "val/mean_iou" in cut["history"][-1]  # the last (short) epoch is validated
 
-    whole = run_train(
-        "fcn32s",
-        base_cfg(fcn32s={"epochs": 1, "lr": lr, "max_iter": 8}),
-        shards["small"],
-        shards["val"],
-        tmp_path / "whole",
-    )
-    epochs = run_train(
-        "fcn32s",
-        base_cfg(fcn32s={"epochs": 2, "lr": lr}),
-        shards["small"],
-        shards["val"],
-        tmp_path / "epochs",
-    )
+    whole, epochs = run("whole", max_iter=8), run("epochs", epochs=2)
     assert whole["iterations"] == epochs["iterations"] == 8
-    a, b = (
-        state_dict(tmp_path / "whole" / "fcn32s.pt"),
-        state_dict(tmp_path / "epochs" / "fcn32s.pt"),
-    )
+    a = state_dict(tmp_path / "whole" / "fcn32s.pt")
+    b = state_dict(tmp_path / "epochs" / "fcn32s.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
 
