@@ -2,6 +2,7 @@
 
     blobs = read_caffemodel("fcn8s-heavy-pascal.caffemodel")   # {layer name: [weight, bias]}
     model = fcn_from_caffe("fcn8s", blobs)                      # pipeline.models.FCN8s
+    atonce = fcn_from_caffe("fcn8s_atonce", read_caffemodel("fcn8s-atonce-pascal.caffemodel"))
 
 A `.caffemodel` is a binary protobuf `caffe.NetParameter`. This module declares the few fields it
 reads (`caffe_schema`), built at import time with `descriptor_pb2` + `message_factory` in a
@@ -26,8 +27,13 @@ adapter as its first op, so it takes the pipeline's normalised RGB like any othe
 `evaluate`/`predict` use it unchanged (see pipeline.models.fcn).
 
 FCN-8s at-once (fcn8s-atonce-pascal.caffemodel) scales pool4 by 0.01 and pool3 by 0.0001
-(`scale_pool4`, `scale_pool3`) before the skip scores; this project's FCN8s has no such layers,
-so that file is refused with an error that says so.
+(Scale layers `scale_pool4`, `scale_pool3`: constant filler, lr_mult 0) before the skip scores;
+it imports as "fcn8s_atonce" (`pipeline.models.FCN8sAtOnce`, whose scales are fixed constants
+of the class). The Scale layers' blob (one factor per channel) may be in the file or not: if it
+is, it must hold the net's constant, or the import fails naming the layer. The two FCN-8s files
+have the same weights otherwise, so the Scale layers tell them apart: an at-once file imported
+as "fcn8s" (whose forward would skip the scales) and a staged (heavy) FCN-8s file imported as
+"fcn8s_atonce" (whose forward would add them) are refused with the name to use instead.
 """
 
 from __future__ import annotations
@@ -46,7 +52,10 @@ from torch import nn
 from pipeline.models.fcn import CAFFE_MEAN_BGR, MODELS, CaffeInput, build_model, save_model
 from pipeline.surgery import VGG16_CFG, VGG16_CONV_INDICES
 
+# The at-once release's Scale layers, named after the pool they scale (FCN8sAtOnce.skip_scales)
 ATONCE_LAYERS = ("scale_pool4", "scale_pool3")
+# Relative tolerance on a Scale blob's constant: a few float32 ulps (eps 1.2e-7)
+SCALE_RTOL = 1e-6
 
 # --- the schema ------------------------------------------------------------------------------
 
@@ -233,6 +242,47 @@ def _infer_size(blobs: dict[str, list[np.ndarray]]) -> tuple[int, float]:
     return int(blobs["score_fr"][0].shape[0]), blobs["conv1_1"][0].shape[0] / VGG16_CFG[0]
 
 
+def _check_scale_blobs(
+    name: str, model: nn.Module, blobs: dict[str, list[np.ndarray]]
+) -> list[str]:
+    """Check the Scale layers of an at-once file against `model.skip_scales`; their names.
+
+    Each layer must be in the file; its blob, if any, is one value per channel of the pool it
+    scales (Caffe's Scale on axis 1), equal to the class constant up to `SCALE_RTOL`.
+    """
+    layers = {f"scale_{pool}": (pool, s) for pool, s in model.skip_scales.items()}
+    absent = [layer for layer in layers if layer not in blobs]
+    if len(absent) == len(layers):
+        raise ValueError(
+            f"{name}: the caffemodel has no {' / '.join(layers)} layers, so it is not the FCN-8s "
+            "at-once release but the staged FCN-8s (fcn8s-heavy-pascal): import it as 'fcn8s'"
+        )
+    if absent:
+        raise ValueError(f"{name}: Scale layers missing from the caffemodel: {absent}")
+    for layer, (pool, scale) in layers.items():
+        want = (getattr(model, f"score_{pool}").in_channels,)
+        found = [tuple(b.shape) for b in blobs[layer]]
+        if not found:  # lr_mult 0: the file may leave the constant to the net definition
+            continue
+        if len(found) != 1:
+            raise ValueError(
+                f"{name}: layer {layer!r} has {len(found)} blobs {found}, expected the scale "
+                f"{want} alone (or no blob)"
+            )
+        if not _fits(found[0], want):
+            raise ValueError(
+                f"{name}: layer {layer!r} scale blob has shape {found[0]}, expected {want}"
+            )
+        b = blobs[layer][0]
+        if not np.allclose(b, np.float32(scale), rtol=SCALE_RTOL, atol=0):
+            raise ValueError(
+                f"{name}: layer {layer!r} holds scales in [{b.min():.6g}, {b.max():.6g}], "
+                f"expected the constant {scale} on {pool} of the at-once net (a fixed Scale, "
+                "lr_mult 0); this file is not the fcn8s-atonce release"
+            )
+    return list(layers)
+
+
 @torch.no_grad()
 def fcn_from_caffe(
     name: str,
@@ -250,19 +300,23 @@ def fcn_from_caffe(
     1.0. The model returned is in eval mode and takes the pipeline's normalised RGB input (the
     adapter converts it to the releases' BGR 0..255 minus `CAFFE_MEAN_BGR`).
 
+    "fcn8s_atonce" wants the file's `scale_pool4`/`scale_pool3` layers; their blobs, if present,
+    must hold the model's fixed scales (0.01, 0.0001), which are not copied (class constants).
+
     Raises ValueError naming the layer for a missing layer, a missing or extra blob, a blob of
-    the wrong shape (expected and found shapes) or non-finite values; for the FCN-8s at-once
-    release (its `scale_pool4`/`scale_pool3` layers have no counterpart here); and for a layer
-    with weights that the model has no place for.
+    the wrong shape (expected and found shapes), non-finite values or a Scale blob that is not
+    the at-once constant; naming the model to use for an at-once file imported as another model
+    or a staged FCN-8s file imported as "fcn8s_atonce"; and for a layer with weights that the
+    model has no place for.
     """
     if name not in MODELS:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
     atonce = [n for n in ATONCE_LAYERS if n in blobs]
-    if atonce:
+    if atonce and not MODELS[name].skip_scales:
         raise ValueError(
-            f"this is the FCN-8s at-once release (layers {atonce}: fixed scales 0.01 on pool4 and "
-            "0.0001 on pool3 before the skip scores); this project's FCN8s has no such scales, "
-            "so it is not imported. Use fcn8s-heavy-pascal.caffemodel"
+            f"{name}: the caffemodel has the Scale layers {atonce} (fixed scales 0.01 on pool4 "
+            "and 0.0001 on pool3 before the skip scores): it is the FCN-8s at-once release "
+            "(fcn8s-atonce-pascal); import it as 'fcn8s_atonce'"
         )
     inferred = _infer_size(blobs) if num_classes is None or width is None else (0, 0.0)
     num_classes = inferred[0] if num_classes is None else num_classes
@@ -280,6 +334,7 @@ def fcn_from_caffe(
     ]
     if missing:
         raise ValueError(f"{name}: layers missing from the caffemodel: {'; '.join(missing)}")
+    scale_layers = _check_scale_blobs(name, model, blobs) if model.skip_scales else []
     copies: list[tuple[torch.Tensor, np.ndarray]] = []
     for layer, m in plan.items():
         params = params_of(m)
@@ -299,7 +354,7 @@ def fcn_from_caffe(
             if not np.isfinite(b).all():
                 raise ValueError(f"{name}: layer {layer!r} {kind} blob has NaN or infinite values")
             copies.append((p, b))
-    unused = sorted(k for k, v in blobs.items() if v and k not in plan)
+    unused = sorted(k for k, v in blobs.items() if v and k not in plan and k not in scale_layers)
     if unused:
         raise ValueError(
             f"{name}: the caffemodel has weights for layers {unused} that {name} lacks"

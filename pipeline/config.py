@@ -8,13 +8,13 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
 import yaml
 
-PROFILES = ("sample", "full")
+PROFILES = ("sample", "full", "paper")
 MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s")
 MIN_CROP = 32  # the network has stride 32: a smaller crop has no pixel of pool5 context
 
@@ -24,6 +24,21 @@ class ParamsError(ValueError):
 
 
 # --- a tiny schema language: a spec is a type check plus optional constraints -------------------
+
+
+def architecture(stage: str, train: Mapping[str, Any]) -> str:
+    """The net a training stage trains (`train`: the params' train section): the stage's own
+    name, or "fcn8s_atonce" for the fcn8s stage with `fcn8s.at_once` (the release's FCN-8s
+    at-once, fixed skip scales, trained from VGG16)."""
+    return "fcn8s_atonce" if train[stage].get("at_once", False) else stage
+
+
+def initialised_from(stage: str, train: Mapping[str, Any]) -> str | None:
+    """The stage whose model file `stage` starts from (FCN-16s from FCN-32s, FCN-8s from
+    FCN-16s: the paper's staged training), or None: from VGG16 (FCN-32s, at-once FCN-8s)."""
+    if architecture(stage, train) == "fcn8s_atonce":
+        return None
+    return {"fcn32s": None, "fcn16s": "fcn32s", "fcn8s": "fcn16s"}[stage]
 
 
 class Spec:
@@ -123,6 +138,7 @@ def _source() -> dict[str, Any]:
     }
 
 
+SBD_CHOICES = ("train", "train_noval")
 _DEVICE = _str(choices=("auto", "cpu", "cuda"))
 _PRECISION = _str(choices=("auto", "fp32", "bf16", "fp16"))
 
@@ -142,6 +158,7 @@ SCHEMA: dict[str, Any] = {
         "coco_train": _source(),
         "coco_val": _source(),
         "coco_annotations": _source(),
+        "sbd": _source(),  # SBD benchmark.tgz (Hariharan et al. 2011): the paper's train set
         "vgg16": {
             "urls": Spec("list[str]", _check_urls),
             "sha256_prefix": Spec("str", _hex(None), nullable=True),
@@ -177,6 +194,10 @@ SCHEMA: dict[str, Any] = {
         "max_size": _int(min=MIN_CROP, max=4096),
         "jpeg_quality": _int(min=1, max=100),
         "shard_size": _int(min=1),
+        # training sources: VOC 2012 train, SBD (train, or train_noval: minus VOC 2012 val's
+        # images, excluded automatically and counted in the report), COCO-VOC
+        "voc_train": _bool(default=True),
+        "sbd": _str(choices=SBD_CHOICES, nullable=True, default=None),
         "use_coco": _bool(),
         "workers": _int(min=1, max=256),
         "max_bad_fraction": _float(min=0, max=1),
@@ -210,7 +231,9 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": _float(min=0),
         "checkpoint_every": _int(min=1),
         "checkpoint_minutes": _float(gt=0, nullable=True),
-        "val_every": _int(min=1),
+        "val_every": _int(min=1),  # epochs
+        # also validate every N iterations inside epochs (null: only at epoch ends)
+        "val_every_iter": _int(min=1, nullable=True, default=None),
         # max_iter: the budget in iterations (epochs then derived, the last one cut short), so a
         # recipe means the same on 1.5k or 100k images; null: `epochs` full epochs
         **{
@@ -218,6 +241,9 @@ SCHEMA: dict[str, Any] = {
                 "epochs": _int(min=1),
                 "lr": _float(gt=0),
                 "max_iter": _int(min=1, nullable=True, default=None),
+                # FCN-8s only: the at-once net (fixed pool3/pool4 scales) trained straight from
+                # VGG16 instead of fine-tuned from FCN-16s (models/fcn16s.pt is then unused)
+                **({"at_once": _bool(default=False)} if m == "fcn8s" else {}),
             }
             for m in MODEL_NAMES
         },
@@ -229,6 +255,9 @@ SCHEMA: dict[str, Any] = {
         "qualitative_images": _int(min=0, max=64),
         # what is scored: all of VOC 2012 val, or the paper's seg11valid (pipeline/splits.py)
         "split": _str(choices=("voc2012_val", "seg11valid"), default="voc2012_val"),
+        # seg11valid with only some of its 736 images in the val shards: score those (the
+        # summary says how many) instead of refusing; for tests and dry runs, never for figures
+        "allow_partial_split": _bool(default=False),
         # test-time augmentation, scored as separate metrics (metrics/tta/<model>.json)
         "tta": {
             "flip": _bool(default=False),
@@ -304,11 +333,30 @@ def _cross_checks(cfg: dict[str, Any], path: str) -> list[str]:
         )
     if cfg["train"]["momentum"] >= 1:
         errors.append(f"{path}.train.momentum: must be < 1, got {cfg['train']['momentum']}")
+    errors.extend(_training_data_checks(cfg, path))
     if not cfg["download"]["generate_sample"]:
-        for name in ("voc", "coco_train", "coco_val", "coco_annotations", "vgg16"):
+        for name in ("voc", "coco_train", "coco_val", "coco_annotations", "sbd", "vgg16"):
             if not cfg["download"][name]["urls"]:
                 errors.append(f"{path}.download.{name}.urls: no source given for a real download")
     return errors
+
+
+def _training_data_checks(cfg: dict[str, Any], path: str) -> list[str]:
+    """What trains against what scores: at least one training source, and no scored image
+    trained on. SBD re-annotates VOC 2011 images: its train set holds most of VOC 2012 val
+    (hence seg11valid, VOC 2011 val minus SBD train, in the paper). VOC 2012 train, SBD
+    train_noval and COCO are disjoint from both evaluation splits; evaluate checks the actual
+    image ids again before scoring."""
+    p = cfg["preprocess"]
+    if not (p["voc_train"] or p["sbd"] or p["use_coco"]):
+        return [f"{path}.preprocess: no training source (voc_train, sbd and use_coco all off)"]
+    if p["sbd"] == "train" and cfg["evaluate"]["split"] == "voc2012_val":
+        return [
+            f"{path}.preprocess.sbd: SBD train holds most of VOC 2012 val's images, which "
+            "evaluate.split voc2012_val scores; use sbd: train_noval (those images excluded) "
+            "or evaluate.split: seg11valid (the paper's protocol)"
+        ]
+    return []
 
 
 def _checksums_as_text(profile: Any) -> None:

@@ -416,6 +416,12 @@ def _preprocess_dropped_section(report: Mapping[str, Any] | None) -> list[str]:
         f"(the stage fails above `preprocess.max_bad_fraction` = "
         f"{report.get('params', {}).get('max_bad_fraction', '?')})."
     )
+    excluded = int(report.get("sbd_excluded_voc2012_val", 0))
+    if excluded:  # preprocess.sbd: train_noval
+        lines.append(
+            f"{_n(excluded)} SBD train images left out of training because VOC 2012 val, "
+            "which evaluation may score, holds them (`preprocess.sbd: train_noval`)."
+        )
     lines.append("")
     if skipped:
         rows = [

@@ -58,7 +58,9 @@ PER_IMAGE_FIELDS = ("image", "labelled_pixels", "pixel_accuracy", "mean_iou")
 
 
 def display_name(name: str) -> str:
-    """fcn32s -> FCN-32s."""
+    """fcn32s -> FCN-32s, fcn8s_atonce -> FCN-8s at-once."""
+    if name == "fcn8s_atonce":
+        return "FCN-8s at-once"
     return f"FCN-{name[3:]}" if name.startswith("fcn") else name
 
 
@@ -460,14 +462,15 @@ def evaluate_all(
     tta_scales: Sequence[float] = (1.0,),
     split: str = "voc2012_val",
     train_dir: str | Path | None = None,
+    allow_partial_split: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each named model (loaded one at a time), write its report and reports/summary.md.
 
     `val_set` is the name the summary gives the scored images. With test-time augmentation
     (`tta_flip`, `tta_scales`: `pipeline.tta`) each model is scored a second time through it,
     into metrics/tta/<name>.json and a table of its own; without, that file says "none".
-    `split` ("voc2012_val" or "seg11valid", `pipeline.splits`) selects the scored records;
-    with `train_dir`, scoring an image that is also in the training shards is refused.
+    `split` ("voc2012_val" or "seg11valid", `pipeline.splits`) selects the scored records
+    (`allow_partial_split`: the seg11valid images present, however few); with `train_dir`, scoring an image that is also in the training shards is refused.
 
     Raises:
         ValueError: empty val set, unknown split, seg11valid ids missing from the val shards,
@@ -479,7 +482,7 @@ def evaluate_all(
     from pipeline.shards import ShardReader
     from pipeline.splits import check_no_overlap, select_split
 
-    eval_set, raw_set = (select_split(d, split) for d in val_datasets(val_dir))
+    eval_set, raw_set = (select_split(d, split, allow_partial_split) for d in val_datasets(val_dir))
     if len(eval_set) == 0:
         raise ValueError(f"{val_dir}: the val set is empty")
     if train_dir is not None:

@@ -13,20 +13,22 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
+from pipeline.config import architecture, initialised_from
 from pipeline.evaluate import EXTRA_COLUMNS, METRIC_COLUMNS, display_name
 
-PREVIOUS = {"fcn16s": "fcn32s", "fcn8s": "fcn16s"}  # the staged training's initial models
 ARCH_NOTES = {
     "fcn32s": "one stream: the stride-32 scores upsampled 32x (fixed bilinear)",
     "fcn16s": "stride-32 scores upsampled 2x and fused with the pool4 scores, then 16x",
     "fcn8s": "FCN-16s's fusion upsampled 2x and fused with the pool3 scores, then 8x",
+    "fcn8s_atonce": "FCN-8s's net with pool4 scaled by 0.01 and pool3 by 0.0001 before their "
+    "scores (fixed), trained at once from VGG16",
 }
 
 
 def initialisation(name: str, params: Mapping[str, Any]) -> str:
     """Where the model's training started, in words."""
-    if name in PREVIOUS:
-        prev = PREVIOUS[name]
+    prev = initialised_from(name, params["train"])
+    if prev is not None:
         return f"{display_name(prev)} (models/{prev}.pt), new layers zero-initialised"
     if params["model"]["backbone_init"] == "random":
         return "random weights (no pretrained backbone)"
@@ -155,7 +157,7 @@ def model_card(
         f"params.yaml, metrics/{name}.json and models/{name}.pt; do not edit by hand.\n\n"
         "## Model\n\n"
         f"- {label}, fully convolutional network on a VGG16 backbone (Long, Shelhamer, Darrell, "
-        f"CVPR 2015): {ARCH_NOTES.get(name, '')}.\n"
+        f"CVPR 2015): {ARCH_NOTES.get(architecture(name, params['train']), '')}.\n"
         f"- {inference['parameters']:,} parameters"
         + (f"; {gflops:.2f} GFLOPs per {gflops_at} image" if gflops is not None else "")
         + " (FlopCounterMode, a multiply-add = 2 FLOPs).\n"

@@ -522,6 +522,28 @@ def _coco_tasks(coco_voc_dir: Path, coco_dir: Path, split: str) -> Iterator[Task
             )
 
 
+def _sbd_tasks(sbd_tgz: Path, split: str, exclude: set[str], excluded: list[str]) -> Iterator[Task]:
+    """SBD records of `split` ("train" or "val" of SBD's lists) as training tasks, but those
+    in `exclude` (appended to `excluded` instead); the .mat labels are read here, once, into
+    PNG label maps."""
+    from pipeline.sbd import read_sbd
+
+    for rec in read_sbd(sbd_tgz, split):
+        if rec.image_id in exclude:
+            excluded.append(rec.image_id)
+            continue
+        yield (
+            "train",
+            f"sbd/{rec.image_id}",
+            "sbd",
+            f"{sbd_tgz.name}:{rec.image_name}",
+            rec.image,
+            f"{sbd_tgz.name}:{rec.label_name}",
+            encode_label_png(torch.from_numpy(rec.label)),
+            None,
+        )
+
+
 def preprocess(
     voc_tar: Path,
     coco_voc_dir: Path | None,
@@ -535,13 +557,24 @@ def preprocess(
     workers: int,
     max_bad_fraction: float,
     coco_splits: Sequence[str] = ("train2017", "val2017"),
+    voc_train: bool = True,
+    sbd: str | None = None,
+    sbd_tgz: Path | None = None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Write `out_dir/{train,val}` shards and `out_dir/report.json` atomically; return the report.
 
-    Records: VOC train (tar order), then COCO-VOC `coco_splits` in order (if `use_coco`) into
-    train; VOC val into val. Output bytes depend only on the inputs and on max_size,
-    jpeg_quality, shard_size, use_coco and coco_splits - not on `workers`.
+    Records: VOC train (tar order; if `voc_train`), then SBD (`sbd`: "train" is SBD's train
+    list, "train_noval" the same minus every VOC 2012 val id, in list order, from `sbd_tgz`),
+    then COCO-VOC `coco_splits` in order (if `use_coco`) into train; VOC val into val. Keys are
+    "<source>/<id>": an SBD image that is also a VOC train image is trained on twice, once per
+    annotation. Output bytes depend only on the inputs and on these parameters, not on
+    `workers`. The report counts the SBD images excluded as VOC 2012 val images.
+
+    Raises:
+        FileNotFoundError: an input archive is missing.
+        PreprocessError: a malformed input (named), too many bad images, or an empty split.
+        pipeline.sbd.SbdError: a truncated SBD archive or an unreadable .mat (named).
     """
     from tqdm import tqdm
 
@@ -556,6 +589,10 @@ def preprocess(
     ):  # a killed run's, ours only
         for stale in out_dir.parent.glob(pattern):
             remove_path(stale)
+    if sbd not in (None, "train", "train_noval"):
+        raise ValueError(f"sbd must be None, 'train' or 'train_noval', got {sbd!r}")
+    if sbd is not None and (sbd_tgz is None or not Path(sbd_tgz).is_file()):
+        raise FileNotFoundError(f"{sbd_tgz}: SBD benchmark.tgz not found (run download_sbd)")
     splits = list(coco_splits) if use_coco else []
     coco_counts = {}
     for split in splits:
@@ -566,9 +603,13 @@ def preprocess(
             raise FileNotFoundError(f"{Path(coco_dir) / f'{split}.zip'}: COCO zip not found")
 
     voc = _VocStream(voc_tar)
+    sbd_excluded: list[str] = []
 
     def all_tasks() -> Iterator[Task]:
-        yield from voc.tasks()
+        yield from (t for t in voc.tasks() if voc_train or t[0] != "train")
+        if sbd is not None:
+            exclude = set(voc.lists["val"]) if sbd == "train_noval" else set()
+            yield from _sbd_tasks(Path(sbd_tgz), "train", exclude, sbd_excluded)
         for split in splits:
             yield from _coco_tasks(Path(coco_voc_dir), Path(coco_dir), split)
 
@@ -584,7 +625,7 @@ def preprocess(
             writers = {"train": train_w, "val": val_w}
             for result in _ordered_map(_run_task, all_tasks(), workers, max_size, jpeg_quality):
                 seen += 1
-                if bar.total is None and voc.split_of is not None:
+                if bar.total is None and voc.split_of is not None and sbd is None:
                     bar.total = len(voc.split_of) + sum(coco_counts.values())
                 bar.update(1)
                 if result[0] == "ok":
@@ -605,6 +646,8 @@ def preprocess(
                 "max_size": max_size,
                 "jpeg_quality": jpeg_quality,
                 "shard_size": shard_size,
+                "voc_train": voc_train,
+                "sbd": sbd,
                 "use_coco": use_coco,
                 "coco_splits": splits,
                 "max_bad_fraction": max_bad_fraction,
@@ -613,6 +656,8 @@ def preprocess(
             "train": {"records": len(train_w), "by_source": dict(sorted(counts["train"].items()))},
             "val": {"records": len(val_w), "by_source": dict(sorted(counts["val"].items()))},
             "coco_label_records": coco_counts,
+            # train_noval: SBD train images left out because VOC 2012 val scores them
+            "sbd_excluded_voc2012_val": len(sbd_excluded),
             "bad": len(skipped),
             "bad_fraction": len(skipped) / seen,
             "skipped": skipped,

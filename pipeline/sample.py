@@ -529,24 +529,31 @@ def _png_p(label: np.ndarray) -> bytes:
     return buf.getvalue()
 
 
-def _write_tar(path: Path, files: dict[str, bytes]) -> int:
-    """Uncompressed GNU tar with parent directory entries, sorted members, fixed metadata."""
+def add_tar_members(tar: tarfile.TarFile, files: dict[str, bytes], mtime: int) -> int:
+    """Add `files` (member name -> bytes) to `tar` with their parent directory entries, sorted,
+    time `mtime`, owner 0 and fixed modes: identical archive bytes for identical `files`.
+    Returns the number of entries written."""
     dirs: set[str] = set()
     for n in files:
         parts = Path(n).parts[:-1]
         dirs.update("/".join(parts[: i + 1]) for i in range(len(parts)))
     entries = sorted([(d + "/", None) for d in dirs] + list(files.items()))
-    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
-        for name, data in entries:
-            info = tarfile.TarInfo(name.rstrip("/"))
-            info.mtime, info.uid, info.gid, info.uname, info.gname = VOC_MTIME, 0, 0, "", ""
-            if data is None:
-                info.type, info.mode = tarfile.DIRTYPE, 0o755
-                tar.addfile(info)
-            else:
-                info.size, info.mode = len(data), 0o644
-                tar.addfile(info, io.BytesIO(data))
+    for name, data in entries:
+        info = tarfile.TarInfo(name.rstrip("/"))
+        info.mtime, info.uid, info.gid, info.uname, info.gname = mtime, 0, 0, "", ""
+        if data is None:
+            info.type, info.mode = tarfile.DIRTYPE, 0o755
+            tar.addfile(info)
+        else:
+            info.size, info.mode = len(data), 0o644
+            tar.addfile(info, io.BytesIO(data))
     return len(entries)
+
+
+def _write_tar(path: Path, files: dict[str, bytes]) -> int:
+    """Uncompressed GNU tar with parent directory entries, sorted members, fixed metadata."""
+    with atomic_path(path) as tmp, tarfile.open(tmp, "w", format=tarfile.GNU_FORMAT) as tar:
+        return add_tar_members(tar, files, VOC_MTIME)
 
 
 def _write_zip(path: Path, files: dict[str, bytes], *, deflate: bool) -> int:

@@ -50,6 +50,7 @@ from torch.utils.data import DataLoader, Sampler
 
 from pipeline.atomic import atomic_path, atomic_write_json
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
+from pipeline.config import architecture
 
 # re-exported: benchmarks and older callers import them from here
 from pipeline.device import (  # noqa: F401
@@ -924,13 +925,36 @@ def log_history(live, entry: dict[str, float]) -> None:
     live.next_step()
 
 
-def epoch_entry(epoch: int, epoch_losses: list[float], lr: float) -> dict[str, float]:
-    """The epoch's logged values: its mean step loss, the last lr, its number (1-based)."""
+def epoch_entry(
+    epoch: int, epoch_losses: list[float], lr: float, iteration: int
+) -> dict[str, float]:
+    """One logged point: the mean step loss of the epoch so far, the last lr, the epoch's
+    number (1-based) and the iterations done."""
     return {
         "train/loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
         "lr": lr,
         "epoch": epoch + 1,
+        "iteration": iteration,
     }
+
+
+def since_last_entry(
+    epoch_losses: list[float], history: list[dict[str, float]], epoch_start: int
+) -> list[float]:
+    """The step losses of this epoch (`epoch_losses`, one per iteration from `epoch_start`)
+    after the last logged point: a logged loss covers the steps since the previous one (the
+    whole epoch when points are only logged at epoch ends). Derived from `history`, so a
+    resumed run logs the same values."""
+    last = history[-1].get("iteration", 0) if history else 0
+    return epoch_losses[max(0, last - epoch_start) :]
+
+
+def validation_due(iteration: int, epoch_end: int, val_every_iter: int | None) -> bool:
+    """Whether to validate inside an epoch after `iteration` steps: every `val_every_iter`
+    iterations (None: never), except at the epoch's last step (`epoch_end`), whose own entry
+    follows. With epochs of 100k+ images (COCO), epoch-end validation alone shows nothing for
+    hours."""
+    return val_every_iter is not None and iteration % val_every_iter == 0 and iteration < epoch_end
 
 
 def check_same_start(iteration: int, store: ResumeStore, device: torch.device, world: int) -> None:
@@ -977,7 +1001,7 @@ def start_or_resume(
     state = store.load()
     check_same_start(state.iteration if state is not None else 0, store, device, world)
     model, init_log = build_initial_model(
-        name,
+        architecture(name, cfg["train"]),
         width=mcfg["width"],
         backbone_init=mcfg["backbone_init"],
         vgg16_path=vgg16_path,
@@ -1165,6 +1189,15 @@ def _train_stage(
         dist.broadcast(flag, src=0)
         return bool(flag.item())
 
+    def score(entry: dict[str, float]) -> dict[str, float]:
+        """Validate now (every rank joins) and add the scores to `entry`."""
+        state.scores = validate(
+            model, val_set, device, amp_dtype, tcfg["channels_last"], rank, world
+        )
+        entry["val/mean_iou"] = state.scores["mean_iou"]
+        entry["val/pixel_accuracy"] = state.scores["pixel_accuracy"]
+        return entry
+
     bar = tqdm(
         total=total_steps,
         initial=state.iteration,
@@ -1178,7 +1211,8 @@ def _train_stage(
     lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], max(state.iteration - 1, 0), total_steps)
     t0, start_iteration = time.time(), state.iteration
     for epoch in range(state.epoch, epochs):
-        first_step = state.iteration - epoch * steps_per_epoch
+        epoch_start = epoch * steps_per_epoch  # iterations before this epoch
+        first_step = state.iteration - epoch_start
         if first_step == 0:
             state.epoch_losses = []
         sampler.set_epoch(epoch, skip=first_step * batch * accumulate)
@@ -1199,17 +1233,21 @@ def _train_stage(
             due = cadence.due_by_iteration(state.iteration) or (
                 (world == 1 or readback_due) and time_is_due()
             )
+            epoch_end = epoch_start + steps
+            if validation_due(state.iteration, epoch_end, tcfg.get("val_every_iter")):
+                state.epoch_losses.extend(readback.flush())
+                losses = since_last_entry(state.epoch_losses, state.history, epoch_start)
+                entry = epoch_entry(epoch, losses, lr_now, state.iteration)
+                state.history.append(score(entry))
+                log_history(live, entry)
             if due and state.iteration < total_steps:
                 checkpoint()
         del loader  # its workers end with the epoch
         state.epoch_losses.extend(readback.flush())
-        entry = epoch_entry(epoch, state.epoch_losses, lr_now)
+        losses = since_last_entry(state.epoch_losses, state.history, epoch_start)
+        entry = epoch_entry(epoch, losses, lr_now, state.iteration)
         if (epoch + 1) % tcfg["val_every"] == 0 or epoch + 1 == epochs:
-            state.scores = validate(
-                model, val_set, device, amp_dtype, tcfg["channels_last"], rank, world
-            )
-            entry["val/mean_iou"] = state.scores["mean_iou"]
-            entry["val/pixel_accuracy"] = state.scores["pixel_accuracy"]
+            score(entry)
         state.history.append(entry)
         log_history(live, entry)
         if progress:

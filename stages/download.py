@@ -1,7 +1,9 @@
-"""DVC stages `download_voc`, `download_coco`, `download_vgg16`: put the raw inputs in data/raw/.
+"""DVC stages `download_voc`, `download_coco`, `download_sbd`, `download_vgg16`: put the raw
+inputs in data/raw/.
 
 With `download.generate_sample: true` (the `sample` profile) the archives are generated offline
-by pipeline/sample.py in the real layout, and the VGG16 weights are those of a width-reduced
+by pipeline/sample.py in the real layout (SBD's from the generated VOC tar, by pipeline/sbd.py,
+as the real SBD re-annotates VOC images), and the VGG16 weights are those of a width-reduced
 VGG16 classifier trained on the sample's own object crops (pipeline/pretrain.py), the stand-in
 for ImageNet; otherwise they are fetched from the `urls` of the
 active profile (tried in order: official, mirrors, local paths / file:// URLs) and verified
@@ -35,6 +37,7 @@ COCO_FILES = {  # params key -> file name
     "coco_val": "val2017.zip",
     "coco_annotations": "annotations_trainval2017.zip",
 }
+SBD_TGZ = RAW / "sbd" / "benchmark.tgz"
 VGG16 = RAW / "vgg16" / "vgg16.pth"
 BACKBONE_METRICS = Path("metrics/vgg16.json")
 # torchvision's published accuracy of VGG16_Weights.IMAGENET1K_V1 (the file the full profile
@@ -45,7 +48,7 @@ IMAGENET_VGG16_METRICS = {
     "val_top1": 0.71592,
     "val_top5": 0.90382,
 }
-TARGETS = ("voc", "coco", "vgg16")
+TARGETS = ("voc", "coco", "sbd", "vgg16")
 
 
 def _fetch_source(cfg: dict[str, Any], key: str, dest: Path, progress: bool) -> Path:
@@ -68,9 +71,11 @@ def _fetch_source(cfg: dict[str, Any], key: str, dest: Path, progress: bool) -> 
 
 
 def download(target: str, cfg: dict[str, Any], progress: bool = True) -> list[Path]:
-    """Fetch the real files of `target` (voc | coco | vgg16) into data/raw/; return them."""
+    """Fetch the real files of `target` (voc | coco | sbd | vgg16) into data/raw/; return them."""
     if target == "voc":
         return [_fetch_source(cfg, "voc", VOC_TAR, progress)]
+    if target == "sbd":
+        return [_fetch_source(cfg, "sbd", SBD_TGZ, progress)]
     if target == "coco":
         return [_fetch_source(cfg, k, COCO_DIR / n, progress) for k, n in COCO_FILES.items()]
     if target == "vgg16":
@@ -94,6 +99,11 @@ def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
 
         make_coco_sample(COCO_DIR, n_train=s["coco_train"], n_val=s["coco_val"], **sizes)
         return [COCO_DIR / n for n in COCO_FILES.values()]
+    if target == "sbd":
+        from pipeline.sbd import make_sbd_sample
+
+        make_sbd_sample(VOC_TAR, SBD_TGZ)
+        return [SBD_TGZ]
     if target == "vgg16":
         from pipeline.pretrain import pretrain_vgg16, save_state_dict
 
@@ -113,6 +123,7 @@ def main(argv: list[str] | None = None) -> int:
         choices=TARGETS,
         help="voc: data/raw/voc/VOCtrainval_11-May-2012.tar\n"
         "coco: data/raw/coco/{train2017,val2017,annotations_trainval2017}.zip\n"
+        "sbd: data/raw/sbd/benchmark.tgz (SBD: img/, cls/*.mat, train.txt, val.txt)\n"
         "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict) + metrics/vgg16.json",
     )
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")

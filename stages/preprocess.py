@@ -1,7 +1,8 @@
-"""DVC stage `preprocess`: VOC 2012 (+ COCO's VOC classes) -> data/preprocessed/{train,val}.
+"""DVC stage `preprocess`: VOC 2012 (+ SBD, COCO's VOC classes) -> data/preprocessed/{train,val}.
 
-train: VOC train.txt images and, with `preprocess.use_coco`, every COCO-VOC label record of the
-`coco_to_voc.splits`, resized so the longer side is at most `preprocess.max_size` (never
+train: VOC train.txt images (`preprocess.voc_train`), SBD's train list (`preprocess.sbd`: train,
+or train_noval: without VOC 2012 val's images, counted in report.json) and, with
+`preprocess.use_coco`, every COCO-VOC label record of the `coco_to_voc.splits`, resized so the longer side is at most `preprocess.max_size` (never
 upscaled; label maps nearest-neighbour), as JPEG (`jpeg_quality`) + PNG shards.
 val: VOC val.txt at original resolution, original bytes (scores use original label maps).
 report.json lists every skipped input; the stage fails, writing nothing, when more than
@@ -21,6 +22,7 @@ from pipeline.archives import ArchiveError  # noqa: E402
 from pipeline.config import ParamsError, load_params  # noqa: E402
 from pipeline.inputs import require_inputs  # noqa: E402
 from pipeline.preprocess import PreprocessError, preprocess  # noqa: E402
+from pipeline.sbd import SbdError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -45,6 +47,12 @@ def main(argv: list[str] | None = None) -> int:
         help="folder of the COCO image zips <split>.zip (default: %(default)s)",
     )
     ap.add_argument(
+        "--sbd-tgz",
+        type=Path,
+        default=Path("data/raw/sbd/benchmark.tgz"),
+        help="SBD benchmark.tgz, read when preprocess.sbd is set (default: %(default)s)",
+    )
+    ap.add_argument(
         "--out",
         type=Path,
         default=Path("data/preprocessed"),
@@ -59,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
         require_inputs(
             {
                 args.voc_tar: ("download_voc", "VOC tar"),
+                **({args.sbd_tgz: ("download_sbd", "SBD archive")} if p["sbd"] else {}),
                 **{args.coco_voc / s / "index.json": "coco_to_voc" for s in coco_splits},
                 **{args.coco_dir / f"{s}.zip": ("download_coco", "COCO zip") for s in coco_splits},
             }
@@ -75,14 +84,18 @@ def main(argv: list[str] | None = None) -> int:
             workers=p["workers"],
             max_bad_fraction=p["max_bad_fraction"],
             coco_splits=cfg["coco_to_voc"]["splits"],
+            voc_train=p["voc_train"],
+            sbd=p["sbd"],
+            sbd_tgz=args.sbd_tgz,
             progress=not args.no_progress,
         )
-    except (ParamsError, PreprocessError, ArchiveError, FileNotFoundError) as e:
+    except (ParamsError, PreprocessError, ArchiveError, SbdError, FileNotFoundError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
     print(
         f"preprocess: train {report['train']['records']} {report['train']['by_source']}, "
-        f"val {report['val']['records']}, skipped {report['bad']} of {report['inputs']} "
+        f"val {report['val']['records']}, skipped {report['bad']} of {report['inputs']}, "
+        f"SBD images left out as VOC 2012 val images {report['sbd_excluded_voc2012_val']} "
         f"(details: {args.out / 'report.json'})"
     )
     return 0

@@ -18,10 +18,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import MODEL_NAMES, ParamsError, load_params
+from pipeline.config import MODEL_NAMES, ParamsError, initialised_from, load_params
 from pipeline.inputs import MissingInputsError, require_inputs
-
-PREVIOUS = {"fcn32s": None, "fcn16s": "fcn32s", "fcn8s": "fcn16s"}
 
 
 def needs_torchrun(tcfg: dict[str, Any]) -> bool:
@@ -90,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
     models = Path(args.models)
-    prev = PREVIOUS[args.model]
+    prev = initialised_from(args.model, cfg["train"])  # None: from VGG16
     # fail in a second with the DVC stage to run, not with a traceback after the relaunch
     inputs = {
         Path(args.data) / "train" / "index.json": ("preprocess", "training shards"),

@@ -32,6 +32,7 @@ QUICK_REAL_DATA = {
     "bench_preprocess.py": rf"decode\+resize\s+wall: naive PIL\s+{NUMBER} img/s, project\s+"
     rf"{NUMBER} img/s, ratio {NUMBER}x",
     "bench_dataloader.py": rf"ratio project / baseline: {NUMBER}x img/s",
+    "bench_recipe.py": rf"loss first window {NUMBER}(?:e[-+]\d+)? -> last",
 }
 
 

@@ -2,9 +2,10 @@
 
 The .caffemodel files here are written by the test itself (random weights under the releases'
 layer names and shapes, at width 1/16 to stay fast) in Caffe's real byte format; the reference
-forward is written from the Caffe net definitions (voc-fcn{32,16,8}s/net.py of the FCN
-repository): BGR 0..255 minus the mean, conv1_1 pad 100, ceil-mode pools, Crop offsets 19 /
-5, 27 / 5, 9, 31, no dropout at test time.
+forward is written from the Caffe net definitions (voc-fcn{32,16,8}s/net.py and
+voc-fcn8s-atonce/net.py of the FCN repository): BGR 0..255 minus the mean, conv1_1 pad 100,
+ceil-mode pools, Crop offsets 19 / 5, 27 / 5, 9, 31, no dropout at test time; at once, Scale
+layers multiply pool4 by 0.01 and pool3 by 0.0001 (per channel) before the skip scores.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from pipeline.caffe_import import fcn_from_caffe, read_caffemodel, write_caffemodel
-from pipeline.models import load_model, save_model
+from pipeline.models import MODELS, FCN8sAtOnce, load_model, save_model
 from pipeline.models.fcn import CAFFE_MEAN_BGR, CaffeInput, build_model
 from pipeline.predict import predict_labels
 from pipeline.transforms import normalize
@@ -31,15 +32,26 @@ CAFFE_CROPS = {  # the Crop layers' offsets in the FCN repository's prototxts
     "fcn32s": {"score": 19},
     "fcn16s": {"score_pool4c": 5, "score": 27},
     "fcn8s": {"score_pool4c": 5, "score_pool3c": 9, "score": 31},
+    "fcn8s_atonce": {"score_pool4c": 5, "score_pool3c": 9, "score": 31},
 }
+# voc-fcn8s-atonce/net.py: L.Scale(pool, filler=dict(type='constant', value=...), lr_mult 0)
+ATONCE_FILLERS = {"scale_pool4": 0.01, "scale_pool3": 0.0001}
 
 
 def _ch(c: int, width: float = SMALL) -> int:
     return max(1, int(math.floor(c * width + 0.5)))
 
 
-def caffe_blobs(name: str, seed: int = 0, width: float = SMALL) -> dict[str, list[np.ndarray]]:
-    """Random blobs with the releases' layer names and shapes (Caffe's layouts)."""
+def caffe_blobs(
+    name: str, seed: int = 0, width: float = SMALL, scale_blobs: bool = True
+) -> dict[str, list[np.ndarray]]:
+    """Random blobs with the releases' layer names and shapes (Caffe's layouts).
+
+    "fcn8s_atonce": FCN-8s's, plus the Scale layers `scale_pool4`/`scale_pool3`, holding their
+    constant per channel (or, `scale_blobs=False`, listed without a blob), and skip score
+    weights 1/scale larger, as at-once training makes them, so that the skips weigh in the
+    logits (unscaled, they would vanish next to score_fr and a wrong scale would not show).
+    """
     rng = np.random.default_rng(seed)
 
     def conv(out: int, inp: int, k: int) -> list[np.ndarray]:
@@ -71,6 +83,12 @@ def caffe_blobs(name: str, seed: int = 0, width: float = SMALL) -> dict[str, lis
                 score_pool3=conv(C, _ch(256, width), 1),
                 upscore8=deconv(16),
             )
+    if name == "fcn8s_atonce":
+        for pool, c in (("pool4", 512), ("pool3", 256)):
+            value = ATONCE_FILLERS[f"scale_{pool}"]
+            blobs[f"score_{pool}"][0] /= value
+            scale = np.full(_ch(c, width), value, np.float32)
+            blobs[f"scale_{pool}"] = [scale] if scale_blobs else []
     blobs["score"] = []
     return blobs
 
@@ -104,6 +122,11 @@ def caffe_forward(name: str, blobs: dict[str, list[np.ndarray]], img: torch.Tens
     crops = CAFFE_CROPS[name]
     if name == "fcn32s":
         return crop(deconv(score_fr, "upscore", 32), data, crops["score"])
+    if name == "fcn8s_atonce":  # Scale: one factor per channel (axis 1), the blob or the filler
+        for block in (4, 3):
+            layer = f"scale_pool{block}"
+            s = t(blobs[layer][0]) if blobs[layer] else torch.tensor(ATONCE_FILLERS[layer])
+            pools[block] = pools[block] * s.reshape(1, -1, 1, 1)
     up2 = deconv(score_fr, "upscore2", 2)
     fuse4 = up2 + crop(conv(pools[4], "score_pool4"), up2, crops["score_pool4c"])
     if name == "fcn16s":
@@ -176,7 +199,7 @@ def test_read_refuses_foreign_bytes(tmp_path) -> None:
 # --- the import ------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("name", ["fcn32s", "fcn16s", "fcn8s"])
+@pytest.mark.parametrize("name", ["fcn32s", "fcn16s", "fcn8s", "fcn8s_atonce"])
 def test_imported_net_computes_the_caffe_net(name: str, tmp_path) -> None:
     blobs = caffe_blobs(name)
     path = tmp_path / f"{name}.caffemodel"
@@ -234,11 +257,92 @@ def test_wrong_shape_missing_blob_or_layer_name_the_layer() -> None:
         fcn_from_caffe("fcn16s", blobs)
 
 
-def test_atonce_release_is_refused() -> None:
-    blobs = caffe_blobs("fcn8s")
-    blobs["scale_pool4"] = [np.full(_ch(512), 0.01, np.float32)]
-    with pytest.raises(ValueError, match="at-once.*fcn8s-heavy"):
-        fcn_from_caffe("fcn8s", blobs)
+# --- FCN-8s at-once ---------------------------------------------------------------------------
+
+
+def test_atonce_imports_with_or_without_scale_blobs(tmp_path) -> None:
+    img = _image(seed=4)
+    ref = caffe_forward("fcn8s_atonce", caffe_blobs("fcn8s_atonce"), img)
+    for scale_blobs in (True, False):
+        blobs = caffe_blobs("fcn8s_atonce", scale_blobs=scale_blobs)
+        path = tmp_path / f"atonce-{scale_blobs}.caffemodel"
+        write_caffemodel(path, blobs)
+        read = read_caffemodel(path)
+        assert [len(read[k]) for k in ATONCE_FILLERS] == [int(scale_blobs)] * 2
+        model = fcn_from_caffe("fcn8s_atonce", read)
+        assert type(model) is FCN8sAtOnce and (model.num_classes, model.width) == (C, SMALL)
+        assert not any("scale" in k for k in model.state_dict())
+        with torch.no_grad():
+            _assert_matches_caffe(model(normalize(img)), ref)
+    # a legacy V1 file stores the scales as (1, 1, 1, C): the same model
+    v1 = tmp_path / "v1.caffemodel"
+    write_caffemodel(v1, caffe_blobs("fcn8s_atonce"), v1=True)
+    assert read_caffemodel(v1)["scale_pool3"][0].shape == (1, 1, 1, _ch(256))
+    a, b = fcn_from_caffe("fcn8s_atonce", read_caffemodel(v1)), model
+    for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
+        assert ka == kb and torch.equal(va, vb)
+
+
+def test_atonce_reference_sees_the_scales() -> None:
+    """Control: the comparison above fails for a net whose scales are 10% off."""
+    blobs = caffe_blobs("fcn8s_atonce")
+    model = fcn_from_caffe("fcn8s_atonce", blobs)
+    img = _image(seed=5)
+    with torch.no_grad():
+        logits = model(normalize(img))
+    for layer, value in ATONCE_FILLERS.items():
+        off = {**blobs, layer: [np.full_like(blobs[layer][0], value * 1.1)]}
+        with pytest.raises(AssertionError):
+            _assert_matches_caffe(logits, caffe_forward("fcn8s_atonce", off, img))
+
+
+def test_atonce_scale_blobs_must_hold_the_constants() -> None:
+    for layer, value in ATONCE_FILLERS.items():
+        blobs = caffe_blobs("fcn8s_atonce")
+        blobs[layer] = [np.full_like(blobs[layer][0], value * 10)]
+        with pytest.raises(ValueError, match=rf"'{layer}' holds scales .*expected the constant"):
+            fcn_from_caffe("fcn8s_atonce", blobs)
+        blobs[layer][0][0] = value  # one channel right is not enough
+        with pytest.raises(ValueError, match=rf"'{layer}'"):
+            fcn_from_caffe("fcn8s_atonce", blobs)
+        # float32 rounding is not an error: one ulp either side
+        blobs[layer] = [np.full_like(blobs[layer][0], value)]
+        blobs[layer][0][0] = np.nextafter(np.float32(value), np.float32(1))
+        blobs[layer][0][1] = np.nextafter(np.float32(value), np.float32(0))
+        fcn_from_caffe("fcn8s_atonce", blobs)
+    blobs = caffe_blobs("fcn8s_atonce")
+    blobs["scale_pool4"] = [np.full(_ch(256), 0.01, np.float32)]  # pool3's channels
+    with pytest.raises(
+        ValueError,
+        match=rf"'scale_pool4' scale blob has shape \({_ch(256)},\), expected \({_ch(512)},\)",
+    ):
+        fcn_from_caffe("fcn8s_atonce", blobs)
+    blobs = caffe_blobs("fcn8s_atonce")
+    blobs["scale_pool3"].append(np.zeros(_ch(256), np.float32))  # a bias term
+    with pytest.raises(ValueError, match=r"'scale_pool3' has 2 blobs"):
+        fcn_from_caffe("fcn8s_atonce", blobs)
+    blobs = caffe_blobs("fcn8s_atonce")
+    del blobs["scale_pool3"]
+    with pytest.raises(ValueError, match=r"Scale layers missing .*\['scale_pool3'\]"):
+        fcn_from_caffe("fcn8s_atonce", blobs)
+
+
+def test_wrong_fcn8s_variant_names_the_model_to_use() -> None:
+    for scale_blobs in (True, False):
+        atonce = caffe_blobs("fcn8s_atonce", scale_blobs=scale_blobs)
+        for name in ("fcn8s", "fcn16s", "fcn32s"):
+            with pytest.raises(ValueError, match=r"at-once .*import it as 'fcn8s_atonce'"):
+                fcn_from_caffe(name, atonce)
+    with pytest.raises(ValueError, match=r"no scale_pool4 / scale_pool3.*import it as 'fcn8s'$"):
+        fcn_from_caffe("fcn8s_atonce", caffe_blobs("fcn8s"))
+    # a net other than FCN-8s is told what it lacks, as for fcn8s
+    with pytest.raises(ValueError, match="missing.*'upscore_pool4'.*; 'score_pool3'"):
+        fcn_from_caffe("fcn8s_atonce", caffe_blobs("fcn16s"))
+    # the layer checks hold at once too
+    blobs = caffe_blobs("fcn8s_atonce")
+    blobs["score_pool3"] = blobs["score_pool3"][:1]
+    with pytest.raises(ValueError, match=r"'score_pool3' has 1 blobs .*expected 2"):
+        fcn_from_caffe("fcn8s_atonce", blobs)
 
 
 # --- model files -----------------------------------------------------------------------------
@@ -309,15 +413,54 @@ def test_load_model_refuses_unknown_normalisation(tmp_path) -> None:
 
 
 def test_cli_help_and_errors(tmp_path, capsys) -> None:
-    from stages.import_caffe import main
+    from stages.import_caffe import MODEL_CHOICES, main
 
+    assert sorted(MODEL_CHOICES) == sorted(MODELS)
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "fcn8s-atonce" in capsys.readouterr().out
-    blobs = caffe_blobs("fcn8s")
-    blobs["scale_pool3"] = [np.full(_ch(256), 1e-4, np.float32)]
+    blobs = caffe_blobs("fcn8s_atonce", seed=6)
     src = tmp_path / "fcn8s-atonce-pascal.caffemodel"
     write_caffemodel(src, blobs)
     out = tmp_path / "m.pt"
     assert main([str(src), "--model", "fcn8s", "--out", str(out)]) == 1
-    assert "at-once" in capsys.readouterr().err and not out.exists()
+    assert "import it as 'fcn8s_atonce'" in capsys.readouterr().err and not out.exists()
+    # the right name imports it; the file records the arch and rebuilds the at-once net
+    assert main([str(src), "--model", "fcn8s_atonce", "--out", str(out)]) == 0
+    assert torch.load(out, weights_only=True)["arch"] == "fcn8s_atonce"
+    loaded = load_model(out)
+    assert type(loaded) is FCN8sAtOnce and isinstance(loaded.input_adapter, CaffeInput)
+    img = _image(seed=7)
+    with torch.no_grad():
+        _assert_matches_caffe(loaded(normalize(img)), caffe_forward("fcn8s_atonce", blobs, img))
+    heavy = tmp_path / "fcn8s-heavy-pascal.caffemodel"
+    write_caffemodel(heavy, caffe_blobs("fcn8s"))
+    assert main([str(heavy), "--model", "fcn8s_atonce", "--out", str(tmp_path / "h.pt")]) == 1
+    assert "import it as 'fcn8s'" in capsys.readouterr().err
+    assert not (tmp_path / "h.pt").exists()
+
+
+def test_one_command_imports_and_scores_through_the_evaluate_stage(
+    tmp_path, monkeypatch, generated_voc, repo_root
+) -> None:
+    """`import_caffe X --model fcn8s --evaluate`: the imported net is scored by the evaluate
+    stage's code on the active profile's val shards; the metrics are its predictions'."""
+    import json
+    import tarfile
+
+    from pipeline.preprocess import preprocess_voc
+    from stages.import_caffe import main
+
+    tar = tmp_path / "voc.tar"
+    with tarfile.open(tar, "w") as tf:
+        tf.add(generated_voc.parent, "VOCdevkit")
+    preprocess_voc(tar, tmp_path / "data" / "preprocessed", max_size=96, progress=False)
+    (tmp_path / "params.yaml").write_text((repo_root / "params.yaml").read_text())
+    src = tmp_path / "fcn8s-heavy-pascal.caffemodel"
+    write_caffemodel(src, caffe_blobs("fcn8s", seed=4))
+    monkeypatch.chdir(tmp_path)
+    assert main([str(src), "--model", "fcn8s", "--evaluate"]) == 0
+    metrics = json.loads((tmp_path / "eval/imported/metrics/fcn8s.json").read_text())
+    assert 0.0 <= metrics["mean_iou"] <= 1.0
+    assert "FCN-8s" in (tmp_path / "eval/imported/reports/summary.md").read_text()
+    assert main([str(src), "--model", "fcn8s", "--out", "x.pt", "--evaluate"]) == 2

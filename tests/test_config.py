@@ -8,7 +8,14 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.config import ParamsError, load_params, validate_params
+from pipeline.config import (
+    PROFILES,
+    ParamsError,
+    architecture,
+    initialised_from,
+    load_params,
+    validate_params,
+)
 
 
 @pytest.fixture
@@ -22,8 +29,8 @@ def _error(params: dict) -> str:
     return str(e.value)
 
 
-def test_shipped_params_are_valid_in_both_profiles(params):
-    for profile in ("sample", "full"):
+def test_shipped_params_are_valid_in_every_profile(params):
+    for profile in PROFILES:
         p = copy.deepcopy(params)
         p["profile"] = profile
         cfg = validate_params(p)
@@ -170,3 +177,68 @@ def test_max_iter_is_optional_and_null_means_epochs(params):
     assert all(train[m]["max_iter"] is None for m in ("fcn32s", "fcn16s", "fcn8s"))
     params["sample"]["train"]["fcn8s"]["max_iter"] = 100_000
     assert validate_params(params)["train"]["fcn8s"]["max_iter"] == 100_000
+
+
+@pytest.mark.parametrize("split", ["voc2012_val", "seg11valid"])
+@pytest.mark.parametrize("sbd", [None, "train", "train_noval"])
+@pytest.mark.parametrize("voc_train", [True, False])
+def test_every_training_source_and_split_is_allowed_or_refused_as_documented(
+    params, voc_train, sbd, split
+):
+    """SBD train holds most of VOC 2012 val: that pair is refused, naming both remedies.
+    train_noval (VOC 2012 val's images excluded by preprocess) and seg11valid (disjoint from
+    SBD train by construction) are allowed; VOC 2012 train is disjoint from both splits."""
+    p = params["sample"]
+    p["preprocess"].update(voc_train=voc_train, sbd=sbd, use_coco=False)
+    p["evaluate"]["split"] = split
+    if not voc_train and sbd is None:
+        assert "no training source" in _error(params)
+    elif sbd == "train" and split == "voc2012_val":
+        message = _error(params)
+        assert "sample.preprocess.sbd" in message
+        assert "train_noval" in message and "seg11valid" in message
+    else:
+        assert validate_params(params)["preprocess"]["sbd"] == sbd
+
+
+def test_source_keys_are_optional_and_default_to_the_old_behaviour(params):
+    """Params written before SBD existed: VOC train (+ COCO), no SBD, the whole split scored."""
+    for key in ("voc_train", "sbd"):
+        del params["sample"]["preprocess"][key]
+    del params["sample"]["evaluate"]["allow_partial_split"]
+    cfg = validate_params(params)
+    assert (cfg["preprocess"]["voc_train"], cfg["preprocess"]["sbd"]) == (True, None)
+    assert cfg["evaluate"]["allow_partial_split"] is False
+
+
+def test_paper_profile_is_the_released_solvers_protocol(params):
+    """The `paper` profile: SBD train alone, seg11valid, batch 1, summed loss, momentum 0.99,
+    fixed lr 1e-10 / 1e-12 / 1e-14, 100k iterations per stage (voc-fcn*s/solver.prototxt)."""
+    params["profile"] = "paper"
+    cfg = validate_params(params)
+    pre, t = cfg["preprocess"], cfg["train"]
+    assert (pre["voc_train"], pre["sbd"], pre["use_coco"]) == (False, "train", False)
+    assert cfg["evaluate"]["split"] == "seg11valid"
+    assert (t["batch_size"], t["accumulate"], t["nproc"], t["loss"]) == (1, 1, 1, "sum")
+    assert (t["momentum"], t["lr_policy"]) == (0.99, "fixed")
+    lrs = {m: t[m]["lr"] for m in ("fcn32s", "fcn16s", "fcn8s")}
+    assert lrs == {"fcn32s": 1e-10, "fcn16s": 1e-12, "fcn8s": 1e-14}
+    assert all(t[m]["max_iter"] == 100_000 for m in lrs)
+    assert not cfg["download"]["generate_sample"] and cfg["download"]["sbd"]["urls"]
+
+
+def test_at_once_fcn8s_starts_from_vgg16_instead_of_fcn16s(params):
+    train = validate_params(params)["train"]
+    assert train["fcn8s"]["at_once"] is False  # optional, off: the staged cascade
+    assert [initialised_from(m, train) for m in ("fcn32s", "fcn16s", "fcn8s")] == [
+        None,
+        "fcn32s",
+        "fcn16s",
+    ]
+    train["fcn8s"]["at_once"] = True
+    assert (architecture("fcn8s", train), initialised_from("fcn8s", train)) == (
+        "fcn8s_atonce",
+        None,
+    )
+    params["sample"]["train"]["fcn16s"]["at_once"] = True  # FCN-8s only
+    assert "sample.train.fcn16s.at_once: unknown key" in _error(params)

@@ -209,6 +209,10 @@ def test_card_shows_the_counts_and_the_reports_reasons(dataset):
     assert "generated sample" not in md
     sample = card_markdown(counts, COCO_REPORT, PREPROCESS_REPORT, generate_sample=True)
     assert "generated sample" in sample
+    assert "left out of training" not in md  # no SBD exclusion in this report
+    noval = {**PREPROCESS_REPORT, "sbd_excluded_voc2012_val": 1_087}
+    with_exclusion = card_markdown(counts, COCO_REPORT, noval, generate_sample=False)
+    assert "1,087 SBD train images left out of training" in with_exclusion
 
 
 def test_dropped_by_reason_come_from_the_given_reports():

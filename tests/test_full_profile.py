@@ -72,6 +72,12 @@ def voc_tar(voc_sample: Path, train_images: int, val_images: int) -> bytes:
     seg = voc_sample / "ImageSets" / "Segmentation"
     train = (seg / "train.txt").read_text().split()[:train_images]
     val = (seg / "val.txt").read_text().split()[:val_images]
+    return voc_tar_listing(voc_sample, train, val)
+
+
+def voc_tar_listing(voc_sample: Path, train: list[str], val: list[str]) -> bytes:
+    """`voc_tar` with the given train.txt / val.txt ids."""
+    seg = voc_sample / "ImageSets" / "Segmentation"
     lists = {"train.txt": train, "val.txt": val, "trainval.txt": train + val}
     root = "VOCdevkit/VOC2012"
     buf = io.BytesIO()
@@ -130,24 +136,38 @@ def _override(value: Any) -> str:
     return json.dumps(value)
 
 
-def download_overrides(server: FileServer, served: dict[str, bytes]) -> dict[str, Any]:
-    """`full.download.*` pointing every source at `server`, with its md5/sha256 and size."""
+def sbd_tgz(voc_tar_bytes: bytes, tmp: Path) -> bytes:
+    """benchmark.tgz in SBD's layout re-annotating the served VOC tar's images (pipeline.sbd)."""
+    from pipeline.sbd import make_sbd_sample
+
+    (tmp / "voc.tar").write_bytes(voc_tar_bytes)
+    make_sbd_sample(tmp / "voc.tar", tmp / "benchmark.tgz")
+    return (tmp / "benchmark.tgz").read_bytes()
+
+
+def download_overrides(
+    server: FileServer, served: dict[str, bytes], profile: str = "full"
+) -> dict[str, Any]:
+    """`<profile>.download.*` pointing every source at `server`, with its md5/sha256 and size."""
     out: dict[str, Any] = {}
     for key, name in (
         ("voc", "VOCtrainval_11-May-2012.tar"),
         ("coco_train", "train2017.zip"),
         ("coco_val", "val2017.zip"),
         ("coco_annotations", "annotations_trainval2017.zip"),
+        ("sbd", "benchmark.tgz"),
     ):
         data = served[f"/{name}"]
-        out[f"full.download.{key}.urls"] = [server.url(f"/{name}")]
-        out[f"full.download.{key}.md5"] = _md5(data)
-        out[f"full.download.{key}.size"] = len(data)
+        out[f"{profile}.download.{key}.urls"] = [server.url(f"/{name}")]
+        out[f"{profile}.download.{key}.md5"] = _md5(data)
+        out[f"{profile}.download.{key}.size"] = len(data)
     (path,) = (p for p in served if p.endswith(".pth"))
-    out["full.download.vgg16.urls"] = [server.url(path)]
-    out["full.download.vgg16.sha256_prefix"] = path.removeprefix("/vgg16-").removesuffix(".pth")
-    out["full.download.vgg16.size"] = len(served[path])
-    out["full.download.retries"] = 1
+    out[f"{profile}.download.vgg16.urls"] = [server.url(path)]
+    out[f"{profile}.download.vgg16.sha256_prefix"] = path.removeprefix("/vgg16-").removesuffix(
+        ".pth"
+    )
+    out[f"{profile}.download.vgg16.size"] = len(served[path])
+    out[f"{profile}.download.retries"] = 1
     return out
 
 
@@ -157,10 +177,12 @@ def download_overrides(server: FileServer, served: dict[str, bytes]) -> dict[str
 @pytest.fixture(scope="module")
 def full_run(tmp_path_factory, voc_sample, coco_sample):
     vgg = vgg16_pth(WIDTH, VGG_SEED)
+    voc = voc_tar(voc_sample, TRAIN_IMAGES, VAL_IMAGES)
     # torchvision's naming: vgg16-<first 8 hex digits of the sha256>.pth
     served = {
-        "/VOCtrainval_11-May-2012.tar": voc_tar(voc_sample, TRAIN_IMAGES, VAL_IMAGES),
+        "/VOCtrainval_11-May-2012.tar": voc,
         **{f"/{name}": data for name, data in coco_zips(coco_sample).items()},
+        "/benchmark.tgz": sbd_tgz(voc, tmp_path_factory.mktemp("sbd")),
         f"/vgg16-{hashlib.sha256(vgg).hexdigest()[:8]}.pth": vgg,
     }
     # whole files only: a client resuming with Range must cope with a plain 200
@@ -192,6 +214,7 @@ def test_the_server_served_each_file_once_and_it_arrived_intact(full_run):
         "/train2017.zip": raw / "coco" / "train2017.zip",
         "/val2017.zip": raw / "coco" / "val2017.zip",
         "/annotations_trainval2017.zip": raw / "coco" / "annotations_trainval2017.zip",
+        "/benchmark.tgz": raw / "sbd" / "benchmark.tgz",  # downloaded, not trained on here
     }
     (vgg_path,) = (p for p in served if p.endswith(".pth"))
     landed[vgg_path] = raw / "vgg16" / "vgg16.pth"
@@ -255,3 +278,112 @@ def test_metrics_of_the_three_models(full_run):
             assert (repo / "plots" / name / plot).stat().st_size > 0
     summary = (repo / "reports" / "summary.md").read_text()
     assert all(f"| FCN-{n} |" in summary for n in ("32s", "16s", "8s")), summary
+
+
+# --- the `paper` profile: SBD train, seg11valid, the release's solver --------------------------
+
+PAPER_SCORED = 8  # seg11valid images of the sample put in val.txt
+PAPER_TINY: dict[str, Any] = {
+    "paper.model.width": WIDTH,
+    "paper.coco_to_voc.min_pixels": 100,
+    "paper.preprocess.max_size": 96,
+    "paper.train.crop_size": 96,
+    "paper.train.workers": 0,
+    "paper.train.val_every_iter": 3,
+    # the release's solver as it is (summed loss, momentum 0.99, fixed 1e-10/1e-12/1e-14), for
+    # a few iterations instead of 100k
+    "paper.train.fcn32s.max_iter": 6,
+    "paper.train.fcn16s.max_iter": 4,
+    "paper.train.fcn8s.max_iter": 4,
+    # 8 of the 736: allowed here, and the summary says it is a subset
+    "paper.evaluate.allow_partial_split": True,
+    "paper.evaluate.qualitative_images": 2,
+}
+
+
+def paper_sbd(voc_sample: Path, sbd_train: list[str], sbd_val: list[str], out: Path) -> bytes:
+    """benchmark.tgz re-annotating real VOC images (255 -> 0: SBD has no void border)."""
+    import numpy as np
+    from PIL import Image
+
+    from pipeline.sbd import write_sbd_tgz
+
+    ids = sbd_train + sbd_val
+    images = {i: (voc_sample / "JPEGImages" / f"{i}.jpg").read_bytes() for i in ids}
+    labels = {}
+    for i in ids:
+        label = np.asarray(Image.open(voc_sample / "SegmentationClass" / f"{i}.png"))
+        labels[i] = np.where(label == 255, 0, label).astype(np.uint8)
+    write_sbd_tgz(out, images, labels, {"train": sbd_train, "val": sbd_val})
+    return out.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def paper_run(tmp_path_factory, voc_sample, coco_sample):
+    """`dvc exp run -S profile=paper ... evaluate` against a local server. As in reality, SBD
+    re-annotates VOC images, SBD train holds none of seg11valid and VOC val.txt holds all of
+    the seg11valid images there are (here: 8 of the sample's)."""
+    from pipeline.splits import seg11valid_ids
+
+    seg = voc_sample / "ImageSets" / "Segmentation"
+    sample_ids = sorted(
+        (seg / "train.txt").read_text().split() + (seg / "val.txt").read_text().split()
+    )
+    seg11 = set(seg11valid_ids())
+    scored = [i for i in sample_ids if i in seg11][:PAPER_SCORED]
+    others = [i for i in sample_ids if i not in seg11]
+    sbd_train, voc_train = others[:TRAIN_IMAGES], others[TRAIN_IMAGES : TRAIN_IMAGES + 8]
+    root = tmp_path_factory.mktemp("paper")
+    vgg = vgg16_pth(WIDTH, VGG_SEED)
+    served = {
+        "/VOCtrainval_11-May-2012.tar": voc_tar_listing(voc_sample, voc_train, scored),
+        **{f"/{name}": data for name, data in coco_zips(coco_sample).items()},
+        "/benchmark.tgz": paper_sbd(voc_sample, sbd_train, scored, root / "benchmark.tgz"),
+        f"/vgg16-{hashlib.sha256(vgg).hexdigest()[:8]}.pth": vgg,
+    }
+    server = FileServer(served, ranges=False)
+    try:
+        repo = copy_repo(root / "repo")
+        overrides = {
+            "profile": "paper",
+            **download_overrides(server, served, "paper"),
+            **PAPER_TINY,
+        }
+        args = ["dvc", "exp", "run", "-n", "paper-local"]
+        for key, value in overrides.items():
+            args += ["-S", f"{key}={_override(value)}"]
+        out = run([*args, "evaluate"], repo, timeout=900)
+        yield repo, out.stdout + out.stderr, scored, sbd_train
+    finally:
+        server.close()
+
+
+def test_paper_profile_trains_on_sbd_alone_and_scores_seg11valid(paper_run):
+    repo, out, scored, sbd_train = paper_run
+    assert stages_run(out) == ALL_STAGES[: ALL_STAGES.index("evaluate") + 1], out
+    pre = json.loads((repo / "data" / "preprocessed" / "report.json").read_text())
+    assert pre["train"]["by_source"] == {"sbd": len(sbd_train)}  # no VOC train, no COCO
+    assert pre["params"]["sbd"] == "train"
+    summary = (repo / "reports" / "summary.md").read_text()
+    assert "seg11valid" in summary and "subset" in summary, summary
+    for name in MODELS:
+        per_image = (repo / "plots" / name / "per_image.csv").read_text().splitlines()
+        assert sorted(line.split(",")[0] for line in per_image[1:]) == sorted(
+            f"voc/{i}" for i in scored
+        ), per_image
+        metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
+        assert all(0.0 <= metrics[key] <= 1.0 for key in FOUR), (name, metrics)
+
+
+def test_paper_profile_budgets_are_iterations_with_validation_inside(paper_run):
+    repo, _, _, _ = paper_run
+    import yaml
+
+    budget = yaml.safe_load((repo / "params.yaml").read_text())["paper"]["train"]
+    for name in MODELS:
+        live = json.loads((repo / "dvclive" / name / "metrics.json").read_text())
+        assert live["iteration"] == budget[name]["max_iter"], (name, live)
+        assert math.isfinite(live["train"]["loss"]), (name, live)
+    # FCN-32s: 6 iterations over the 32 SBD images, scored at 3 and at the end
+    curve = repo / "dvclive" / "fcn32s" / "plots" / "metrics" / "val" / "mean_iou.tsv"
+    assert len(curve.read_text().splitlines()) == 1 + 2

@@ -1,4 +1,5 @@
-"""FCN-32s/16s/8s: shapes, crop geometry, parameter counts, precision/layout, model files."""
+"""FCN-32s/16s/8s and FCN-8s at-once: shapes, crop geometry, parameter counts, precision/layout,
+model files, and the at-once net's fixed skip scales."""
 
 from __future__ import annotations
 
@@ -9,22 +10,39 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from pipeline.models import MODELS, ModelFileError, build_model, load_model, save_model
+from pipeline.models import (
+    MODELS,
+    FCN8s,
+    FCN8sAtOnce,
+    ModelFileError,
+    build_model,
+    load_model,
+    save_model,
+)
 from pipeline.models.fcn import POOL3, POOL4
-from pipeline.surgery import init_random
+from pipeline.surgery import (
+    init_random,
+    load_vgg16_backbone,
+    random_vgg16_state_dict,
+    transplant,
+)
 
 ARCHS = list(MODELS)
 SMALL = 1 / 16  # conv channels 4..32, fc6/fc7 256: fast on 2 cores
 
 
 def _randomise_scores(model: nn.Module, seed: int = 123) -> nn.Module:
-    """Non-zero score layers, so predictions depend on the whole network."""
+    """Non-zero score layers, so predictions depend on the whole network. A skip whose input
+    the model scales (FCN-8s at-once) gets weights 1/scale larger, as training makes them, so
+    that it weighs in the logits as much as in the other nets."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, m in model.named_modules():
             if name.startswith("score"):
                 m.weight.copy_(torch.randn(m.weight.shape, generator=g) * 0.1)
                 m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+        for pool, s in model.skip_scales.items():
+            getattr(model, f"score_{pool}").weight.div_(s)
     return model
 
 
@@ -132,6 +150,7 @@ def test_crop_offsets_follow_from_layer_geometry() -> None:
         "fcn32s": {"upscore": 19},
         "fcn16s": {"score_pool4": 5, "upscore16": 27},
         "fcn8s": {"score_pool4": 5, "score_pool3": 9, "upscore8": 31},
+        "fcn8s_atonce": {"score_pool4": 5, "score_pool3": 9, "upscore8": 31},
     }
 
 
@@ -164,8 +183,10 @@ def test_crops_are_centred_mirror_symmetry(arch: str) -> None:
 
 
 def _caffe_count(arch: str, width: float = 1.0, n: int = 21) -> int:
-    """Layer by layer from the Caffe release's net.py (voc-fcn{32,16,8}s): convs with bias,
-    Deconvolution without (bias_term: false), fc6 7x7, fc7 1x1."""
+    """Layer by layer from the Caffe release's net.py (voc-fcn{32,16,8}s, voc-fcn8s-atonce):
+    convs with bias, Deconvolution without (bias_term: false), fc6 7x7, fc7 1x1. The at-once
+    net's Scale layers (lr_mult 0, constant filler) are fixed constants, not parameters."""
+    arch = "fcn8s" if arch == "fcn8s_atonce" else arch
     c = [max(1, int(v * width + 0.5)) for v in (64, 64, 128, 128, 256, 256, 256)]
     c += [max(1, int(v * width + 0.5)) for v in (512,) * 6]
     fc = max(1, int(4096 * width + 0.5))
@@ -188,7 +209,12 @@ def test_parameter_counts_match_caffe_and_pytorch_fcn() -> None:
     print("full-width parameter counts (21 classes):", counts)
     assert counts["fcn8s"] == 134_489_759  # pytorch-fcn FCN8s (NOTES.md)
     assert counts == {a: _caffe_count(a) for a in ARCHS}
-    assert counts == {"fcn32s": 136_152_917, "fcn16s": 134_815_994, "fcn8s": 134_489_759}
+    assert counts == {
+        "fcn32s": 136_152_917,
+        "fcn16s": 134_815_994,
+        "fcn8s": 134_489_759,
+        "fcn8s_atonce": 134_489_759,
+    }
     assert _count("fcn8s", 0.125) == 2_239_207 == _caffe_count("fcn8s", 0.125)  # NOTES.md
 
 
@@ -203,6 +229,7 @@ def test_only_the_final_upsampling_is_fixed() -> None:
         "fcn32s": ["upscore.weight"],
         "fcn16s": ["upscore16.weight"],
         "fcn8s": ["upscore8.weight"],
+        "fcn8s_atonce": ["upscore8.weight"],
     }
 
 
@@ -262,6 +289,132 @@ def test_bf16_autocast_on_cpu(arch: str) -> None:
     assert out.dtype == torch.bfloat16 and out.shape == ref.shape
     err = (out.float() - ref).abs().max() / ref.abs().max()
     assert err < 0.05  # bf16 keeps ~3 significant digits
+
+
+# --- FCN-8s at-once: fixed skip scales ------------------------------------------------------
+
+# voc-fcn8s-atonce/net.py: Scale layers with a constant filler and lr_mult 0
+ATONCE_SCALES = {"pool4": 0.01, "pool3": 0.0001}
+
+
+def _atonce_pair(seed: int = 0, width: float = SMALL) -> tuple[nn.Module, nn.Module]:
+    """An FCN8sAtOnce and an FCN8s that must compute the same function: the same weights,
+    except FCN8s's score_pool4/score_pool3 weights carry the scales. The at-once skip weights
+    are 1/scale larger (`_randomise_scores`), so each skip moves the logits by about as much
+    as score_fr does and a wrong scale shows."""
+    atonce = build_model("fcn8s_atonce", width=width)
+    init_random(atonce, seed)
+    _randomise_scores(atonce, seed)
+    plain = build_model("fcn8s", width=width)
+    with torch.no_grad():
+        plain.load_state_dict(atonce.state_dict())
+        for pool, s in ATONCE_SCALES.items():
+            getattr(plain, f"score_{pool}").weight.mul_(s)
+    return atonce.eval(), plain.eval()
+
+
+@pytest.mark.parametrize("width", [1 / 8, 1 / 16, 0.001])
+def test_atonce_output_has_input_size_at_odd_sizes(width: float) -> None:
+    model = build_model("fcn8s_atonce", width=width)
+    init_random(model, seed=0)
+    model = _randomise_scores(model).eval()
+    with torch.no_grad():
+        for h, w in [(1, 3), (97, 131), (31, 1)]:
+            out = model(torch.randn(1, 3, h, w))
+            assert out.shape == (1, 21, h, w)
+            assert torch.isfinite(out).all()
+
+
+def test_atonce_equals_fcn8s_with_scaled_skip_weights() -> None:
+    atonce, plain = _atonce_pair()
+    x = torch.randn(2, 3, 61, 83)
+    with torch.no_grad():
+        out, ref = atonce(x), plain(x)
+        tol = 1e-5 * ref.abs().max().item()
+        torch.testing.assert_close(out, ref, rtol=0, atol=tol)
+        # control: the comparison sees each scale: 10% off, or no scale at all, is far out
+        for pool, s in ATONCE_SCALES.items():
+            weight = getattr(plain, f"score_{pool}").weight
+            saved = weight.clone()
+            for factor in (1.1, 1 / s):
+                weight.copy_(saved * factor)
+                assert (atonce(x) - plain(x)).abs().max() > 100 * tol, (pool, factor)
+            weight.copy_(saved)
+
+
+def test_atonce_scales_are_fixed_class_constants() -> None:
+    atonce, fcn8s = build_model("fcn8s_atonce", width=SMALL), build_model("fcn8s", width=SMALL)
+    assert isinstance(atonce, FCN8s) and atonce.arch == "fcn8s_atonce"
+    assert dict(FCN8sAtOnce.skip_scales) == ATONCE_SCALES and dict(FCN8s.skip_scales) == {}
+    with pytest.raises(TypeError):
+        FCN8sAtOnce.skip_scales["pool3"] = 1.0  # read-only
+    # nothing of its own: parameters, buffers and state dict are FCN8s's
+    assert [(k, v.shape) for k, v in atonce.state_dict().items()] == [
+        (k, v.shape) for k, v in fcn8s.state_dict().items()
+    ]
+    assert [n for n, _ in atonce.named_parameters()] == [n for n, _ in fcn8s.named_parameters()]
+    assert list(atonce.named_buffers()) == []
+    assert not any("scale" in k for k in atonce.state_dict())
+
+    # a training step moves the weights and leaves the scales as they were
+    atonce, _ = _atonce_pair(seed=1)
+    atonce.train()
+    before = {k: v.clone() for k, v in atonce.state_dict().items()}
+    opt = torch.optim.SGD([p for p in atonce.parameters() if p.requires_grad], lr=1e-3)
+    x, y = torch.randn(2, 3, 48, 56), torch.randint(0, 21, (2, 48, 56))
+    for _ in range(2):
+        opt.zero_grad()
+        F.cross_entropy(atonce(x), y).backward()
+        opt.step()
+    after = atonce.state_dict()
+    assert list(after) == list(before) and not any("scale" in k for k in after)
+    params = dict(atonce.named_parameters())
+    for k in ("score_pool4.weight", "score_pool3.weight", "features.0.weight"):
+        assert params[k].grad.abs().sum() > 0, k  # the skips learn (at lr * scale^2)
+    for k in ("score_pool4.weight", "features.0.weight"):
+        assert not torch.equal(after[k], before[k]), k
+    assert dict(atonce.skip_scales) == ATONCE_SCALES
+    # ... and the trained net still applies exactly 0.01 and 0.0001
+    atonce.eval()
+    plain = build_model("fcn8s", width=SMALL).eval()
+    with torch.no_grad():
+        plain.load_state_dict(after)
+        for pool, s in ATONCE_SCALES.items():
+            getattr(plain, f"score_{pool}").weight.mul_(s)
+        ref = plain(x)
+        torch.testing.assert_close(atonce(x), ref, rtol=0, atol=1e-5 * ref.abs().max().item())
+
+
+def test_atonce_save_load_round_trip(tmp_path) -> None:
+    atonce, _ = _atonce_pair()
+    path = tmp_path / "fcn8s_atonce.pt"
+    save_model(path, atonce, epoch=2)
+    raw = torch.load(path, weights_only=True)
+    assert (raw["arch"], raw["width"], raw["normalization"]) == ("fcn8s_atonce", SMALL, "imagenet")
+    assert list(raw["state_dict"]) == list(build_model("fcn8s", width=SMALL).state_dict())
+    loaded = load_model(path)
+    assert type(loaded) is FCN8sAtOnce and loaded.meta == {"epoch": 2} and not loaded.training
+    x = torch.randn(1, 3, 45, 59)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), atonce(x))
+
+
+def test_atonce_takes_vgg16_backbone_and_transplant_like_fcn8s() -> None:
+    vgg = random_vgg16_state_dict(SMALL, seed=0)
+    atonce, fcn8s = build_model("fcn8s_atonce", width=SMALL), build_model("fcn8s", width=SMALL)
+    keys = load_vgg16_backbone(atonce, vgg)
+    assert keys == load_vgg16_backbone(fcn8s, vgg) and {"fc6.weight", "fc7.bias"} <= set(keys)
+    assert torch.equal(atonce.features[0].weight, vgg["features.0.weight"])
+    assert torch.equal(atonce.fc6.weight, vgg["classifier.0.weight"].view_as(atonce.fc6.weight))
+    for k in keys:
+        assert torch.equal(atonce.state_dict()[k], fcn8s.state_dict()[k]), k
+    # staged weights carry over by name: from FCN-16s as into FCN-8s, from FCN-8s everything
+    fcn16s = _small("fcn16s")
+    assert transplant(fcn16s, atonce) == transplant(fcn16s, fcn8s)
+    src = _small("fcn8s", seed=1)
+    assert sorted(transplant(src, atonce)) == sorted(atonce.state_dict())
+    for k, v in src.state_dict().items():
+        assert torch.equal(atonce.state_dict()[k], v), k
 
 
 # --- model files -----------------------------------------------------------------------------

@@ -132,7 +132,7 @@ def test_push_clone_pull_to_local_remote(run_copy, tmp_path):
     # pulling only the datasets, to retrain elsewhere, works too
     only = tmp_path / "datasets-only"
     run(["git", "clone", "-q", str(run_copy), str(only)], tmp_path)
-    run(["dvc", "pull", "download_voc", "download_coco", "download_vgg16"], only)
+    run(["dvc", "pull", "download_voc", "download_coco", "download_sbd", "download_vgg16"], only)
     assert (only / "data/raw/voc/VOCtrainval_11-May-2012.tar").is_file()
     assert not (only / "models" / "fcn8s.pt").exists()
 

@@ -581,3 +581,79 @@ def test_missing_member_error_names_a_near_match(small):
     files[member.replace(".jpg", ".JPG")] = files.pop(member)  # saved with another case
     with pytest.raises(PreprocessError, match=rf"\(it has '.*JPEGImages/{train[3]}\.JPG'\)"):
         run(write_tar(tmp / "voc.tar", files), tmp / "out", max_bad_fraction=1.0)
+
+
+# --- SBD as a training source ---------------------------------------------------------------
+
+
+@pytest.fixture()
+def voc_and_sbd(small):
+    """The 6 + 2 real pairs as a VOC tar, and an SBD archive that re-annotates all 8 (255 ->
+    0, as SBD has no void border) with SBD train = the 6 VOC train ids + the first VOC val id:
+    like the real SBD, whose train set holds VOC 2012 val images."""
+    from pipeline.sbd import write_sbd_tgz
+
+    root, train, val, files = small
+    tar = write_tar(root / "voc.tar", files)
+    labels = {}
+    for i in train + val:
+        label = np.asarray(Image.open(io.BytesIO(files[f"{ROOT}/SegmentationClass/{i}.png"])))
+        labels[i] = np.where(label == IGNORE_INDEX, 0, label).astype(np.uint8)
+    images = {i: files[f"{ROOT}/JPEGImages/{i}.jpg"] for i in train + val}
+    sbd = root / "benchmark.tgz"
+    write_sbd_tgz(sbd, images, labels, {"train": train + val[:1], "val": val[1:]})
+    return root, tar, sbd, train, val, labels
+
+
+def test_sbd_train_noval_leaves_out_voc_val_images_and_the_report_says_so(voc_and_sbd):
+    from pipeline.splits import check_no_overlap, overlap
+
+    root, tar, sbd, train, val, labels = voc_and_sbd
+    with_val = run(tar, root / "train", voc_train=False, sbd="train", sbd_tgz=sbd)
+    noval = run(tar, root / "noval", voc_train=False, sbd="train_noval", sbd_tgz=sbd)
+    assert with_val["train"]["by_source"] == {"sbd": 7}  # VOC train itself is off
+    assert with_val["sbd_excluded_voc2012_val"] == 0
+    assert noval["train"]["by_source"] == {"sbd": 6}
+    assert noval["sbd_excluded_voc2012_val"] == 1
+    assert noval["params"]["sbd"] == "train_noval" and noval["params"]["voc_train"] is False
+    val_keys = [r["key"] for r in ShardReader(root / "noval" / "val").records]
+    assert sorted(val_keys) == sorted(f"voc/{i}" for i in val)
+    keys = {
+        d: [r["key"] for r in ShardReader(root / d / "train").records] for d in ("train", "noval")
+    }
+    assert overlap(keys["noval"], val_keys) == []
+    assert overlap(keys["train"], val_keys) == [val[0]]
+    with pytest.raises(ValueError, match=val[0]):  # evaluate's last line of defence
+        check_no_overlap(keys["train"], val_keys, "voc2012_val")
+
+
+def test_sbd_labels_are_resized_nearest_from_the_mat_files(voc_and_sbd):
+    root, tar, sbd, train, val, labels = voc_and_sbd
+    run(tar, root / "out", sbd="train_noval", sbd_tgz=sbd)
+    shards = ShardReader(root / "out" / "train")
+    by_key = {r["key"]: i for i, r in enumerate(shards.records)}
+    assert len(by_key) == 12  # 6 VOC train + the same 6 images' SBD annotations
+    for i in train:
+        got = decode_label(shards.blob(by_key[f"sbd/{i}"], "label"), i).numpy()
+        want = resize_label(torch.from_numpy(labels[i]), got.shape).numpy()
+        assert np.array_equal(got, want), i  # nearest: only the .mat's own ids
+        assert IGNORE_INDEX not in got
+
+
+def test_a_corrupt_sbd_mat_is_named_and_nothing_is_written(voc_and_sbd):
+    from pipeline.sbd import SbdError
+
+    root, tar, sbd, train, val, labels = voc_and_sbd
+    member = f"benchmark_RELEASE/dataset/cls/{train[2]}.mat"
+    broken = root / "broken.tgz"
+    with tarfile.open(sbd) as src, tarfile.open(broken, "w:gz") as dst:
+        for info in src.getmembers():
+            data = src.extractfile(info).read() if info.isfile() else None
+            if info.name == member:
+                data, info.size = b"MATLAB 5.0 garbage" * 8, 18 * 8
+            dst.addfile(info, io.BytesIO(data) if data is not None else None)
+    out = root / "out"
+    with pytest.raises(SbdError, match=member):
+        run(tar, out, sbd="train", sbd_tgz=broken)
+    assert not out.exists()
+    assert not list(root.glob(".out.*"))  # no temporary left either

@@ -71,6 +71,17 @@ def test_seg11valid_on_other_val_shards_names_the_problem():
         select_split(Keyed([]), "val")
 
 
+def test_a_partial_seg11valid_is_scored_only_when_allowed():
+    ids = seg11valid_ids()
+    data = Keyed([f"voc/{ids[5]}", "voc/2099_000001", f"sbd/{ids[6]}", f"voc/{ids[7]}"])
+    with pytest.raises(ValueError, match="736 images, the val shards hold 2 of them"):
+        select_split(data, "seg11valid")
+    sub = select_split(data, "seg11valid", allow_partial=True)
+    assert [sub.key(i) for i in range(len(sub))] == [f"voc/{ids[5]}", f"voc/{ids[7]}"]
+    with pytest.raises(ValueError, match="hold 0 of them"):  # none at all is still refused
+        select_split(Keyed(["voc/2099_000001"]), "seg11valid", allow_partial=True)
+
+
 def test_overlap_compares_voc_and_sbd_ids_but_not_coco():
     train = ["voc/2008_000002", "sbd/2008_000003", "coco/000000000139"]
     val = ["voc/2008_000003", "voc/2008_000004", "coco/000000000139"]
@@ -122,5 +133,9 @@ def test_evaluate_refuses_to_score_training_images(tmp_path: Path):
 def test_the_summary_names_seg11valid():
     from tests.test_evaluate import load_stage
 
-    params = {"evaluate": {"split": "seg11valid"}, "download": {"generate_sample": False}}
+    evaluate = {"split": "seg11valid", "allow_partial_split": False}
+    params = {"evaluate": evaluate, "download": {"generate_sample": False}}
     assert load_stage().val_set_name(params).startswith("seg11valid (736 images")
+    evaluate["allow_partial_split"] = True  # a subset is never named as the paper's set
+    name = load_stage().val_set_name(params)
+    assert "subset" in name and "not comparable" in name and "736 images" not in name

@@ -341,10 +341,10 @@ def test_repro_pull_allow_missing_pulls_only_what_a_running_stage_needs(
 
 
 def test_pull_only_the_raw_datasets_then_retrain(team: Team, tmp_path: Path) -> None:
-    """README: `dvc pull download_voc download_coco download_vgg16`, then `dvc repro`
+    """README: `dvc pull download_voc download_coco download_sbd download_vgg16`, then `dvc repro`
     runs coco_to_voc onwards (the downloads are not repeated)."""
     dave = clone(team, tmp_path / "dave")
-    run(["dvc", "pull", "download_voc", "download_coco", "download_vgg16"], dave)
+    run(["dvc", "pull", "download_voc", "download_coco", "download_sbd", "download_vgg16"], dave)
     present = data_files(dave)
     assert present and all(f.startswith("data/raw/") for f in present), present
     out = run(["dvc", "repro"], dave, timeout=1200)

@@ -40,6 +40,7 @@ from pipeline.train import (
     make_optimizer,
     rng_state,
     train,
+    validation_due,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -354,6 +355,57 @@ def test_max_iter_budget_cuts_the_last_epoch_and_whole_epochs_match_epochs(
     b = state_dict(tmp_path / "epochs" / "fcn32s.pt")
     for k in a:
         assert torch.equal(a[k], b[k]), k
+
+
+def test_validation_due_every_n_iterations_inside_epochs_only() -> None:
+    assert [i for i in range(1, 13) if validation_due(i, 12, 5)] == [5, 10]
+    assert not validation_due(8, 8, 4)  # the epoch's end scores it (its own entry)
+    assert not any(validation_due(i, 12, None) for i in range(1, 13))
+
+
+def test_val_every_iter_scores_inside_epochs_without_changing_training(shards, tmp_path) -> None:
+    """4 steps per epoch, 2 epochs, validation every 3 iterations: entries at iterations
+    3, 4 (epoch end), 6, 8 (epoch end), each with val scores and the loss of its own steps;
+    the weights equal a run that validates only at epoch ends (validation draws no randomness
+    and changes no state)."""
+
+    def run(tag: str, val_every_iter: int | None) -> dict:
+        cfg = base_cfg(val_every_iter=val_every_iter, fcn32s={"lr": 0.01, "epochs": 2})
+        return run_train("fcn32s", cfg, shards["small"], shards["val"], tmp_path / tag)
+
+    often, plain = run("often", 3), run("plain", None)
+    assert [h["iteration"] for h in often["history"]] == [3, 4, 6, 8]
+    assert [h["epoch"] for h in often["history"]] == [1, 1, 2, 2]
+    assert all("val/mean_iou" in h for h in often["history"])
+    assert [h["iteration"] for h in plain["history"]] == [4, 8]
+    # a logged loss is the mean over the steps since the previous point (3 steps, then 1)
+    mid, end = often["history"][0]["train/loss"], often["history"][1]["train/loss"]
+    assert plain["history"][0]["train/loss"] == pytest.approx((3 * mid + end) / 4, rel=1e-9)
+    a = state_dict(tmp_path / "often" / "fcn32s.pt")
+    b = state_dict(tmp_path / "plain" / "fcn32s.pt")
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
+
+
+def test_at_once_fcn8s_trains_from_vgg16_and_saves_its_own_arch(shards, tmp_path) -> None:
+    """train.fcn8s.at_once: the fcn8s stage starts from the VGG16 weights (no FCN-16s file),
+    trains the net with fixed skip scales, and the model file says so."""
+    from pipeline.models.fcn import FCN8sAtOnce, load_model
+    from pipeline.surgery import random_vgg16_state_dict
+
+    vgg = tmp_path / "vgg16.pth"
+    width = 0.0625
+    torch.save(random_vgg16_state_dict(width=width, seed=3), vgg)
+    cfg = base_cfg(fcn8s={"epochs": 1, "lr": 0.01, "at_once": True})
+    cfg["model"].update(backbone_init="vgg16")
+    out = run_train("fcn8s", cfg, shards["small"], shards["val"], tmp_path, vgg16_path=vgg)
+    assert out["iterations"] == 4
+    model = load_model(tmp_path / "fcn8s.pt")
+    assert type(model) is FCN8sAtOnce
+    served = torch.load(vgg, weights_only=True)["features.0.weight"]
+    moved = model.state_dict()["features.0.weight"]
+    assert moved.shape == served.shape and not torch.equal(moved, served)  # trained from it
+    assert torch.nn.functional.cosine_similarity(moved.flatten(), served.flatten(), 0) > 0.9
 
 
 # --- 5. FCN-32s -> FCN-16s on a trained net ---------------------------------------------------

@@ -3,6 +3,7 @@
 from pipeline.models.fcn import (
     MODELS,
     FCN8s,
+    FCN8sAtOnce,
     FCN16s,
     FCN32s,
     ModelFileError,
@@ -14,6 +15,7 @@ from pipeline.models.fcn import (
 __all__ = [
     "MODELS",
     "FCN8s",
+    "FCN8sAtOnce",
     "FCN16s",
     "FCN32s",
     "ModelFileError",

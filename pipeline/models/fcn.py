@@ -14,7 +14,11 @@ and a transposed conv (kernel k, stride t) puts output j at input i = (j - (k-1)
              upscore8 (k16 s8): j - 7.5 - 23.5 = j - 31                         -> crop 31
 (tests/test_models.py re-derives them from the modules and checks them by flip symmetry.)
 
-Layer names are shared across the three classes so that `pipeline.surgery.transplant` carries
+FCN-8s at-once (`FCN8sAtOnce`, the release fcn8s-atonce-pascal) is FCN-8s trained in one go
+from VGG16 instead of staged; it differs only by fixed scales (0.01, 0.0001) on pool4 and pool3
+before their score layers, so it has FCN-8s's parameters and crops.
+
+Layer names are shared across the classes so that `pipeline.surgery.transplant` carries
 the staged training by name; `features` keeps torchvision's VGG16 indices (`features.0` ...
 `features.28`) so ImageNet weights copy 1:1. Inputs: RGB in 0..1 normalised with the ImageNet
 mean/std (`normalization = "imagenet"`), what torchvision's VGG16 weights expect.
@@ -31,7 +35,9 @@ from __future__ import annotations
 import math
 import os
 import pickle
+from collections.abc import Mapping
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any
 
 import torch
@@ -151,6 +157,9 @@ class _FCN(nn.Module):
     arch = ""
     normalization = NORMALIZATION
     crops: dict[str, int] = {}
+    # {"pool4": s, ...}: fixed factors on the pool features before their score layers
+    # (read-only constants of the class, never parameters); only the at-once FCN-8s has any
+    skip_scales: Mapping[str, float] = MappingProxyType({})
 
     def __init__(self, num_classes: int = 21, width: float = 1.0) -> None:
         super().__init__()
@@ -250,7 +259,11 @@ class FCN8s(_FCN):
         self.upscore8 = _upsample(self.num_classes, 8, learnable=False)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pool3, pool4, score_fr = self._encode(x)
+        return self._decode(x, *self._encode(x))
+
+    def _decode(
+        self, x: torch.Tensor, pool3: torch.Tensor, pool4: torch.Tensor, score_fr: torch.Tensor
+    ) -> torch.Tensor:
         up2 = self.upscore2(score_fr)
         skip4 = _crop(self.score_pool4(pool4), self.crops["score_pool4"], *up2.shape[2:])
         up4 = self.upscore_pool4(up2 + skip4)
@@ -258,7 +271,46 @@ class FCN8s(_FCN):
         return _crop_output(self.upscore8(up4 + skip3), self.crops["upscore8"], x)
 
 
-MODELS: dict[str, type[_FCN]] = {"fcn32s": FCN32s, "fcn16s": FCN16s, "fcn8s": FCN8s}
+class FCN8sAtOnce(FCN8s):
+    """FCN-8s trained at once from VGG16, with fixed scales on the skips: the release
+    `fcn8s-atonce-pascal` (voc-fcn8s-atonce/net.py of fcn.berkeleyvision.org).
+
+    The net is FCN-8s (same layers, names, shapes, crops; `state_dict` keys equal FCN8s's)
+    except that pool4 is multiplied by 0.01 before score_pool4 and pool3 by 0.0001 before
+    score_pool3: Caffe's `scale_pool4`/`scale_pool3` Scale layers, constant filler, lr_mult 0.
+    Here they are the class constants `skip_scales`, not parameters or buffers, so optimizers,
+    state dicts, `surgery.load_vgg16_backbone` and `surgery.transplant` see exactly FCN8s.
+
+    Why: the journal version of the paper (Shelhamer, Long and Darrell, PAMI 2017) trains
+    FCN-8s in one go from VGG16 instead of the staged 32s -> 16s -> 8s cascade (release solver:
+    300k iterations, fixed lr 1e-10 on the unnormalised loss, momentum 0.99, batch 1). The
+    pool3 and pool4 features are much larger than fc7's, which feeds score_fr. All score layers
+    start at zero, but a score layer's weight gradient is proportional to its input, so
+    unscaled skips would take much larger steps than score_fr at the one learning rate and
+    their scores would dominate the fused prediction early on. Scaling their inputs by s
+    (which scales their effective learning rate by s^2) makes the skip scores start small and
+    grow slowly, so the whole net can be trained at once stably. The staged FCN-8s needs no
+    scales: each skip joins a net already trained, at a 100x lower learning rate.
+    """
+
+    arch = "fcn8s_atonce"
+    skip_scales: Mapping[str, float] = MappingProxyType({"pool4": 0.01, "pool3": 0.0001})
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pool3, pool4, score_fr = self._encode(x)
+        s = self.skip_scales
+        return self._decode(x, pool3 * s["pool3"], pool4 * s["pool4"], score_fr)
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, skip_scales={dict(self.skip_scales)}"
+
+
+MODELS: dict[str, type[_FCN]] = {
+    "fcn32s": FCN32s,
+    "fcn16s": FCN16s,
+    "fcn8s": FCN8s,
+    "fcn8s_atonce": FCN8sAtOnce,
+}
 
 
 def build_model(name: str, num_classes: int = 21, width: float = 1.0) -> nn.Module:
