@@ -21,6 +21,7 @@ REPO = Path(__file__).resolve().parents[1]
 ALL_STAGES = [
     "download_voc",
     "download_coco",
+    "download_sbd",
     "download_vgg16",
     "coco_to_voc",
     "preprocess",
