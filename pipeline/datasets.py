@@ -9,9 +9,9 @@ the class ids - it is decoded to indices, never to colours.
 Seeding: `__getitem__` runs the transform under a private copy of torch's CPU generator seeded
 with `sample_seed(seed, epoch, index)`, so sample i of epoch e gets the same crop, flip and jitter
 whatever the number of DataLoader workers or DDP ranks, and the caller's global RNG (dropout, the
-sampler) is left exactly as it was. Call `set_epoch(e)` before building each epoch's DataLoader
-(its workers get a copy of the dataset when they start; with `persistent_workers=True` they would
-keep the old epoch).
+sampler) is left exactly as it was. The epoch comes with the index, `dataset[(e, i)]` (what
+`pipeline.train.EpochSampler` yields), so DataLoader workers that persist across epochs use the
+right one; a plain `dataset[i]` uses the epoch of `set_epoch(e)`.
 """
 
 from __future__ import annotations
@@ -225,14 +225,16 @@ class SegmentationShards(Dataset):
             )
         return tv_tensors.Image(image), tv_tensors.Mask(mask)
 
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[Tensor, Tensor]:
+        """Sample `key`: an index (augmented as epoch `self.epoch`), or (epoch, index)."""
+        epoch, i = key if isinstance(key, tuple) else (self.epoch, key)
         i = self._index(i)
         image, mask = self.load(i)
         if self.transform is not None:
             # fork_rng(devices=[]) restores only the CPU generator, and only that one is seeded
             # (torch.manual_seed would also reseed every CUDA generator of a training process)
             with torch.random.fork_rng(devices=[]):
-                torch.default_generator.manual_seed(sample_seed(self.seed, self.epoch, i))
+                torch.default_generator.manual_seed(sample_seed(self.seed, epoch, i))
                 image, mask = self.transform(image, mask)
         if mask.dtype != torch.int64:  # the loss wants long targets
             mask = tv_tensors.Mask(mask, dtype=torch.int64)

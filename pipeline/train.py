@@ -156,7 +156,9 @@ class EpochSampler(Sampler[int]):
 
     Rank r takes positions r, r+W, r+2W, ... of the permutation (padded by wrapping so every
     rank gets the same count), so the union of the ranks' first k batches is exactly the first
-    k global batches of the single-process order.
+    k global batches of the single-process order. It yields (epoch, index) keys: the dataset
+    seeds a sample's augmentation from the key's epoch (`SegmentationShards.__getitem__`), so
+    one loader with persistent workers serves every epoch.
     """
 
     def __init__(self, n: int, seed: int, rank: int = 0, world: int = 1, shuffle: bool = True):
@@ -178,8 +180,8 @@ class EpochSampler(Sampler[int]):
         perm = (perm * math.ceil(total / self.n))[:total]
         return perm[self.rank :: self.world]
 
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.order()[self.skip :])
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        return ((self.epoch, i) for i in self.order()[self.skip :])
 
     def __len__(self) -> int:
         return self.per_rank - self.skip
@@ -797,7 +799,10 @@ def validate(
 def make_loader(
     train_set, sampler: EpochSampler, batch_size: int, workers: int, device: torch.device
 ) -> DataLoader:
-    """One epoch's loader; its workers die with the trainer.
+    """The stage's loader: `sampler` decides each epoch's order (`set_epoch` before iterating
+    again); its workers start once and stay for every epoch (`persistent_workers`: an epoch of
+    a few hundred images would otherwise pay their start-up each time), and die with the
+    trainer.
 
     It draws its workers' base seed from a generator of its own: from the global RNG (the
     default), a run resumed mid-epoch would draw it once more than the uninterrupted run at
@@ -813,6 +818,7 @@ def make_loader(
         drop_last=False,
         worker_init_fn=functools.partial(_loader_worker_init, trainer_pid=os.getpid()),
         generator=torch.Generator().manual_seed(sampler.seed * 1_000_003 + sampler.epoch),
+        persistent_workers=workers > 0,
     )
 
 
@@ -1210,15 +1216,14 @@ def _train_stage(
     # the rate of the last step taken: what an epoch that resumes at its very end logs
     lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], max(state.iteration - 1, 0), total_steps)
     t0, start_iteration = time.time(), state.iteration
+    loader = make_loader(train_set, sampler, batch, tcfg["workers"], device)
     for epoch in range(state.epoch, epochs):
         epoch_start = epoch * steps_per_epoch  # iterations before this epoch
         first_step = state.iteration - epoch_start
         if first_step == 0:
             state.epoch_losses = []
         sampler.set_epoch(epoch, skip=first_step * batch * accumulate)
-        train_set.set_epoch(epoch)
         model.train()
-        loader = make_loader(train_set, sampler, batch, tcfg["workers"], device)
         steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)  # max_iter cuts
         for micro in micro_batches(loader, accumulate, steps - first_step):
             lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], state.iteration, total_steps)
@@ -1242,7 +1247,6 @@ def _train_stage(
                 log_history(live, entry)
             if due and state.iteration < total_steps:
                 checkpoint()
-        del loader  # its workers end with the epoch
         state.epoch_losses.extend(readback.flush())
         losses = since_last_entry(state.epoch_losses, state.history, epoch_start)
         entry = epoch_entry(epoch, losses, lr_now, state.iteration)
@@ -1256,6 +1260,7 @@ def _train_stage(
         state.epoch, state.epoch_losses = epoch + 1, []
         checkpoint()
     bar.close()
+    del loader  # its workers end here
 
     if rank == 0:
         save_model(out_model, model, trained_iterations=state.iteration)
