@@ -121,6 +121,22 @@ def generated_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return root / VOC_ROOT
 
 
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The project copied, set to FAST_SAMPLE, reproduced and committed once per session:
+    (repo, dvc repro's output). Read-only: a test that changes it works on a copy
+    (`shutil.copytree(repo, dst, symlinks=True)` keeps git history, outputs and DVC cache)."""
+    from tests.repo_utils import FAST_SAMPLE, copy_repo, run, set_params
+
+    repo = copy_repo(tmp_path_factory.mktemp("run") / "repo")
+    set_params(repo, FAST_SAMPLE)
+    run(["git", "commit", "-qam", "small sample for tests"], repo)
+    out = run(["dvc", "repro"], repo, timeout=1200)
+    run(["git", "add", "-A"], repo)
+    run(["git", "commit", "-qm", "first run"], repo)
+    return repo, out.stdout + out.stderr
+
+
 @pytest.fixture(autouse=True)
 def seeded_rngs() -> None:
     """Every test starts from the same global RNG states, whatever ran before it."""

@@ -47,6 +47,7 @@ FAST_SAMPLE: dict[str, Any] = {
     "sample.download.vgg16.pretrain.train_per_class": 3,
     "sample.download.vgg16.pretrain.val_per_class": 1,
     "sample.download.vgg16.pretrain.epochs": 1,
+    "sample.train.precision": "fp32",  # bit-identical runs in every clone, whatever the CPU
     "sample.train.crop_size": 64,
     "sample.train.workers": 0,
     "sample.train.fcn32s.epochs": 2,

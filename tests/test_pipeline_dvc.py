@@ -13,20 +13,9 @@ from pathlib import Path
 import pytest
 
 from pipeline.config import load_params
-from tests.repo_utils import ALL_STAGES, FAST_SAMPLE, FOUR, copy_repo, run, set_params, stages_run
+from tests.repo_utils import ALL_STAGES, FOUR, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture(scope="session")
-def sample_run(tmp_path_factory) -> tuple[Path, str]:
-    repo = copy_repo(tmp_path_factory.mktemp("run") / "repo")
-    set_params(repo, FAST_SAMPLE)
-    run(["git", "commit", "-qam", "small sample for tests"], repo)
-    out = run(["dvc", "repro"], repo, timeout=1200)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "first run"], repo)
-    return repo, out.stdout + out.stderr
 
 
 @pytest.fixture

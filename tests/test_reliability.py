@@ -277,13 +277,13 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     ).read_text()
     # the training curves too, point for point (the interrupted epoch's loss included)
     curves = sorted(p.relative_to(reference) for p in reference.glob("dvclive/*/plots/**/*.tsv"))
-    assert len(curves) == 3 * 5, curves
+    assert len(curves) == 3 * 6, curves  # loss, lr, epoch, iteration, val mean IU and accuracy
     for curve in curves:
         assert (repo / curve).read_text() == (reference / curve).read_text(), curve
     # every data output is byte-identical, the generated VGG16 weights included
     ours, theirs = _lock_outs(repo), _lock_outs(reference)
     data_outs = [p for p in ours if p.startswith("data/")]
-    assert len(data_outs) == 7 and all(ours[p] == theirs[p] for p in data_outs), (ours, theirs)
+    assert len(data_outs) == 8 and all(ours[p] == theirs[p] for p in data_outs), (ours, theirs)
 
     # Nothing partial was ever cached: every object is also in the uninterrupted run's cache,
     # but for the model cards of inference_report, the one stage whose outputs are wall-clock
@@ -300,8 +300,8 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     pushed = _verified_objects(tmp_path / "remote")
     assert pushed.keys() <= cached.keys()
     cached_outs = {p: h for p, h in _lock_outs(repo).items() if p.startswith(("data/", "models/"))}
-    # 7 data outputs, 3 models, their 3 ONNX exports
-    assert len(cached_outs) == 13 and set(cached_outs.values()) <= pushed.keys(), cached_outs
+    # 8 data outputs, 3 models, their 3 ONNX exports
+    assert len(cached_outs) == 14 and set(cached_outs.values()) <= pushed.keys(), cached_outs
     in_git = {
         _md5(p)
         for d in ("metrics", "plots", "dvclive")

@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.repo_utils import ALL_STAGES, FAST_SAMPLE, REPO, copy_repo, run, set_params, stages_run
+from tests.repo_utils import ALL_STAGES, REPO, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -40,18 +40,16 @@ class Team:
 
 
 @pytest.fixture(scope="module")
-def team(tmp_path_factory) -> Team:
+def team(tmp_path_factory, sample_run) -> Team:
     """Reproduce the small sample once, then share it through a bare git repo and a DVC remote."""
     root = tmp_path_factory.mktemp("team")
-    repo = copy_repo(root / "repo")
-    set_params(repo, {**FAST_SAMPLE, "sample.train.precision": "fp32"})
-    run(["git", "commit", "-qam", "small sample for tests"], repo)
-    out = run(["dvc", "repro"], repo, timeout=1200)
-    assert stages_run(out.stdout) == ALL_STAGES, out.stdout
+    template, out = sample_run  # the small sample, reproduced once per session (fp32)
+    assert stages_run(out) == ALL_STAGES, out
+    repo = root / "repo"
+    shutil.copytree(template, repo, symlinks=True)
     remote = root / "dvc-remote"
     run(["dvc", "remote", "add", "-d", "team", str(remote)], repo)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "first run; shared DVC remote"], repo)
+    run(["git", "commit", "-qam", "shared DVC remote"], repo)
     run(["dvc", "push"], repo)
     origin = root / "origin.git"
     run(["git", "init", "-q", "--bare", "-b", "main", str(origin)], root)
