@@ -33,6 +33,7 @@ if __package__ in (None, ""):
 
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
+from machine import cpu_model, shared_data  # noqa: E402  (benchmarks/machine.py)
 from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
@@ -42,13 +43,8 @@ from pipeline.preprocess import prepare_train_pair  # noqa: E402
 from pipeline.shards import ShardReader, ShardWriter  # noqa: E402
 from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_FILL, normalize, train_transform  # noqa: E402
 
-SHARED = Path(
-    os.environ.get("FCN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = shared_data()
 VOC = SHARED / "voc2012-sample" / "VOCdevkit" / "VOC2012"
-
-
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 
 def build_shards(out: Path, max_size: int) -> Path:

@@ -35,6 +35,7 @@ if __package__ in (None, ""):
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+from machine import cpu_model, shared_data  # noqa: E402  (benchmarks/machine.py)
 from PIL import Image  # noqa: E402
 
 from pipeline.preprocess import (  # noqa: E402
@@ -44,14 +45,9 @@ from pipeline.preprocess import (  # noqa: E402
     target_size,
 )
 
-SHARED = Path(
-    os.environ.get("FCN_SHARED_DATA", Path(__file__).resolve().parents[2] / "shared" / "data")
-)
+SHARED = shared_data()
 VOC = SHARED / "voc2012-sample" / "VOCdevkit" / "VOC2012"
 COCO = SHARED / "coco2017-sample" / "images" / "val2017"
-
-
-from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
 
 def load_jpegs(n: int) -> list[bytes]:

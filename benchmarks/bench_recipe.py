@@ -45,7 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 import yaml  # noqa: E402
-from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
+from machine import machine_line, shared_data  # noqa: E402  (benchmarks/machine.py)
 
 from pipeline.config import validate_params  # noqa: E402
 from pipeline.preprocess import preprocess_voc  # noqa: E402
@@ -68,9 +68,7 @@ def find_voc(explicit: Path | None) -> Path:
     """The real VOC2012 sample folder (JPEGImages, SegmentationClass, ImageSets)."""
     if explicit is not None:
         return explicit
-    data = os.environ.get("FCN_SHARED_DATA")
-    base = Path(data).expanduser() if data else REPO.parent / "shared" / "data"
-    return base / "voc2012-sample" / "VOCdevkit" / "VOC2012"
+    return shared_data() / "voc2012-sample" / "VOCdevkit" / "VOC2012"
 
 
 def voc_tar(voc: Path, out: Path, train_images: int, val_images: int) -> Path:

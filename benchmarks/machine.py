@@ -19,3 +19,12 @@ def cpu_model() -> str:
 
 def machine_line() -> str:
     return f"{os.cpu_count()} cores, {cpu_model()}"
+
+
+def shared_data() -> Path:
+    """The folder of the real VOC/COCO samples, found as the tests find it (README, "Tests and
+    the real data"): `$FCN_SHARED_DATA`, else `../shared/data` beside the checkout."""
+    data = os.environ.get("FCN_SHARED_DATA")
+    return (
+        Path(data).expanduser() if data else Path(__file__).resolve().parents[2] / "shared" / "data"
+    )

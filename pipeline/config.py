@@ -15,7 +15,9 @@ from typing import Any
 import yaml
 
 PROFILES = ("sample", "full", "paper")
-MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s")
+MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s")  # the training stages, in the cascade's order
+ATONCE = "fcn8s_atonce"  # the at-once FCN-8s: the fcn8s stage's net with `at_once`
+ARCHITECTURES = (*MODEL_NAMES, ATONCE)  # every net a model file can hold
 MIN_CROP = 32  # the network has stride 32: a smaller crop has no pixel of pool5 context
 
 
@@ -30,15 +32,14 @@ def architecture(stage: str, train: Mapping[str, Any]) -> str:
     """The net a training stage trains (`train`: the params' train section): the stage's own
     name, or "fcn8s_atonce" for the fcn8s stage with `fcn8s.at_once` (the release's FCN-8s
     at-once, fixed skip scales, trained from VGG16)."""
-    return "fcn8s_atonce" if train[stage].get("at_once", False) else stage
+    return ATONCE if train[stage].get("at_once", False) else stage
 
 
 def initialised_from(stage: str, train: Mapping[str, Any]) -> str | None:
     """The stage whose model file `stage` starts from (FCN-16s from FCN-32s, FCN-8s from
     FCN-16s: the paper's staged training), or None: from VGG16 (FCN-32s, at-once FCN-8s)."""
-    if architecture(stage, train) == "fcn8s_atonce":
-        return None
-    return {"fcn32s": None, "fcn16s": "fcn32s", "fcn8s": "fcn16s"}[stage]
+    i = MODEL_NAMES.index(stage)
+    return None if i == 0 or architecture(stage, train) == ATONCE else MODEL_NAMES[i - 1]
 
 
 class Spec:

@@ -934,8 +934,8 @@ def log_history(live, entry: dict[str, float]) -> None:
 def epoch_entry(
     epoch: int, epoch_losses: list[float], lr: float, iteration: int
 ) -> dict[str, float]:
-    """One logged point: the mean step loss of the epoch so far, the last lr, the epoch's
-    number (1-based) and the iterations done."""
+    """One logged point: the mean of `epoch_losses` (the step losses it covers:
+    `since_last_entry`), the last lr, the epoch's number (1-based) and the iterations done."""
     return {
         "train/loss": float(np.mean(epoch_losses)) if epoch_losses else float("nan"),
         "lr": lr,
@@ -1224,7 +1224,8 @@ def _train_stage(
             state.epoch_losses = []
         sampler.set_epoch(epoch, skip=first_step * batch * accumulate)
         model.train()
-        steps = min(steps_per_epoch, total_steps - epoch * steps_per_epoch)  # max_iter cuts
+        steps = min(steps_per_epoch, total_steps - epoch_start)  # max_iter cuts the last
+        epoch_end = epoch_start + steps
         for micro in micro_batches(loader, accumulate, steps - first_step):
             lr_now = stage["lr"] * lr_factor(tcfg["lr_policy"], state.iteration, total_steps)
             set_lr(optimizer, lr_now)
@@ -1238,7 +1239,6 @@ def _train_stage(
             due = cadence.due_by_iteration(state.iteration) or (
                 (world == 1 or readback_due) and time_is_due()
             )
-            epoch_end = epoch_start + steps
             if validation_due(state.iteration, epoch_end, tcfg.get("val_every_iter")):
                 state.epoch_losses.extend(readback.flush())
                 losses = since_last_entry(state.epoch_losses, state.history, epoch_start)

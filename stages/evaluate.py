@@ -13,7 +13,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import MODEL_NAMES, load_params
+from pipeline.config import ARCHITECTURES, MODEL_NAMES, load_params
 from pipeline.inputs import MissingInputsError, require_inputs
 
 
@@ -44,7 +44,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--out", default=".", help="root of metrics/, plots/, reports/ (default: %(default)s)"
     )
-    ap.add_argument("--only", nargs="+", choices=(*MODEL_NAMES, "fcn8s_atonce"),
+    ap.add_argument("--only", nargs="+", choices=ARCHITECTURES,
                     default=list(MODEL_NAMES),
                     help="evaluate only these models (default: the three stages'; "
                     "fcn8s_atonce: an imported at-once release)")  # fmt: skip

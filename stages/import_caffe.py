@@ -25,11 +25,11 @@ import argparse
 import sys
 from pathlib import Path
 
-from pipeline.config import MODEL_NAMES
+from pipeline.config import ARCHITECTURES
 
-# The staged nets and the at-once FCN-8s: the keys of pipeline.models.MODELS, spelled out so
-# that --help need not import torch (tests check the two agree).
-MODEL_CHOICES = (*MODEL_NAMES, "fcn8s_atonce")
+# The staged nets and the at-once FCN-8s: the keys of pipeline.models.MODELS, named in
+# pipeline.config so that --help need not import torch (tests check the two agree).
+MODEL_CHOICES = ARCHITECTURES
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -57,14 +57,6 @@ KILL_PARAMS = {
     "sample.train.checkpoint_every": 2,
 }
 MODELS = ("fcn32s", "fcn16s", "fcn8s")
-DATA_STAGES = (
-    "download_voc",
-    "download_coco",
-    "download_sbd",
-    "download_vgg16",
-    "coco_to_voc",
-    "preprocess",
-)
 POLL_S = 0.02
 STAGE_TIMEOUT_S = 300
 
