@@ -387,7 +387,8 @@ def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
         colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.03, 0.18), rng.uniform(0.35, 0.75)),
         np.float32,
     )
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
+    yy, xx = np.ogrid[0:h, 0:w]  # broadcast: the same values as a full grid, without it
+    yy, xx = yy.astype(np.float32), xx.astype(np.float32)
     t = rng.uniform(0, 2 * np.pi)
     grad = (np.cos(t) * xx / w + np.sin(t) * yy / h)[..., None] * rng.uniform(0.05, 0.15)
     lum = _smooth_noise(rng, h, w)[..., None] * 0.12
@@ -396,27 +397,48 @@ def background(rng: np.random.Generator, h: int, w: int) -> np.ndarray:
     return np.clip(base + grad + lum + chroma + grain, 0, 1)
 
 
+def _bounding_box(where: np.ndarray) -> tuple[slice, slice] | None:
+    """Row and column slices of the smallest box holding every True pixel (None: none)."""
+    rows, cols = np.flatnonzero(where.any(1)), np.flatnonzero(where.any(0))
+    if not len(rows):
+        return None
+    return slice(rows[0], rows[-1] + 1), slice(cols[0], cols[-1] + 1)
+
+
 def paint_class(img: np.ndarray, where: np.ndarray, c: int, rng: np.random.Generator) -> None:
-    """Paint VOC class `c`'s appearance (colour, stripes, slight shading) into `img[where]`."""
+    """Paint VOC class `c`'s appearance (colour, stripes, slight shading) into `img[where]`.
+
+    The texture is computed inside `where`'s bounding box only; the random draws are those of
+    the whole image, so the result does not depend on the box.
+    """
     h, w = where.shape
-    yy, xx = np.mgrid[0:h, 0:w].astype(np.float32)
     angle, period = class_stripes(c)
-    u = xx * np.cos(angle) + yy * np.sin(angle) + rng.uniform(0, period)
+    phase, gain = rng.uniform(0, period), rng.uniform(0.9, 1.1)
+    noise = rng.normal(0, 0.02, (h, w, 1))
+    box = _bounding_box(where)
+    if box is None:
+        return
+    yy, xx = np.mgrid[box].astype(np.float32)
+    u = xx * np.cos(angle) + yy * np.sin(angle) + phase
     stripe = ((u / period) % 1.0) < 0.5
-    shade = np.where(stripe, 0.8, 1.0)[..., None] * rng.uniform(0.9, 1.1)
-    tex = class_colour(c) * shade + rng.normal(0, 0.02, (h, w, 1))
-    img[where] = np.clip(tex, 0, 1)[where]
+    shade = np.where(stripe, 0.8, 1.0)[..., None] * gain
+    tex = class_colour(c) * shade + noise[box]
+    inside = where[box]
+    img[box][inside] = np.clip(tex, 0, 1)[inside]
 
 
 def paint_clutter(img: np.ndarray, where: np.ndarray, rng: np.random.Generator) -> None:
     """Non-VOC objects: a muted checkerboard, so they read as background to a VOC model."""
-    h, w = where.shape
     a = np.array(colorsys.hsv_to_rgb(rng.uniform(), rng.uniform(0.05, 0.2), rng.uniform(0.3, 0.8)))
     b = a * rng.uniform(0.6, 0.85)
     cell = int(rng.integers(5, 11))
-    yy, xx = np.mgrid[0:h, 0:w]
+    box = _bounding_box(where)
+    if box is None:
+        return
+    yy, xx = np.mgrid[box]
     check = ((yy // cell + xx // cell) % 2 == 0)[..., None]
-    img[where] = np.where(check, a, b).astype(np.float32)[where]
+    inside = where[box]
+    img[box][inside] = np.where(check, a, b).astype(np.float32)[inside]
 
 
 def render(
