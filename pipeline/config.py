@@ -230,6 +230,8 @@ SCHEMA: dict[str, Any] = {
         "lr_policy": _str(choices=("fixed", "poly")),
         "momentum": _float(min=0, max=1),  # max=1 inclusive is still nonsense; see below
         "weight_decay": _float(min=0),
+        # lr factor of the zero-initialised score layers (the paper: 1)
+        "score_lr_mult": _float(gt=0, default=1.0),
         "checkpoint_every": _int(min=1),
         "checkpoint_minutes": _float(gt=0, nullable=True),
         "val_every": _int(min=1),  # epochs

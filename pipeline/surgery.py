@@ -97,8 +97,13 @@ def init_upsampling(model: nn.Module) -> list[str]:
     return names
 
 
-def _is_score_layer(name: str) -> bool:
-    return name.rsplit(".", 1)[-1].startswith("score")
+def is_score_layer(name: str) -> bool:
+    """Whether module `name` (or a parameter's module path) is a class-score layer: `score_fr`,
+    `score_pool4`, `score_pool3` (the Caffe names), the layers the paper zero-initialises."""
+    parts = name.split(".")
+    if parts[-1] in ("weight", "bias"):
+        parts = parts[:-1]
+    return bool(parts) and parts[-1].startswith("score")
 
 
 @torch.no_grad()
@@ -110,7 +115,7 @@ def zero_init_scores(model: nn.Module) -> list[str]:
     """
     names = []
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and _is_score_layer(name):
+        if isinstance(m, nn.Conv2d) and is_score_layer(name):
             m.weight.zero_()
             if m.bias is not None:
                 m.bias.zero_()
@@ -126,7 +131,7 @@ def init_random(model: nn.Module, seed: int) -> None:
     bilinear upsampling. Deterministic for a seed, whatever the device; global RNG untouched."""
     gen = torch.Generator().manual_seed(seed)
     for name, m in model.named_modules():
-        if isinstance(m, nn.Conv2d) and not _is_score_layer(name):
+        if isinstance(m, nn.Conv2d) and not is_score_layer(name):
             fan_in = m.weight[0].numel()
             w = torch.randn(m.weight.shape, generator=gen) * math.sqrt(2.0 / fan_in)
             m.weight.copy_(w)

@@ -190,20 +190,37 @@ class EpochSampler(Sampler[int]):
 # --- optimiser and loss (the paper's recipe) -------------------------------------------------
 
 
-def param_groups(model: nn.Module, lr: float, weight_decay: float) -> list[dict[str, Any]]:
+def param_groups(
+    model: nn.Module, lr: float, weight_decay: float, score_lr_mult: float = 1.0
+) -> list[dict[str, Any]]:
     """Weights: lr with weight decay; biases: twice the lr and no decay (as in the FCN solver).
 
-    Frozen parameters (the fixed final bilinear upsampling) are left out.
+    The class-score layers (`pipeline.surgery.is_score_layer`: the zero-initialised
+    `score_fr`, `score_pool4`, `score_pool3`) learn at `score_lr_mult` times that. The FCN
+    release uses 1 (every layer's `lr_mult` is 1, 2 for biases); a larger factor for the
+    layers that start from nothing is the usual fine-tuning practice (DeepLab's prototxt:
+    `lr_mult: 10` on its new classifier). Each group carries its `lr_mult`, which `set_lr`
+    applies. Frozen parameters (the fixed final bilinear upsampling) are left out.
     """
-    weights, biases = [], []
+    from pipeline.surgery import is_score_layer
+
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        (biases if name.endswith("bias") else weights).append(p)
-    return [
-        {"params": weights, "lr": lr, "weight_decay": weight_decay, "name": "weights"},
-        {"params": biases, "lr": 2 * lr, "weight_decay": 0.0, "name": "biases"},
-    ]
+        if p.requires_grad:
+            groups.setdefault((is_score_layer(name), name.endswith("bias")), []).append(p)
+    out = []
+    for (score, bias), params in sorted(groups.items()):
+        mult = (score_lr_mult if score else 1.0) * (2.0 if bias else 1.0)
+        out.append(
+            {
+                "params": params,
+                "lr": mult * lr,
+                "weight_decay": 0.0 if bias else weight_decay,
+                "name": ("score_" if score else "") + ("biases" if bias else "weights"),
+                "lr_mult": mult,
+            }
+        )
+    return out
 
 
 def sgd_implementation(device: torch.device) -> dict[str, bool]:
@@ -219,6 +236,7 @@ def make_optimizer(
     momentum: float,
     weight_decay: float,
     device: torch.device | None = None,
+    score_lr_mult: float = 1.0,
 ) -> torch.optim.SGD:
     """SGD with momentum over `param_groups` (the FCN solver's lr_mult/decay_mult 1/1, 2/0),
     with the fast kernels of `sgd_implementation` for `device` (default: the device of the
@@ -226,7 +244,7 @@ def make_optimizer(
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return torch.optim.SGD(
-        param_groups(model, lr, weight_decay),
+        param_groups(model, lr, weight_decay, score_lr_mult),
         lr=lr,
         momentum=momentum,
         **sgd_implementation(device),
@@ -268,9 +286,9 @@ def iteration_budget(stage: Mapping[str, Any], steps_per_epoch: int) -> tuple[in
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    """Weights at `lr`, biases at twice it."""
+    """Every group at `lr` times its `lr_mult` (`param_groups`: biases 2x, score layers more)."""
     for group in optimizer.param_groups:
-        group["lr"] = 2 * lr if group.get("name") == "biases" else lr
+        group["lr"] = lr * group.get("lr_mult", 1.0)
 
 
 def summed_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
@@ -1019,7 +1037,12 @@ def start_or_resume(
     if tcfg["channels_last"]:
         model.to(memory_format=torch.channels_last)
     optimizer = make_optimizer(
-        model, tcfg[name]["lr"], tcfg["momentum"], tcfg["weight_decay"], device
+        model,
+        tcfg[name]["lr"],
+        tcfg["momentum"],
+        tcfg["weight_decay"],
+        device,
+        score_lr_mult=tcfg.get("score_lr_mult", 1.0),
     )
     torch.manual_seed(tcfg["seed"] + rank)
     if state is not None:

@@ -709,6 +709,31 @@ def test_cpu_optimizer_uses_foreach_and_updates_like_the_per_parameter_loop() ->
     assert moved > 0  # the steps changed the weights: the comparison is not vacuous
 
 
+def test_score_layers_learn_at_score_lr_mult_times_the_rate_and_keep_it_under_set_lr() -> None:
+    from pipeline.surgery import is_score_layer
+    from pipeline.train import set_lr
+
+    model = _tiny_fcn()
+    opt = make_optimizer(model, 0.01, 0.9, 5e-4, score_lr_mult=10)
+    seen = set()
+    for lr in (None, 0.003):  # as built, then after the schedule sets a new base rate
+        if lr is not None:
+            set_lr(opt, lr)
+        base = 0.01 if lr is None else lr
+        for group in opt.param_groups:
+            for p in group["params"]:
+                name = next(n for n, q in model.named_parameters() if q is p)
+                want = (
+                    base * (10 if is_score_layer(name) else 1) * (2 if name.endswith("bias") else 1)
+                )
+                assert group["lr"] == pytest.approx(want), name
+                assert group["weight_decay"] == (0.0 if name.endswith("bias") else 5e-4), name
+                seen.add(name)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert seen == trainable  # every trainable parameter in exactly the groups checked
+    assert {"score_fr.weight", "score_fr.bias"} <= seen
+
+
 def test_resumed_optimizer_gets_this_devices_kernels_back() -> None:
     from pipeline.train import use_sgd_implementation
 
