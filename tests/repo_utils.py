@@ -53,6 +53,7 @@ FAST_SAMPLE: dict[str, Any] = {
     "sample.train.fcn32s.epochs": 2,
     "sample.train.fcn16s.epochs": 1,
     "sample.train.fcn8s.epochs": 1,
+    "sample.train.val_every": 1,  # a val point at every epoch end: the curves tests compare
     "sample.evaluate.qualitative_images": 2,
     "sample.inference.warmup": 0,
     "sample.inference.repeats": 1,
