@@ -238,9 +238,10 @@ def make_optimizer(
     device: torch.device | None = None,
     score_lr_mult: float = 1.0,
 ) -> torch.optim.SGD:
-    """SGD with momentum over `param_groups` (the FCN solver's lr_mult/decay_mult 1/1, 2/0),
-    with the fast kernels of `sgd_implementation` for `device` (default: the device of the
-    model's first parameter, CPU for a model without any). Call it after moving the model."""
+    """SGD with momentum over `param_groups` (the FCN solver's lr_mult/decay_mult 1/1, 2/0; the
+    score layers at `score_lr_mult` times the rate), with the fast kernels of
+    `sgd_implementation` for `device` (default: the device of the model's first parameter, CPU
+    for a model without any). Call it after moving the model."""
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     return torch.optim.SGD(
