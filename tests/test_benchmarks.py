@@ -26,6 +26,7 @@ QUICK_SLOW = {
     "bench_train.py": rf"project \(.+\)\s+{NUMBER} img/s\s+{NUMBER}x",
     "bench_dvc_scale.py": rf"no-op dvc status \(median\)\s+{NUMBER}\s+{NUMBER}",
     "bench_gpu.py": rf"train bf16 batch\s+1\s+{NUMBER} img/s",  # CPU where there is no GPU
+    "bench_sample_compute.py": rf"total training: {NUMBER} TFLOP, {NUMBER} s at the measured rate",
 }
 # these read the real VOC/COCO sample JPEGs
 QUICK_REAL_DATA = {
