@@ -230,6 +230,8 @@ SCHEMA: dict[str, Any] = {
         "lr_policy": _str(choices=("fixed", "poly")),
         "momentum": _float(min=0, max=1),  # max=1 inclusive is still nonsense; see below
         "weight_decay": _float(min=0),
+        # lr factor of the zero-initialised score layers (the paper: 1)
+        "score_lr_mult": _float(gt=0, default=1.0),
         "checkpoint_every": _int(min=1),
         "checkpoint_minutes": _float(gt=0, nullable=True),
         "val_every": _int(min=1),  # epochs
@@ -242,9 +244,6 @@ SCHEMA: dict[str, Any] = {
                 "epochs": _int(min=1),
                 "lr": _float(gt=0),
                 "max_iter": _int(min=1, nullable=True, default=None),
-                # lr factor of the score layers (score_fr, score_pool4, score_pool3) in this
-                # stage, on top of biases' 2x; the release: 1
-                "score_lr_mult": _float(gt=0, default=1.0),
                 # FCN-8s only: the at-once net (fixed pool3/pool4 scales) trained straight from
                 # VGG16 instead of fine-tuned from FCN-16s (models/fcn16s.pt is then unused)
                 **({"at_once": _bool(default=False)} if m == "fcn8s" else {}),

@@ -61,11 +61,7 @@ def recipe_table(name: str, params: Mapping[str, Any]) -> str:
         ("VGG16 width multiplier", f"{m['width']:g}"),
         ("dropout after fc6/fc7", f"{m['dropout']:g}"),
         budget(t[name]),
-        (
-            "learning rate",
-            f"{t[name]['lr']:g} ({t['lr_policy']} policy; score layers "
-            f"x{t[name].get('score_lr_mult', 1.0):g}, biases x2)",
-        ),
+        ("learning rate", f"{t[name]['lr']:g} ({t['lr_policy']} policy)"),
         (
             "batch",
             f"{batch} images per step ({t['batch_size']} per process x {t['accumulate']} "

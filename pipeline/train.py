@@ -1043,7 +1043,7 @@ def start_or_resume(
         tcfg["momentum"],
         tcfg["weight_decay"],
         device,
-        score_lr_mult=tcfg[name].get("score_lr_mult", 1.0),
+        score_lr_mult=tcfg.get("score_lr_mult", 1.0),
     )
     torch.manual_seed(tcfg["seed"] + rank)
     if state is not None:
