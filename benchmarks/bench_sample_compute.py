@@ -1,10 +1,11 @@
 """What the sample's trainings cost in arithmetic, and how fast this machine does it.
 
 For each training of a params profile (default: the sample) - `download_vgg16`'s classification
-pretraining, then FCN-32s, FCN-16s and FCN-8s - this counts the FLOPs of one optimiser step
-(`torch.utils.flop_counter`: forward and backward at the params' batch size and input size),
-times that step (fp32, channels_last, median of `--steps`), and multiplies both by the number
-of steps the params give (`pipeline.train.iteration_budget`). The same run measures the
+pretraining, then FCN-32s, FCN-16s and FCN-8s - this counts the FLOPs of one step's forward
+and backward pass (`torch.utils.flop_counter`, at the params' batch and input size; the SGD
+update, a few MFLOP, is left out), times that pass (fp32, channels_last, median of `--steps`),
+and multiplies both by the number of steps the params give
+(`pipeline.train.iteration_budget`). The same run measures the
 machine's fp32 matrix-multiply rate (1024 x 1024 sgemm), the ceiling for this convolution-heavy
 work: the trainings' FLOPs at that rate are a floor on their time that no implementation on
 this machine gets far below. Validation passes, data stages and dvc come on top.
