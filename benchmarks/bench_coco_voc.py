@@ -16,7 +16,7 @@ with torchvision's reference conversion, in the same run.
    with 1 and 2 workers, sampling the summed RSS of the stage process and all its children with
    psutil every 50 ms.
 3. On the first --baseline-images images, one core, interleaved repeats (medians):
-     project   pipeline.coco_voc worker: one frPyObjects+merge+decode per class, uint8 rules,
+     project   pipeline.data.coco_voc worker: one frPyObjects+merge+decode per class, uint8 rules,
                unfiltered PNG with zlib RLE
      baseline  torchvision references/segmentation ConvertCocoPolysToMask: frPyObjects + decode
                per annotation, masks stacked as torch tensors, (masks * cats).max(0), overlap ->
@@ -52,13 +52,13 @@ import yaml  # noqa: E402
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from pipeline.coco_voc import (  # noqa: E402
+from pipeline.data.coco_voc import (  # noqa: E402
     _convert_task,
     _label_map_from_rles,
     _union_rle,
     plan_split,
 )
-from pipeline.sample import COCO_CATEGORIES  # noqa: E402
+from pipeline.data.sample import COCO_CATEGORIES  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN2017_IMAGES = 118287
@@ -266,7 +266,7 @@ def child_stage(timings_file: Path, stage_argv: list[str]) -> None:
     """
     import runpy
 
-    from pipeline import coco_voc
+    from pipeline.data import coco_voc
 
     spent = {"load_json": 0.0, "validate_group": 0.0}
 

@@ -5,11 +5,11 @@
     python benchmarks/bench_dataloader.py --quick    # seconds: checks the script still runs
 
 The full profile's augmentation: crop 320, scale 0.5-2.0, mirror, no colour jitter (params.yaml
-`full.train`), 2 worker processes, batches of 8, a new DataLoader per epoch like pipeline/train.py
+`full.train`), 2 worker processes, batches of 8, a new DataLoader per epoch like pipeline/training/train.py
 (worker start-up included). Records are the real VOC sample pairs preprocessed with the full
 profile's max_size 512 (so: original JPEGs, mode-L label PNGs), re-used to fill an epoch.
 
-    project   pipeline.datasets.SegmentationShards + pipeline.transforms.train_transform:
+    project   pipeline.data.datasets.SegmentationShards + pipeline.data.transforms.train_transform:
               torchvision decode_jpeg/decode_png, v2 transforms on uint8 tv_tensors
     baseline  the same records through PIL, torchvision references/segmentation style: PIL decode,
               PIL resize (bilinear image, nearest mask), pad, crop, flip, to float, normalise
@@ -38,10 +38,16 @@ from PIL import Image  # noqa: E402
 from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipeline.classes import IGNORE_INDEX  # noqa: E402
-from pipeline.datasets import SegmentationShards  # noqa: E402
-from pipeline.preprocess import prepare_train_pair  # noqa: E402
-from pipeline.shards import ShardReader, ShardWriter  # noqa: E402
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD, MEAN_FILL, normalize, train_transform  # noqa: E402
+from pipeline.data.datasets import SegmentationShards  # noqa: E402
+from pipeline.data.preprocess import prepare_train_pair  # noqa: E402
+from pipeline.data.shards import ShardReader, ShardWriter  # noqa: E402
+from pipeline.data.transforms import (
+    IMAGENET_MEAN,
+    IMAGENET_STD,
+    MEAN_FILL,
+    normalize,
+    train_transform,
+)  # noqa: E402
 
 SHARED = shared_data()
 VOC = SHARED / "voc2012-sample" / "VOCdevkit" / "VOC2012"

@@ -1,10 +1,10 @@
-"""Benchmark: `pipeline.download.fetch` vs the naive `urlopen(url).read()` + hashlib.
+"""Benchmark: `pipeline.data.download.fetch` vs the naive `urlopen(url).read()` + hashlib.
 
 A local HTTP server (127.0.0.1, a thread of this process) serves a file of `--size` bytes that it
 generates on the fly from a 1 MiB random block, so the server holds no copy of the file. Each
 client runs in its own subprocess so that its peak RSS (ru_maxrss) is its own:
 
-  fetch  pipeline.download.fetch(url, dest, md5=..., size=...): streamed, hashed on the fly
+  fetch  pipeline.data.download.fetch(url, dest, md5=..., size=...): streamed, hashed on the fly
   naive  data = urlopen(url).read(); hashlib.md5(data); write the file
 
 Both verify the md5 and write the file. Runs alternate (fetch, naive, fetch, ...); medians are
@@ -85,7 +85,7 @@ def child(kind: str, url: str, dest: str, md5: str, size: int) -> None:
     t0 = time.perf_counter()
     if kind == "fetch":
         sys.path.insert(0, str(REPO))
-        from pipeline.download import fetch
+        from pipeline.data.download import fetch
 
         fetch([url], Path(dest), md5=md5, size=size, retries=0, progress=True)
     elif kind == "naive":
@@ -97,7 +97,7 @@ def child(kind: str, url: str, dest: str, md5: str, size: int) -> None:
         Path(dest).write_bytes(data)
     elif kind == "idle":  # the floor: interpreter + the fetch module's imports
         sys.path.insert(0, str(REPO))
-        import pipeline.download  # noqa: F401
+        import pipeline.data.download  # noqa: F401
     seconds = time.perf_counter() - t0
     print(json.dumps({"seconds": seconds, "rss_mb": peak_rss_mb()}))
 

@@ -7,7 +7,7 @@ records (default 120,000, about VOC train + COCO 2017 train with VOC classes) of
 the usual meta) and a second stage depends on it and writes a small summary. The same records
 are stored two ways, each in its own repo:
 
-  shards   the project's format: pipeline.shards.ShardWriter, shard_size 1000
+  shards   the project's format: pipeline.data.shards.ShardWriter, shard_size 1000
            (120 shard files + index.json for 120k images)
   files    the naive layout (the baseline): images/<key>.jpg + labels/<key>.png, as in VOC's
            JPEGImages/SegmentationClass - two small files per image
@@ -61,7 +61,7 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from pipeline.atomic import atomic_dir, atomic_write_json  # noqa: E402
-from pipeline.shards import ShardReader, ShardWriter  # noqa: E402
+from pipeline.data.shards import ShardReader, ShardWriter  # noqa: E402
 
 SCRIPT = "benchmarks/bench_dvc_scale.py"
 # copied into each temporary repo: the stages run the project's real writer code
@@ -71,7 +71,7 @@ REPO_FILES = (
     "benchmarks/machine.py",
     "pipeline/__init__.py",
     "pipeline/atomic.py",
-    "pipeline/shards.py",
+    "pipeline/data/shards.py",
 )
 SHARD_SIZE = 1000
 
@@ -226,7 +226,7 @@ def dvc_yaml(layout: str, images: int, bpi: int, label_bytes: int, seed: int) ->
         "stages:\n"
         "  make_dataset:\n"
         f"    cmd: {write}\n"
-        f"    deps: [{SCRIPT}, pipeline/shards.py, pipeline/atomic.py]\n"
+        f"    deps: [{SCRIPT}, pipeline/data/shards.py, pipeline/atomic.py]\n"
         "    outs: [data/train]\n"
         "  summarize:\n"
         f"    cmd: python {SCRIPT} --stage-summarize {layout} data/train summary.json\n"

@@ -1,4 +1,4 @@
-"""Benchmark: confusion-matrix accumulation, pipeline.metrics.confusion_matrix vs baselines.
+"""Benchmark: confusion-matrix accumulation, pipeline.evaluation.metrics.confusion_matrix vs baselines.
 
 The val set's confusion matrix is 21 classes over label maps of 500x375 with 255 on object
 boundaries. Every variant counts the same maps (uint8, as decoded from the label PNGs) and must
@@ -40,7 +40,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 
-from pipeline.metrics import confusion_matrix  # noqa: E402
+from pipeline.evaluation.metrics import confusion_matrix  # noqa: E402
 
 
 def make_maps(n: int, h: int, w: int, classes: int, seed: int) -> tuple[np.ndarray, np.ndarray]:

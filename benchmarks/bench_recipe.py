@@ -1,7 +1,7 @@
 """A short run of a full-width training recipe on real VOC images: does its loss fall?
 
-The project's own training loop (`pipeline.train.train`, the data path of `pipeline.preprocess`
-and `pipeline.datasets`) runs `--iters` iterations of FCN-32s, FCN-16s or FCN-8s with the params
+The project's own training loop (`pipeline.training.train.train`, the data path of `pipeline.data.preprocess`
+and `pipeline.data.datasets`) runs `--iters` iterations of FCN-32s, FCN-16s or FCN-8s with the params
 of the `full` profile of params.yaml, changed only by the recipe below and the size flags. The
 loss of the steps between two logged points and the val mean IU at each are printed, with the
 first and last window side by side: a run whose loss does not fall, or turns NaN, fails (exit 1).
@@ -48,8 +48,8 @@ import yaml  # noqa: E402
 from machine import machine_line, shared_data  # noqa: E402  (benchmarks/machine.py)
 
 from pipeline.config import validate_params  # noqa: E402
-from pipeline.preprocess import preprocess_voc  # noqa: E402
-from pipeline.train import train  # noqa: E402
+from pipeline.data.preprocess import preprocess_voc  # noqa: E402
+from pipeline.training.train import train  # noqa: E402
 
 RECIPES = {
     "paper": {},
@@ -126,7 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--generated",
         action="store_true",
-        help="train on the generated sample (pipeline/sample.py) instead of real VOC images",
+        help="train on the generated sample (pipeline/data/sample.py) instead of real VOC images",
     )
     ap.add_argument(
         "--quick", action="store_true", help="tiny sizes: checks the script runs (no verdict)"
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> int:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         if voc is None:
-            from pipeline.sample import make_voc_sample
+            from pipeline.data.sample import make_voc_sample
 
             tar = tmp / "voc.tar"
             make_voc_sample(

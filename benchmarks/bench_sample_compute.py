@@ -5,7 +5,7 @@ pretraining, then FCN-32s, FCN-16s and FCN-8s - this counts the FLOPs of one ste
 and backward pass (`torch.utils.flop_counter`, at the params' batch and input size; the SGD
 update, a few MFLOP, is left out), times that pass (fp32, channels_last, median of `--steps`),
 and multiplies both by the number of steps the params give
-(`pipeline.train.iteration_budget`). The same run measures the
+(`pipeline.training.train.iteration_budget`). The same run measures the
 machine's fp32 matrix-multiply rate (1024 x 1024 sgemm), the ceiling for this convolution-heavy
 work: the trainings' FLOPs at that rate are a floor on their time that no implementation on
 this machine gets far below. Validation passes, data stages and dvc come on top.
@@ -42,8 +42,8 @@ from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 from pipeline.classes import NUM_CLASSES  # noqa: E402
 from pipeline.config import MODEL_NAMES, architecture  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
-from pipeline.pretrain import CROP_SIZE, vgg16_bn_classifier  # noqa: E402
-from pipeline.train import iteration_budget, summed_loss  # noqa: E402
+from pipeline.training.pretrain import CROP_SIZE, vgg16_bn_classifier  # noqa: E402
+from pipeline.training.train import iteration_budget, summed_loss  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], None], steps: int, warmup: int = 2) -> float:
@@ -81,7 +81,7 @@ def train_images(cfg: dict, given: int | None) -> tuple[int, str]:
     if given is not None:
         return given, "--train-images"
     if index.is_dir():
-        from pipeline.datasets import SegmentationShards
+        from pipeline.data.datasets import SegmentationShards
 
         return len(SegmentationShards(index)), str(index.relative_to(REPO))
     s = cfg["download"]["sample"]

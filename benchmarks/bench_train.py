@@ -1,6 +1,6 @@
 """Training throughput of FCN-8s: the project's loop vs a plain fp32 NCHW loop, side by side.
 
-The project's step (pipeline.train.forward_backward + SGD) runs with the precision and memory
+The project's step (pipeline.training.train.forward_backward + SGD) runs with the precision and memory
 format the params choose (`auto`: bf16 autocast where the CPU has native bf16, AMP on CUDA;
 channels_last); the baseline is the same model and optimiser in fp32 NCHW. Variants are
 interleaved in one process, median of the timed steps, so machine noise hits both alike.
@@ -27,7 +27,7 @@ from machine import machine_line as base_machine_line  # noqa: E402  (benchmarks
 
 from pipeline.classes import NUM_CLASSES  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
-from pipeline.train import forward_backward, make_optimizer, resolve_precision  # noqa: E402
+from pipeline.training.train import forward_backward, make_optimizer, resolve_precision  # noqa: E402
 
 
 def machine_line() -> str:

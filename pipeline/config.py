@@ -256,7 +256,7 @@ SCHEMA: dict[str, Any] = {
         "precision": _PRECISION,
         "batch_size": _int(min=1),
         "qualitative_images": _int(min=0, max=64),
-        # what is scored: all of VOC 2012 val, or the paper's seg11valid (pipeline/splits.py)
+        # what is scored: all of VOC 2012 val, or the paper's seg11valid (pipeline/data/splits.py)
         "split": _str(choices=("voc2012_val", "seg11valid"), default="voc2012_val"),
         # seg11valid with only some of its 736 images in the val shards: score those (the
         # summary says how many) instead of refusing; for tests and dry runs, never for figures

@@ -1,7 +1,7 @@
 """Devices, precision and autocast: shared by training, evaluation and prediction.
 
 A module of its own so that `evaluate` and `predict` do not depend on the training loop: the
-evaluate stage lists this file among its deps, not `pipeline/train.py`, and so does not re-run
+evaluate stage lists this file among its deps, not `pipeline/training/train.py`, and so does not re-run
 on every training edit.
 """
 

@@ -4,7 +4,7 @@ For each split in `coco_to_voc.splits` it reads `annotations/instances_<split>.j
 `<raw-dir>/annotations_trainval2017.zip`, lists `<raw-dir>/<split>.zip` (image presence only,
 nothing is decoded) and writes `<out>/<split>/` (shards: key = file stem, blob "label" = PNG
 mode L, 0..20 and 255 = ignore) and `<out>/report.json` (per split: images kept, dropped per
-reason, skipped annotations per reason with their ids, timings). Rules: pipeline/coco_voc.py.
+reason, skipped annotations per reason with their ids, timings). Rules: pipeline/data/coco_voc.py.
 
 A split where more than `coco_to_voc.max_rejected_fraction` of the annotations are rejected
 (or of the images dropped for a fault) fails the stage (exit 1) with the count of each reason.
@@ -23,8 +23,8 @@ if __package__ in (None, ""):  # run as `python stages/coco_to_voc.py`: make `pi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic import atomic_dir, atomic_write_json, remove_path  # noqa: E402
-from pipeline.coco_voc import ID_LIST_CAP, CocoFormatError, convert_split  # noqa: E402
 from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.data.coco_voc import ID_LIST_CAP, CocoFormatError, convert_split  # noqa: E402
 from pipeline.inputs import MissingInputsError, require_inputs  # noqa: E402
 
 ANNOTATIONS_ZIP = "annotations_trainval2017.zip"

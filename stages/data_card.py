@@ -60,7 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    from pipeline.data_card import CARD, DataCardError, metrics_json, write_data_card
+    from pipeline.reports.data_card import CARD, DataCardError, metrics_json, write_data_card
 
     try:
         counts = write_data_card(

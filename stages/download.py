@@ -2,9 +2,9 @@
 inputs in data/raw/.
 
 With `download.generate_sample: true` (the `sample` profile) the archives are generated offline
-by pipeline/sample.py in the real layout (SBD's from the generated VOC tar, by pipeline/sbd.py,
+by pipeline/data/sample.py in the real layout (SBD's from the generated VOC tar, by pipeline/data/sbd.py,
 as the real SBD re-annotates VOC images), and the VGG16 weights are those of a width-reduced
-VGG16 classifier trained on the sample's own object crops (pipeline/pretrain.py), the stand-in
+VGG16 classifier trained on the sample's own object crops (pipeline/training/pretrain.py), the stand-in
 for ImageNet; otherwise they are fetched from the `urls` of the
 active profile (tried in order: official, mirrors, local paths / file:// URLs) and verified
 against the pinned md5 / sha256 prefix and size before they appear.
@@ -26,7 +26,7 @@ if __package__ in (None, ""):  # run as `python stages/download.py`: make `pipel
 
 from pipeline.atomic import atomic_write_json  # noqa: E402
 from pipeline.config import ParamsError, load_params  # noqa: E402
-from pipeline.download import DownloadError, fetch  # noqa: E402
+from pipeline.data.download import DownloadError, fetch  # noqa: E402
 
 RAW = Path("data/raw")
 PARTIAL = Path("data/partial")
@@ -90,22 +90,22 @@ def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
     s = cfg["download"]["sample"]
     sizes = {"seed": s["seed"], "min_side": s["min_side"], "max_side": s["max_side"]}
     if target == "voc":
-        from pipeline.sample import make_voc_sample
+        from pipeline.data.sample import make_voc_sample
 
         make_voc_sample(VOC_TAR, n_train=s["voc_train"], n_val=s["voc_val"], **sizes)
         return [VOC_TAR]
     if target == "coco":
-        from pipeline.sample import make_coco_sample
+        from pipeline.data.sample import make_coco_sample
 
         make_coco_sample(COCO_DIR, n_train=s["coco_train"], n_val=s["coco_val"], **sizes)
         return [COCO_DIR / n for n in COCO_FILES.values()]
     if target == "sbd":
-        from pipeline.sbd import make_sbd_sample
+        from pipeline.data.sbd import make_sbd_sample
 
         make_sbd_sample(VOC_TAR, SBD_TGZ)
         return [SBD_TGZ]
     if target == "vgg16":
-        from pipeline.pretrain import pretrain_vgg16, save_state_dict
+        from pipeline.training.pretrain import pretrain_vgg16, save_state_dict
 
         state, report = pretrain_vgg16(
             width=cfg["model"]["width"], seed=s["seed"], **cfg["download"]["vgg16"]["pretrain"]

@@ -69,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 1
 
-    from pipeline.evaluate import evaluate_all
+    from pipeline.evaluation.evaluate import evaluate_all
     from pipeline.models.fcn import load_model
 
     # the training shards beside the val shards: scoring an image trained on is refused

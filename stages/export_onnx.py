@@ -52,8 +52,8 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from pipeline.atomic import atomic_write_json
-    from pipeline.export import OnnxMismatchError, check_inputs, export_verified, versions
-    from pipeline.inference import load_val_images
+    from pipeline.inference.export import OnnxMismatchError, check_inputs, export_verified, versions
+    from pipeline.inference.speed import load_val_images
     from pipeline.models.fcn import load_model
 
     images, keys = load_val_images(args.data, cfg["val_images"])

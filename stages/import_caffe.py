@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: --evaluate reads <dir>/{args.model}.pt; --out {out} is named otherwise")
         return 2
 
-    from pipeline.caffe_import import import_caffemodel
+    from pipeline.models.caffe_import import import_caffemodel
 
     try:
         model = import_caffemodel(args.src, args.model, out)

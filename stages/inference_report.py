@@ -49,9 +49,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
 
     from pipeline.atomic import atomic_write_json, atomic_write_text
-    from pipeline.inference import benchmark_model, load_val_images
-    from pipeline.model_card import model_card
+    from pipeline.inference.speed import benchmark_model, load_val_images
     from pipeline.models.fcn import load_model
+    from pipeline.reports.model_card import model_card
     from stages.evaluate import val_set_name
 
     images, _ = load_val_images(args.data, cfg["val_images"])

@@ -18,11 +18,11 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python stages/preprocess.py`: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.archives import ArchiveError  # noqa: E402
 from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.data.archives import ArchiveError  # noqa: E402
+from pipeline.data.preprocess import PreprocessError, preprocess  # noqa: E402
+from pipeline.data.sbd import SbdError  # noqa: E402
 from pipeline.inputs import require_inputs  # noqa: E402
-from pipeline.preprocess import PreprocessError, preprocess  # noqa: E402
-from pipeline.sbd import SbdError  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -7,7 +7,7 @@ runs dvc) hosts the rendezvous at `train.rdzv_endpoint` and writes the model.
 
 The process dies with its launcher (a killed `dvc` leaves no trainer behind, torchrun and its
 ranks included), and an interrupted run resumes from `.fcn-resume/<model>/` at the repository
-root (`pipeline.train.resume_root`), under `dvc repro`, `dvc exp run` and queued experiments.
+root (`pipeline.training.train.resume_root`), under `dvc repro`, `dvc exp run` and queued experiments.
 """
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
 
-    from pipeline.train import StageBusyError, die_with_parent, resume_root, train
+    from pipeline.training.train import StageBusyError, die_with_parent, resume_root, train
 
     # before the torchrun relaunch: the setting survives execv, so torchrun dies with dvc too
     die_with_parent()

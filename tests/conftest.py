@@ -111,7 +111,7 @@ def generated_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
     For tests that need "some VOC-like photo", not the real data: 6 train and 3 val images of
     160-320 px with SegmentationClass PNGs and ImageSets lists, always available.
     """
-    from pipeline.sample import VOC_ROOT, make_voc_sample
+    from pipeline.data.sample import VOC_ROOT, make_voc_sample
 
     root = tmp_path_factory.mktemp("generated_voc")
     tar = root / "VOCtrainval_11-May-2012.tar"

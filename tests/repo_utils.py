@@ -190,7 +190,7 @@ def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int | None, squ
     import numpy as np
     from PIL import Image
 
-    from pipeline.shards import ShardWriter
+    from pipeline.data.shards import ShardWriter
 
     with ShardWriter(out) as writer:
         for i in ids:
@@ -221,9 +221,9 @@ def scores_on(model: Any, directory: Path) -> tuple[Any, list[Any]]:
     at its stored resolution, and the per-image argmax maps."""
     import torch
 
-    from pipeline.datasets import SegmentationShards
-    from pipeline.metrics import confusion_matrix
-    from pipeline.transforms import eval_transform
+    from pipeline.data.datasets import SegmentationShards
+    from pipeline.data.transforms import eval_transform
+    from pipeline.evaluation.metrics import confusion_matrix
 
     data = SegmentationShards(directory, transform=eval_transform())
     hist = torch.zeros(21, 21, dtype=torch.int64)

@@ -1,4 +1,4 @@
-"""pipeline.archives on real-layout archives (built from the real samples) and hostile ones."""
+"""pipeline.data.archives on real-layout archives (built from the real samples) and hostile ones."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.archives import (
+from pipeline.data.archives import (
     ArchiveError,
     ZipReader,
     check_member_name,

@@ -1,4 +1,4 @@
-"""Importing the released Caffe FCN weights (pipeline.caffe_import), checked against Caffe's nets.
+"""Importing the released Caffe FCN weights (pipeline.models.caffe_import), checked against Caffe's nets.
 
 The .caffemodel files here are written by the test itself (random weights under the releases'
 layer names and shapes, at width 1/16 to stay fast) in Caffe's real byte format; the reference
@@ -18,11 +18,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from pipeline.caffe_import import fcn_from_caffe, read_caffemodel, write_caffemodel
+from pipeline.data.transforms import normalize
+from pipeline.inference.predict import predict_labels
 from pipeline.models import MODELS, FCN8sAtOnce, load_model, save_model
+from pipeline.models.caffe_import import fcn_from_caffe, read_caffemodel, write_caffemodel
 from pipeline.models.fcn import CAFFE_MEAN_BGR, CaffeInput, build_model
-from pipeline.predict import predict_labels
-from pipeline.transforms import normalize
 
 SMALL = 1 / 16
 C = 21
@@ -448,7 +448,7 @@ def test_one_command_imports_and_scores_through_the_evaluate_stage(
     import json
     import tarfile
 
-    from pipeline.preprocess import preprocess_voc
+    from pipeline.data.preprocess import preprocess_voc
     from stages.import_caffe import main
 
     tar = tmp_path / "voc.tar"

@@ -15,11 +15,11 @@ import torch
 from repo_utils import scores_on, voc_ids, write_voc_shards
 
 from pipeline.config import load_params
-from pipeline.metrics import segmentation_scores
+from pipeline.data.sample import VOC_ROOT, make_voc_sample
+from pipeline.evaluation.metrics import segmentation_scores
 from pipeline.models.fcn import load_model
-from pipeline.pretrain import pretrain_vgg16, save_state_dict
-from pipeline.sample import VOC_ROOT, make_voc_sample
-from pipeline.train import train
+from pipeline.training.pretrain import pretrain_vgg16, save_state_dict
+from pipeline.training.train import train
 
 REPO = Path(__file__).resolve().parents[1]
 MODELS = ("fcn32s", "fcn16s", "fcn8s")

@@ -22,9 +22,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline import coco_voc as cv
 from pipeline.classes import COCO_TO_VOC
-from pipeline.shards import ShardReader
+from pipeline.data import coco_voc as cv
+from pipeline.data.shards import ShardReader
 
 SPLIT = "val2017"
 MEMBER = f"annotations/instances_{SPLIT}.json"

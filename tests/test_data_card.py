@@ -1,4 +1,4 @@
-"""pipeline.data_card + stages/data_card.py on small shard dirs whose label maps the test knows."""
+"""pipeline.reports.data_card + stages/data_card.py on small shard dirs whose label maps the test knows."""
 
 from __future__ import annotations
 
@@ -11,9 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline import data_card
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, voc_palette_flat
-from pipeline.data_card import (
+from pipeline.data.shards import ShardWriter
+from pipeline.reports import data_card
+from pipeline.reports.data_card import (
     CARD,
     CLASS_PIXELS_CSV,
     METRICS_JSON,
@@ -28,11 +29,10 @@ from pipeline.data_card import (
     source_order,
     write_data_card,
 )
-from pipeline.shards import ShardWriter
 from stages import data_card as stage
 
 REPO = Path(__file__).resolve().parents[1]
-# torchvision 0.29 warns on every decode_png call (pipeline.datasets silences it outside pytest)
+# torchvision 0.29 warns on every decode_png call (pipeline.data.datasets silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
 

@@ -12,9 +12,9 @@ from PIL import Image
 from torch.utils.data import DataLoader, DistributedSampler
 from torchvision import tv_tensors
 
-from pipeline.datasets import SegmentationShards, decode_image_rgb, decode_label, sample_seed
-from pipeline.shards import ShardWriter
-from pipeline.transforms import train_transform
+from pipeline.data.datasets import SegmentationShards, decode_image_rgb, decode_label, sample_seed
+from pipeline.data.shards import ShardWriter
+from pipeline.data.transforms import train_transform
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),

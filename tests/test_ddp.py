@@ -1,7 +1,7 @@
 """DDP on CPU (two ranks, gloo) beyond "two processes equal one": the process group's device,
 per-rank dropout, and both ranks' RNG across a resume.
 
-The ranks are spawned processes that call `pipeline.train.train` directly (torchrun's
+The ranks are spawned processes that call `pipeline.training.train.train` directly (torchrun's
 environment: RANK, WORLD_SIZE, MASTER_ADDR/PORT), so each can patch the training code for what
 it records: the RNG state at each step, the dropout masks, the collectives' arguments. A rank
 runs several jobs one after another (a fresh process group each), which pays the start-up of
@@ -226,7 +226,7 @@ def _record(stack: contextlib.ExitStack, pt) -> dict[str, list]:
 
 
 def _run_job(rank: int, job: dict[str, Any]) -> dict[str, Any]:
-    import pipeline.train as pt
+    import pipeline.training.train as pt
 
     os.environ["MASTER_PORT"] = str(job["port"])
     result: dict[str, Any] = {}
@@ -360,7 +360,7 @@ def test_ddp_collectives_only_see_tensors_on_the_process_groups_device(shards, t
     `cuda:<rank>`), and `GroupDeviceGuard` (a TorchFunctionMode, active for the whole run) tracks
     which tensors would live on that device, as CUDA would: made with `device=...`, moved with
     `.to(device)`, or computed from such tensors. Every tensor collective in torch.distributed
-    (the ones pipeline.train calls and DDP's start-up broadcast) is patched to raise before it
+    (the ones pipeline.training.train calls and DDP's start-up broadcast) is patched to raise before it
     runs when a tensor argument is not such a tensor, on every rank at the same call, so none
     hangs. Shown to bite: tensors made without a device, with a hard-coded `device="cpu"` or
     moved back with `.cpu()` are refused, in an initialised group and in the training loop

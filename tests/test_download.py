@@ -1,4 +1,4 @@
-"""pipeline.download and stages/download.py against a real HTTP server on 127.0.0.1.
+"""pipeline.data.download and stages/download.py against a real HTTP server on 127.0.0.1.
 
 The server (`http_server`: tests.helpers.FileServer, Range support written there) serves
 archives built from the real VOC/COCO samples and can misbehave on request: cut a response
@@ -23,7 +23,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.download import DownloadError, fetch
+from pipeline.data.download import DownloadError, fetch
 
 
 def _closed_port_url() -> str:
@@ -412,7 +412,7 @@ def test_stage_generates_the_offline_sample(tmp_path, repo_root):
         _, err = proc.communicate(timeout=300)
         assert proc.returncode == 0, err
     raw = tmp_path / "data" / "raw"
-    from pipeline.archives import ZipReader, iter_tar_files
+    from pipeline.data.archives import ZipReader, iter_tar_files
 
     names = [n for n, _ in iter_tar_files(raw / "voc" / "VOCtrainval_11-May-2012.tar")]
     assert "VOCdevkit/VOC2012/ImageSets/Segmentation/train.txt" in names

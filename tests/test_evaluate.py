@@ -1,4 +1,4 @@
-"""pipeline.evaluate + stages/evaluate.py on real VOC val images in a tiny shard dir."""
+"""pipeline.evaluation.evaluate + stages/evaluate.py on real VOC val images in a tiny shard dir."""
 
 from __future__ import annotations
 
@@ -16,7 +16,9 @@ from PIL import Image
 
 from pipeline.classes import NUM_CLASSES, VOC_CLASSES
 from pipeline.config import MODEL_NAMES
-from pipeline.evaluate import (
+from pipeline.data.shards import ShardWriter
+from pipeline.data.transforms import normalize
+from pipeline.evaluation.evaluate import (
     confusion_csv,
     evaluate_all,
     evaluate_model,
@@ -27,14 +29,12 @@ from pipeline.evaluate import (
     summary_table,
     val_datasets,
 )
-from pipeline.metrics import confusion_matrix, segmentation_scores
+from pipeline.evaluation.metrics import confusion_matrix, segmentation_scores
 from pipeline.models import fcn
-from pipeline.shards import ShardWriter
-from pipeline.transforms import normalize
 from tests.helpers import TinyFCN
 
 REPO = Path(__file__).resolve().parents[1]
-# torchvision 0.29 warns on every decode_jpeg call (pipeline.datasets silences it outside pytest)
+# torchvision 0.29 warns on every decode_jpeg call (pipeline.data.datasets silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
 
@@ -268,7 +268,7 @@ def test_confusion_csv_lists_every_cell_in_class_order():
 def test_tta_flip_of_a_mirror_symmetric_model_changes_nothing_and_is_reported(
     tmp_path: Path, small_val_dir: Path
 ):
-    from pipeline.tta import TestTimeAugmentation
+    from pipeline.evaluation.tta import TestTimeAugmentation
 
     class Mirror(torch.nn.Module):  # logits symmetric under a left-right flip of the input
         def __init__(self) -> None:

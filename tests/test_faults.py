@@ -22,11 +22,11 @@ import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
-from pipeline import coco_voc as cv
 from pipeline.classes import COCO_NAMES
-from pipeline.datasets import decode_image_rgb, decode_label
-from pipeline.predict import find_images, load_rgb, predict_files
-from pipeline.shards import ShardReader
+from pipeline.data import coco_voc as cv
+from pipeline.data.datasets import decode_image_rgb, decode_label
+from pipeline.data.shards import ShardReader
+from pipeline.inference.predict import find_images, load_rgb, predict_files
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "val2017"

@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import torch
 
-from pipeline.surgery import random_vgg16_state_dict
+from pipeline.models.surgery import random_vgg16_state_dict
 from tests.helpers import FileServer
 from tests.repo_utils import ALL_STAGES, FOUR, copy_repo, run, stages_run
 
@@ -137,8 +137,8 @@ def _override(value: Any) -> str:
 
 
 def sbd_tgz(voc_tar_bytes: bytes, tmp: Path) -> bytes:
-    """benchmark.tgz in SBD's layout re-annotating the served VOC tar's images (pipeline.sbd)."""
-    from pipeline.sbd import make_sbd_sample
+    """benchmark.tgz in SBD's layout re-annotating the served VOC tar's images (pipeline.data.sbd)."""
+    from pipeline.data.sbd import make_sbd_sample
 
     (tmp / "voc.tar").write_bytes(voc_tar_bytes)
     make_sbd_sample(tmp / "voc.tar", tmp / "benchmark.tgz")
@@ -306,7 +306,7 @@ def paper_sbd(voc_sample: Path, sbd_train: list[str], sbd_val: list[str], out: P
     import numpy as np
     from PIL import Image
 
-    from pipeline.sbd import write_sbd_tgz
+    from pipeline.data.sbd import write_sbd_tgz
 
     ids = sbd_train + sbd_val
     images = {i: (voc_sample / "JPEGImages" / f"{i}.jpg").read_bytes() for i in ids}
@@ -323,7 +323,7 @@ def paper_run(tmp_path_factory, voc_sample, coco_sample):
     """`dvc exp run -S profile=paper ... evaluate` against a local server. As in reality, SBD
     re-annotates VOC images, SBD train holds none of seg11valid and VOC val.txt holds all of
     the seg11valid images there are (here: 8 of the sample's)."""
-    from pipeline.splits import seg11valid_ids
+    from pipeline.data.splits import seg11valid_ids
 
     seg = voc_sample / "ImageSets" / "Segmentation"
     sample_ids = sorted(

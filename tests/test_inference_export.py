@@ -1,4 +1,4 @@
-"""pipeline.inference, pipeline.export, pipeline.model_card and their two DVC stages."""
+"""pipeline.inference.speed, pipeline.inference.export, pipeline.reports.model_card and their two DVC stages."""
 
 from __future__ import annotations
 
@@ -11,10 +11,11 @@ import pytest
 import torch
 import yaml
 
-from pipeline import export, inference
 from pipeline.config import MODEL_NAMES, validate_params
-from pipeline.model_card import model_card
+from pipeline.inference.speed import export
+from pipeline.inference.speed import speed as inference
 from pipeline.models import fcn
+from pipeline.reports.model_card import model_card
 from tests.helpers import import_or_skip
 from tests.test_evaluate import write_val_shards
 

@@ -1,4 +1,4 @@
-"""pipeline.metrics: the confusion matrix and the FCN paper's four metrics."""
+"""pipeline.evaluation.metrics: the confusion matrix and the FCN paper's four metrics."""
 
 from __future__ import annotations
 
@@ -10,9 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline import metrics
 from pipeline.classes import NUM_CLASSES
-from pipeline.metrics import confusion_matrix, segmentation_scores
+from pipeline.evaluation import metrics
+from pipeline.evaluation.metrics import confusion_matrix, segmentation_scores
 from tests.helpers import import_or_skip
 
 # A 3-class example, rows = ground truth, columns = prediction.

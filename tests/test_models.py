@@ -20,7 +20,7 @@ from pipeline.models import (
     save_model,
 )
 from pipeline.models.fcn import POOL3, POOL4
-from pipeline.surgery import (
+from pipeline.models.surgery import (
     init_random,
     load_vgg16_backbone,
     random_vgg16_state_dict,

@@ -16,8 +16,8 @@ import yaml
 from PIL import Image
 
 from pipeline.classes import COCO_TO_VOC, IGNORE_INDEX
-from pipeline.datasets import SegmentationShards, decode_label
-from pipeline.preprocess import (
+from pipeline.data.datasets import SegmentationShards, decode_label
+from pipeline.data.preprocess import (
     BadSample,
     PreprocessError,
     check_label_values,
@@ -30,7 +30,7 @@ from pipeline.preprocess import (
     resize_label,
     target_size,
 )
-from pipeline.shards import ShardReader, ShardWriter
+from pipeline.data.shards import ShardReader, ShardWriter
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
@@ -271,7 +271,7 @@ def _psnr(a: torch.Tensor, b: torch.Tensor) -> float:
 def test_decode_resized_matches_full_decode_and_resize(voc_sample, coco_sample):
     """The fast path gives the pixels of decode-then-resize: to rounding where it decodes at full
     size, and close (a sharper, band-limited shrink inside the IDCT) where it decodes at 1/2."""
-    from pipeline.datasets import decode_image_rgb
+    from pipeline.data.datasets import decode_image_rgb
 
     files = sorted((voc_sample / "JPEGImages").glob("*.jpg"))[:6]
     files += sorted((coco_sample / "images" / COCO_SPLIT).glob("*.jpg"))[:4]
@@ -591,7 +591,7 @@ def voc_and_sbd(small):
     """The 6 + 2 real pairs as a VOC tar, and an SBD archive that re-annotates all 8 (255 ->
     0, as SBD has no void border) with SBD train = the 6 VOC train ids + the first VOC val id:
     like the real SBD, whose train set holds VOC 2012 val images."""
-    from pipeline.sbd import write_sbd_tgz
+    from pipeline.data.sbd import write_sbd_tgz
 
     root, train, val, files = small
     tar = write_tar(root / "voc.tar", files)
@@ -606,7 +606,7 @@ def voc_and_sbd(small):
 
 
 def test_sbd_train_noval_leaves_out_voc_val_images_and_the_report_says_so(voc_and_sbd):
-    from pipeline.splits import check_no_overlap, overlap
+    from pipeline.data.splits import check_no_overlap, overlap
 
     root, tar, sbd, train, val, labels = voc_and_sbd
     with_val = run(tar, root / "train", voc_train=False, sbd="train", sbd_tgz=sbd)
@@ -641,7 +641,7 @@ def test_sbd_labels_are_resized_nearest_from_the_mat_files(voc_and_sbd):
 
 
 def test_a_corrupt_sbd_mat_is_named_and_nothing_is_written(voc_and_sbd):
-    from pipeline.sbd import SbdError
+    from pipeline.data.sbd import SbdError
 
     root, tar, sbd, train, val, labels = voc_and_sbd
     member = f"benchmark_RELEASE/dataset/cls/{train[2]}.mat"

@@ -9,8 +9,10 @@ import torchvision
 from torch import nn
 
 from pipeline.classes import NUM_CLASSES
+from pipeline.data.transforms import normalize
 from pipeline.models import build_model
-from pipeline.pretrain import (
+from pipeline.models.surgery import load_vgg16_backbone
+from pipeline.training.pretrain import (
     CROP_SIZE,
     classification_set,
     fold_batchnorm,
@@ -18,8 +20,6 @@ from pipeline.pretrain import (
     vgg16_bn_classifier,
     vgg16_classifier,
 )
-from pipeline.surgery import load_vgg16_backbone
-from pipeline.transforms import normalize
 
 WIDTH = 1 / 16
 FP32_EPS = torch.finfo(torch.float32).eps

@@ -28,8 +28,8 @@ import torch
 import yaml
 
 from pipeline.atomic import atomic_write_bytes
-from pipeline.shards import ShardReader, ShardWriter
-from pipeline.train import build_initial_model, load_checkpoint, save_checkpoint
+from pipeline.data.shards import ShardReader, ShardWriter
+from pipeline.training.train import build_initial_model, load_checkpoint, save_checkpoint
 from tests.repo_utils import (
     AFTER_EVALUATE,
     FAST_SAMPLE,
@@ -415,7 +415,7 @@ def test_checkpoint_on_a_full_disk_keeps_the_previous_checkpoint(small_disk):
 
 
 def test_preprocess_stage_on_a_full_disk_fails_and_leaves_nothing(small_disk, tmp_path):
-    from pipeline.sample import make_voc_sample
+    from pipeline.data.sample import make_voc_sample
 
     tar = tmp_path / "VOCtrainval_11-May-2012.tar"
     make_voc_sample(tar, seed=0, n_train=12, n_val=6, min_side=120, max_side=200)

@@ -34,8 +34,8 @@ import torch
 import yaml
 
 from pipeline.config import load_params
-from pipeline.shards import INDEX_NAME
-from pipeline.train import (
+from pipeline.data.shards import INDEX_NAME
+from pipeline.training.train import (
     CheckpointCadence,
     ResumeStore,
     RunInputs,
@@ -436,7 +436,7 @@ def test_lock_names_its_holder_and_frees_when_it_dies(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from pipeline.train import exclusive_lock\n"
+            "import sys, time; from pathlib import Path; from pipeline.training.train import exclusive_lock\n"
             "with exclusive_lock(Path(sys.argv[1]), 'x'):\n"
             "    print('held', flush=True); time.sleep(600)",
             str(lock),

@@ -19,7 +19,7 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.classes import COCO_TO_VOC, IGNORE_INDEX, NUM_CLASSES, voc_palette_flat
-from pipeline.sample import (
+from pipeline.data.sample import (
     COCO_CATEGORIES,
     boundary_band,
     class_colour,
@@ -399,7 +399,7 @@ def test_coco_allows_empty_split(tmp_path: Path) -> None:
 
 def test_cli_help() -> None:
     r = subprocess.run(
-        [sys.executable, "-m", "pipeline.sample", "--help"],
+        [sys.executable, "-m", "pipeline.data.sample", "--help"],
         capture_output=True,
         text=True,
         check=True,

@@ -1,4 +1,4 @@
-"""SBD support (pipeline/sbd.py): the real archive layout written, served over HTTP, downloaded
+"""SBD support (pipeline/data/sbd.py): the real archive layout written, served over HTTP, downloaded
 with the pinned checksum and read back; truncated, corrupt and incomplete archives; the sample."""
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline.download import DownloadError, fetch
-from pipeline.sbd import (
+from pipeline.data.download import DownloadError, fetch
+from pipeline.data.sbd import (
     SBD_ROOT,
     SBD_SPLITS,
     SbdError,

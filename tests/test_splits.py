@@ -1,4 +1,4 @@
-"""pipeline.splits: the seg11valid list, split selection and the train/eval overlap guard."""
+"""pipeline.data.splits: the seg11valid list, split selection and the train/eval overlap guard."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from pipeline.shards import ShardWriter
-from pipeline.splits import (
+from pipeline.data.shards import ShardWriter
+from pipeline.data.splits import (
     SEG11VALID_MD5,
     SEG11VALID_PATH,
     check_no_overlap,
@@ -114,7 +114,7 @@ def _shards(out: Path, keys: list[str]) -> Path:
 
 
 def test_evaluate_refuses_to_score_training_images(tmp_path: Path):
-    from pipeline.evaluate import evaluate_all
+    from pipeline.evaluation.evaluate import evaluate_all
     from tests.helpers import TinyFCN
 
     val = _shards(tmp_path / "val", ["voc/2008_000003", "voc/2008_000004"])

@@ -1,4 +1,4 @@
-"""The paper's initialisations and weight transfers (pipeline.surgery)."""
+"""The paper's initialisations and weight transfers (pipeline.models.surgery)."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from pipeline.models import build_model
-from pipeline.surgery import (
+from pipeline.models.surgery import (
     VGG16_CONV_INDICES,
     bilinear_kernel,
     init_random,

@@ -1,4 +1,4 @@
-"""The training loop (pipeline.train, stages/train.py) on real VOC images.
+"""The training loop (pipeline.training.train, stages/train.py) on real VOC images.
 
 Everything trains for real on a handful of VOC 2012 images, shrunk to 64-96 px at width 1/16 or
 1/8: an overfit check, bit-exact resume after a SIGKILL, DDP == one process, accumulation == one
@@ -26,9 +26,9 @@ import yaml
 from repo_utils import scores_on, voc_ids, write_voc_shards
 
 from pipeline.config import load_params
-from pipeline.metrics import segmentation_scores
+from pipeline.evaluation.metrics import segmentation_scores
 from pipeline.models.fcn import load_model
-from pipeline.train import (
+from pipeline.training.train import (
     CHECKPOINT_NAME,
     ResumeState,
     ResumeStore,
@@ -44,7 +44,7 @@ from pipeline.train import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# torchvision 0.29 warns on every decode_jpeg call (pipeline.datasets silences it outside pytest)
+# torchvision 0.29 warns on every decode_jpeg call (pipeline.data.datasets silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
 
@@ -392,7 +392,7 @@ def test_at_once_fcn8s_trains_from_vgg16_and_saves_its_own_arch(shards, tmp_path
     """train.fcn8s.at_once: the fcn8s stage starts from the VGG16 weights (no FCN-16s file),
     trains the net with fixed skip scales, and the model file says so."""
     from pipeline.models.fcn import FCN8sAtOnce, load_model
-    from pipeline.surgery import random_vgg16_state_dict
+    from pipeline.models.surgery import random_vgg16_state_dict
 
     vgg = tmp_path / "vgg16.pth"
     width = 0.0625
@@ -608,7 +608,7 @@ def test_summed_loss_update_is_per_image_whatever_batch_accumulation_or_ranks() 
     """`loss: sum` follows the Caffe solver: the update is the per-image summed loss averaged
     over the step's images, whether they come as one batch of 4, 4 accumulated micro-batches
     of 1, or 2 ranks of 2 (DDP averages the ranks' gradients)."""
-    from pipeline.train import forward_backward, set_dropout, step_normaliser
+    from pipeline.training.train import forward_backward, set_dropout, step_normaliser
 
     torch.manual_seed(0)
     model, _ = build_initial_model(
@@ -658,7 +658,7 @@ def test_fp16_gets_loss_scaling_and_bf16_fp32_do_not() -> None:
 
 
 def test_a_non_finite_loss_is_caught_at_read_back_naming_its_iteration() -> None:
-    from pipeline.train import LOSS_READBACK_EVERY, LossReadback
+    from pipeline.training.train import LOSS_READBACK_EVERY, LossReadback
 
     readback = LossReadback("fcn32s", "sum", world=1)
     for i in range(LOSS_READBACK_EVERY):
@@ -671,7 +671,7 @@ def test_a_non_finite_loss_is_caught_at_read_back_naming_its_iteration() -> None
 
 
 def _tiny_fcn() -> torch.nn.Module:
-    from pipeline.train import set_dropout
+    from pipeline.training.train import set_dropout
 
     model, _ = build_initial_model(
         "fcn32s", width=0.0625, backbone_init="random", vgg16_path=None, init_from=None, seed=0
@@ -681,7 +681,7 @@ def _tiny_fcn() -> torch.nn.Module:
 
 
 def test_cpu_optimizer_uses_foreach_and_updates_like_the_per_parameter_loop() -> None:
-    from pipeline.train import param_groups
+    from pipeline.training.train import param_groups
 
     model = _tiny_fcn()
     for p in model.parameters():  # score_fr starts at zero: give every weight a gradient
@@ -711,8 +711,8 @@ def test_cpu_optimizer_uses_foreach_and_updates_like_the_per_parameter_loop() ->
 
 
 def test_score_layers_learn_at_score_lr_mult_times_the_rate_and_keep_it_under_set_lr() -> None:
-    from pipeline.surgery import is_score_layer
-    from pipeline.train import set_lr
+    from pipeline.models.surgery import is_score_layer
+    from pipeline.training.train import set_lr
 
     model = _tiny_fcn()
     opt = make_optimizer(model, 0.01, 0.9, 5e-4, score_lr_mult=10)
@@ -736,7 +736,7 @@ def test_score_layers_learn_at_score_lr_mult_times_the_rate_and_keep_it_under_se
 
 
 def test_resumed_optimizer_gets_this_devices_kernels_back() -> None:
-    from pipeline.train import use_sgd_implementation
+    from pipeline.training.train import use_sgd_implementation
 
     model = _tiny_fcn()
     opt = make_optimizer(model, 0.01, 0.9, 5e-4)
@@ -750,7 +750,7 @@ def test_resumed_optimizer_gets_this_devices_kernels_back() -> None:
 
 
 def test_compile_false_leaves_the_model_uncompiled_and_true_wraps_it(monkeypatch) -> None:
-    from pipeline.train import training_module
+    from pipeline.training.train import training_module
 
     cfg = load_params(REPO / "params.yaml")
     assert cfg["train"]["compile"] is False  # the shipped default

@@ -8,8 +8,8 @@ import torch.nn.functional as TF
 from torchvision import tv_tensors
 
 from pipeline.classes import IGNORE_INDEX, voc_palette
-from pipeline.datasets import decode_image_rgb, decode_label
-from pipeline.transforms import (
+from pipeline.data.datasets import decode_image_rgb, decode_label
+from pipeline.data.transforms import (
     IMAGENET_MEAN,
     IMAGENET_STD,
     MEAN_FILL,

@@ -1,4 +1,7 @@
-"""FCN models: `build_model(name, num_classes, width)`, model files (`save_model`/`load_model`)."""
+"""Models: the FCN nets (`fcn`), the paper's net surgery (`surgery`), the Caffe importer.
+
+`build_model(name, num_classes, width)`, model files (`save_model`/`load_model`).
+"""
 
 from pipeline.models.fcn import (
     MODELS,

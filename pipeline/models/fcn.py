@@ -18,7 +18,7 @@ FCN-8s at-once (`FCN8sAtOnce`, the release fcn8s-atonce-pascal) is FCN-8s traine
 from VGG16 instead of staged; it differs only by fixed scales (0.01, 0.0001) on pool4 and pool3
 before their score layers, so it has FCN-8s's parameters and crops.
 
-Layer names are shared across the classes so that `pipeline.surgery.transplant` carries
+Layer names are shared across the classes so that `pipeline.models.surgery.transplant` carries
 the staged training by name; `features` keeps torchvision's VGG16 indices (`features.0` ...
 `features.28`) so ImageNet weights copy 1:1. Inputs: RGB in 0..1 normalised with the ImageNet
 mean/std (`normalization = "imagenet"`), what torchvision's VGG16 weights expect.
@@ -44,14 +44,14 @@ import torch
 from torch import nn
 
 from pipeline.atomic import atomic_path
-from pipeline.surgery import (
+from pipeline.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from pipeline.models.surgery import (
     VGG16_CFG,
     init_upsampling,
     scale_channels,
     vgg16_channels,
     zero_init_scores,
 )
-from pipeline.transforms import IMAGENET_MEAN, IMAGENET_STD
 
 NORMALIZATION = "imagenet"
 CONV1_PAD = 100
@@ -69,7 +69,7 @@ class CaffeInput(nn.Module):
     """The pipeline's input -> the Caffe releases' input, exactly, as one affine map per channel.
 
     In: float [N, 3, H, W], RGB in 0..1 normalised with the ImageNet mean/std
-    (`pipeline.transforms.normalize`). Out: float [N, 3, H, W], BGR in 0..255 minus `mean_bgr`
+    (`pipeline.data.transforms.normalize`). Out: float [N, 3, H, W], BGR in 0..255 minus `mean_bgr`
     (the Caffe nets' `data` blob). Channel k of the output is input channel 2-k times
     255*std + (255*mean - mean_bgr[k]): the inverse of `normalize`, then Caffe's own
     preprocessing. No tensors of its own (nothing in the state dict): the file's

@@ -50,7 +50,7 @@ from google.protobuf.message import DecodeError
 from torch import nn
 
 from pipeline.models.fcn import CAFFE_MEAN_BGR, MODELS, CaffeInput, build_model, save_model
-from pipeline.surgery import VGG16_CFG, VGG16_CONV_INDICES
+from pipeline.models.surgery import VGG16_CFG, VGG16_CONV_INDICES
 
 # The at-once release's Scale layers, named after the pool they scale (FCN8sAtOnce.skip_scales)
 ATONCE_LAYERS = ("scale_pool4", "scale_pool3")

@@ -10,7 +10,7 @@ Seeding: `__getitem__` runs the transform under a private copy of torch's CPU ge
 with `sample_seed(seed, epoch, index)`, so sample i of epoch e gets the same crop, flip and jitter
 whatever the number of DataLoader workers or DDP ranks, and the caller's global RNG (dropout, the
 sampler) is left exactly as it was. The epoch comes with the index, `dataset[(e, i)]` (what
-`pipeline.train.EpochSampler` yields), so DataLoader workers that persist across epochs use the
+`pipeline.training.train.EpochSampler` yields), so DataLoader workers that persist across epochs use the
 right one; a plain `dataset[i]` uses the epoch of `set_epoch(e)`.
 """
 
@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
-from pipeline.shards import ShardReader
+from pipeline.data.shards import ShardReader
 
 # torchvision 0.29 (pinned) deprecates its image codecs in favour of TorchCodec and warns on every
 # call; they are what this project measured and uses, so silence exactly that message.

@@ -2,7 +2,7 @@
 
 Each model runs on every val image at its original size (batch 1 unless consecutive images
 share a size), one confusion matrix is accumulated over the whole set on the model's device,
-and the four metrics come from it (pipeline.metrics). Outputs, all written atomically:
+and the four metrics come from it (pipeline.evaluation.metrics). Outputs, all written atomically:
 
     metrics/<model>.json                 DVC metrics: the four metrics, mean Dice (F1), and
                                          IoU and Dice per class
@@ -33,9 +33,9 @@ from torch import nn
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
 from pipeline.classes import NUM_CLASSES, VOC_CLASSES
-from pipeline.metrics import confusion_matrix, segmentation_scores
-from pipeline.predict import forward_labels, predict_labels
-from pipeline.visualize import confusion_png, qualitative_png
+from pipeline.evaluation.metrics import confusion_matrix, segmentation_scores
+from pipeline.inference.predict import forward_labels, predict_labels
+from pipeline.reports.visualize import confusion_png, qualitative_png
 
 # Long, Shelhamer, Darrell, CVPR 2015, Table 2: the cascade on a subset of PASCAL VOC 2011 val
 # (seg11valid), trained on SBD, in % (pixel acc., mean acc., mean IU, f.w. IU).
@@ -84,8 +84,8 @@ def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.
 
 def val_datasets(val_dir: str | Path) -> tuple[Any, Any]:
     """(normalised dataset for scoring, raw uint8 dataset for pictures) over the val shards."""
-    from pipeline.datasets import SegmentationShards
-    from pipeline.transforms import eval_transform
+    from pipeline.data.datasets import SegmentationShards
+    from pipeline.data.transforms import eval_transform
 
     return SegmentationShards(val_dir, transform=eval_transform()), SegmentationShards(val_dir)
 
@@ -184,7 +184,7 @@ def _json_safe(v: float | None) -> float | None:
 def image_scores(hist: torch.Tensor) -> dict[str, Any]:
     """One image's labelled pixel count, pixel accuracy and mean IoU from its (C, C) int64
     confusion matrix (rows = ground truth). The mean is over the classes in the image's
-    ground truth or prediction (`pipeline.metrics`), so it ranks images for the worst/best
+    ground truth or prediction (`pipeline.evaluation.metrics`), so it ranks images for the worst/best
     sheets; a set's mean IU is *not* the mean of these (Long et al. sum the matrices first).
     An image with no labelled pixel gets None for both scores.
     """
@@ -467,20 +467,20 @@ def evaluate_all(
     """Evaluate each named model (loaded one at a time), write its report and reports/summary.md.
 
     `val_set` is the name the summary gives the scored images. With test-time augmentation
-    (`tta_flip`, `tta_scales`: `pipeline.tta`) each model is scored a second time through it,
+    (`tta_flip`, `tta_scales`: `pipeline.evaluation.tta`) each model is scored a second time through it,
     into metrics/tta/<name>.json and a table of its own; without, that file says "none".
-    `split` ("voc2012_val" or "seg11valid", `pipeline.splits`) selects the scored records
+    `split` ("voc2012_val" or "seg11valid", `pipeline.data.splits`) selects the scored records
     (`allow_partial_split`: the seg11valid images present, however few); with `train_dir`, scoring an image that is also in the training shards is refused.
 
     Raises:
         ValueError: empty val set, unknown split, seg11valid ids missing from the val shards,
             or val images that are also training images.
     """
-    from pipeline.tta import TestTimeAugmentation, tta_enabled, tta_name
+    from pipeline.evaluation.tta import TestTimeAugmentation, tta_enabled, tta_name
 
     out_root = Path(out_root)
-    from pipeline.shards import ShardReader
-    from pipeline.splits import check_no_overlap, select_split
+    from pipeline.data.shards import ShardReader
+    from pipeline.data.splits import check_no_overlap, select_split
 
     eval_set, raw_set = (select_split(d, split, allow_partial_split) for d in val_datasets(val_dir))
     if len(eval_set) == 0:
@@ -538,7 +538,7 @@ def evaluate_all(
     if tta_results:
         md += (
             f"\n## With test-time augmentation ({tta_name(tta_flip, tta_scales)})\n\n"
-            "Class probabilities averaged over the augmented views (`pipeline/tta.py`); the "
+            "Class probabilities averaged over the augmented views (`pipeline/evaluation/tta.py`); the "
             "paper scores single views, so these are not for comparison with Table 2.\n\n"
             + summary_table(tta_results)
         )

@@ -3,7 +3,7 @@
 Built on torchvision.transforms.v2 with `tv_tensors.Image` / `tv_tensors.Mask`: every geometric
 step dispatches on the type, so a label map is only ever resized nearest-neighbour and padded
 with 255 (an interpolated label map invents classes at every boundary). Randomness comes from
-torch's global CPU generator, which `pipeline.datasets.SegmentationShards` seeds per sample.
+torch's global CPU generator, which `pipeline.data.datasets.SegmentationShards` seeds per sample.
 
     train_transform: random scale -> random crop (padded) -> mirror -> colour jitter -> normalise
     eval_transform:  normalise only, full size (scores are computed at original resolution)

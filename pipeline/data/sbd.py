@@ -11,7 +11,7 @@ SBD re-annotates 11,355 PASCAL VOC 2011 images with full class segmentations; FC
     benchmark_RELEASE/dataset/{train,val}.txt  one VOC image id (`2008_000002`) per line
 
 `read_sbd` streams the archive (never seeks, never unpacks it) in two sequential passes through
-`pipeline.archives.iter_tar_files`, which checks every member name (no `..`, no absolute paths,
+`pipeline.data.archives.iter_tar_files`, which checks every member name (no `..`, no absolute paths,
 no escaping links) and reports a truncated or corrupt archive:
 
 1. the split list and the `cls/*.mat` of the wanted ids, parsed and validated at once; each label
@@ -27,7 +27,7 @@ order would need the whole image folder in memory when the archive's order diffe
 
 `write_sbd_tgz` writes an archive of the same layout with byte-identical output for identical
 input; `make_sbd_sample` builds the offline sample's SBD from the sample VOC tar
-(`pipeline.sample.make_voc_sample`).
+(`pipeline.data.sample.make_voc_sample`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ import numpy as np
 import scipy.io
 import scipy.sparse
 
-from pipeline.archives import ArchiveError, iter_tar_files
+from pipeline.data.archives import ArchiveError, iter_tar_files
 from pipeline.atomic import atomic_path
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
 
@@ -59,8 +59,8 @@ MAX_CLASS = NUM_CLASSES - 1  # 20: SBD labels are 0 (background) .. 20, no 255
 _ID = re.compile(r"[0-9]{4}_[0-9]{6}")  # VOC 2011 image ids: 2008_000002
 _MAX_LISTED = 10  # missing members / bad ids quoted in one error message
 # the 116-byte text header of a MAT v5 file; scipy writes the current time there
-_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, written by pipeline.sbd".ljust(116)
-VOC_ROOT = "VOCdevkit/VOC2012"  # in the VOC 2012 trainval tar, as in pipeline.sample
+_MAT_HEADER = b"MATLAB 5.0 MAT-file, Platform: posix, written by pipeline.data.sbd".ljust(116)
+VOC_ROOT = "VOCdevkit/VOC2012"  # in the VOC 2012 trainval tar, as in pipeline.data.sample
 
 
 class SbdError(ValueError):
@@ -340,7 +340,7 @@ def _check_label(label: np.ndarray, what: str) -> np.ndarray:
 def _write_tgz(path: Path, files: dict[str, bytes]) -> int:
     """Gzip'd GNU tar with parent directory entries, sorted members, fixed times and owners,
     gzip header time 0 and no file name: identical bytes for identical `files`. Atomic."""
-    from pipeline.sample import add_tar_members
+    from pipeline.data.sample import add_tar_members
 
     with (
         atomic_path(path) as tmp,
@@ -402,12 +402,12 @@ def make_sbd_sample(voc_tar: Path, out: Path) -> dict[str, Any]:
     with the 255 void border set to 0 (SBD has none). SBD `train` = all VOC train ids plus the
     first half (rounded up) of the sorted VOC val ids, SBD `val` = the other VOC val ids: SBD
     train overlaps VOC val, as in reality. Lists are written sorted. Reads the whole tar into
-    memory (meant for the samples of `pipeline.sample`, not the 2 GB release). Identical bytes
+    memory (meant for the samples of `pipeline.data.sample`, not the 2 GB release). Identical bytes
     for the same `voc_tar`. Raises ValueError naming the tar and member for a missing list,
     image or label, or a label with values outside 0..20/255. Returns counts: `images`,
     `train`, `val`, `voc_val_in_train` (VOC val ids in SBD train) and `archive`.
     """
-    from pipeline.datasets import decode_label  # torch: only needed here
+    from pipeline.data.datasets import decode_label  # torch: only needed here
 
     voc_tar, out = Path(voc_tar), Path(out)
     lists_dir = f"{VOC_ROOT}/ImageSets/Segmentation"

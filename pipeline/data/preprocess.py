@@ -45,11 +45,11 @@ from torchvision.io import encode_png
 from torchvision.transforms.v2 import InterpolationMode
 from torchvision.transforms.v2 import functional as F
 
-from pipeline.archives import ArchiveError, ZipReader, check_member_name, iter_tar_files
+from pipeline.data.archives import ArchiveError, ZipReader, check_member_name, iter_tar_files
 from pipeline.atomic import atomic_dir, atomic_write_json, remove_path
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
-from pipeline.datasets import decode_image_rgb, decode_label
-from pipeline.shards import ShardReader, ShardWriter
+from pipeline.data.datasets import decode_image_rgb, decode_label
+from pipeline.data.shards import ShardReader, ShardWriter
 
 VOC_ROOT = "VOCdevkit/VOC2012"
 LIST_DIR = f"{VOC_ROOT}/ImageSets/Segmentation"
@@ -526,7 +526,7 @@ def _sbd_tasks(sbd_tgz: Path, split: str, exclude: set[str], excluded: list[str]
     """SBD records of `split` ("train" or "val" of SBD's lists) as training tasks, but those
     in `exclude` (appended to `excluded` instead); the .mat labels are read here, once, into
     PNG label maps."""
-    from pipeline.sbd import read_sbd
+    from pipeline.data.sbd import read_sbd
 
     for rec in read_sbd(sbd_tgz, split):
         if rec.image_id in exclude:
@@ -574,7 +574,7 @@ def preprocess(
     Raises:
         FileNotFoundError: an input archive is missing.
         PreprocessError: a malformed input (named), too many bad images, or an empty split.
-        pipeline.sbd.SbdError: a truncated SBD archive or an unreadable .mat (named).
+        pipeline.data.sbd.SbdError: a truncated SBD archive or an unreadable .mat (named).
     """
     from tqdm import tqdm
 

@@ -758,7 +758,7 @@ def make_coco_sample(
     for s in zips:
         coco[s] = {
             "info": {
-                "description": f"Synthetic sample in COCO 2017 layout (pipeline/sample.py, seed {seed})",
+                "description": f"Synthetic sample in COCO 2017 layout (pipeline/data/sample.py, seed {seed})",
                 "url": "",
                 "version": "1.0",
                 "year": 2017,
@@ -841,7 +841,7 @@ def make_coco_sample(
 
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(
-        prog="python -m pipeline.sample",
+        prog="python -m pipeline.data.sample",
         description="Generate the synthetic VOC 2012 tar and COCO 2017 zips of the `sample` profile "
         "(same member layout as the real downloads; same arguments give byte-identical files).",
     )

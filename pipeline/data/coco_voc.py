@@ -69,7 +69,7 @@ from pycocotools import mask as mask_utils
 from tqdm import tqdm
 
 from pipeline.classes import COCO_NAMES, COCO_TO_VOC, IGNORE_INDEX, VOC_CLASSES
-from pipeline.shards import ShardWriter
+from pipeline.data.shards import ShardWriter
 
 REQUIRED_KEYS = ("images", "annotations", "categories")
 ID_LIST_CAP = 1000  # ids listed per reason in the report; the count is always complete

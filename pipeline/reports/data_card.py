@@ -33,7 +33,7 @@ import numpy as np
 
 from pipeline.atomic import atomic_write_json, atomic_write_text
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
-from pipeline.shards import ShardReader
+from pipeline.data.shards import ShardReader
 
 SPLITS = ("train", "val")
 SOURCE_ORDER = ("voc", "coco", "sbd")  # any other source follows, sorted by name
@@ -48,7 +48,7 @@ METRICS_JSON = Path("metrics/data.json")
 _CHUNK = 256  # label maps per worker task
 _MAX_EXAMPLES = 10  # skipped preprocess inputs quoted in the card
 
-# torchvision's reference converter, compared with pipeline/coco_voc.py in the card
+# torchvision's reference converter, compared with pipeline/data/coco_voc.py in the card
 TORCHVISION_REF = (
     "https://github.com/pytorch/vision/blob/main/references/segmentation/coco_utils.py"
 )
@@ -103,7 +103,7 @@ def label_histogram(png: bytes, name: str) -> np.ndarray:
     """
     import torch
 
-    from pipeline.datasets import decode_label
+    from pipeline.data.datasets import decode_label
 
     label = decode_label(png, name)
     hist = torch.bincount(label.reshape(-1).to(torch.int64), minlength=256).numpy()
@@ -259,7 +259,7 @@ def coco_dropped(report: Mapping[str, Any]) -> list[tuple[str, str, dict[str, in
     return [(what, reason, by_split) for (what, reason), by_split in rows.items()]
 
 
-# BadSample messages of pipeline/preprocess.py, by kind (the first matching pattern wins)
+# BadSample messages of pipeline/data/preprocess.py, by kind (the first matching pattern wins)
 _PREPROCESS_REASONS = (
     (re.compile(r"^label values outside"), "label values outside 0..20/255"),
     (re.compile(r"^label is \d+x\d+ but its image"), "image and label sizes differ"),
@@ -495,7 +495,7 @@ def _rules_section(
     return [
         "## COCO -> VOC rules, and torchvision's reference",
         "",
-        f"`pipeline/coco_voc.py` against torchvision's `references/segmentation/coco_utils.py` "
+        f"`pipeline/data/coco_voc.py` against torchvision's `references/segmentation/coco_utils.py` "
         f"({TORCHVISION_REF}):",
         "",
         *_table(["", "here", "torchvision reference"], rows, right=99),
@@ -512,7 +512,7 @@ def _terms_section(counts: Mapping[str, Any], generate_sample: bool) -> list[str
     if generate_sample:
         lines += [
             "This run uses the generated sample (`download.generate_sample: true`): synthetic "
-            "images and label maps drawn by `pipeline/sample.py`, packed like the real archives; "
+            "images and label maps drawn by `pipeline/data/sample.py`, packed like the real archives; "
             "no VOC, COCO or SBD image or annotation is in it. The terms below are those of the "
             "real data sets that the `full` profile downloads.",
             "",
@@ -542,7 +542,7 @@ def card_markdown(
     lines = [
         "# Data card",
         "",
-        "Written by the `data_card` stage (`pipeline/data_card.py`) from `data/preprocessed` "
+        "Written by the `data_card` stage (`pipeline/reports/data_card.py`) from `data/preprocessed` "
         "and the reports of `coco_to_voc` and `preprocess`; the same numbers are in "
         f"`{METRICS_JSON.as_posix()}` and `{CLASS_PIXELS_CSV.as_posix()}`.",
         "",

@@ -3,7 +3,7 @@
 What a user needs before using a model, from what the pipeline already knows: the recipe (the
 active params profile), the data (the val set named honestly: the sample profile's is
 generated, not VOC), the evaluation metrics (metrics/<name>.json of the `evaluate` stage), the
-inference figures (`pipeline.inference.benchmark_model`), intended use and limits. Written by
+inference figures (`pipeline.inference.speed.benchmark_model`), intended use and limits. Written by
 the DVC stage `inference_report`, which has the inference figures at hand.
 """
 
@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 from pipeline.config import architecture, initialised_from
-from pipeline.evaluate import EXTRA_COLUMNS, METRIC_COLUMNS, display_name
+from pipeline.evaluation.evaluate import EXTRA_COLUMNS, METRIC_COLUMNS, display_name
 
 ARCH_NOTES = {
     "fcn32s": "one stream: the stride-32 scores upsampled 32x (fixed bilinear)",
@@ -46,7 +46,7 @@ def _pct(v: float | None) -> str:
 
 def budget(stage: Mapping[str, Any]) -> tuple[str, str]:
     """The (setting, value) row of a stage's training length: its `max_iter` when set, else
-    its epochs (`pipeline.train.iteration_budget`)."""
+    its epochs (`pipeline.training.train.iteration_budget`)."""
     if stage.get("max_iter") is not None:
         return "iterations", f"{stage['max_iter']} (max_iter; epochs derived from it)"
     return "epochs", str(stage["epochs"])
@@ -121,7 +121,7 @@ def model_card(
     sample = params["download"]["generate_sample"]
     train_data = (
         "the generated sample's train split and its generated COCO-style images (synthetic "
-        "shapes in VOC 2012's and COCO's layouts, pipeline/sample.py)"
+        "shapes in VOC 2012's and COCO's layouts, pipeline/data/sample.py)"
         if sample
         else "PASCAL VOC 2012 train"
         + (

@@ -3,7 +3,7 @@
 The paper starts FCN-32s from a VGG16 *classifier* trained on ImageNet (section 4.1,
 "convolutionalize"): its conv layers already detect parts, its fc6/fc7 already classify a
 224 x 224 window. The offline sample cannot download those weights, so it trains the same
-network, width-reduced, on crops of its own appearance families (`pipeline.sample`), with
+network, width-reduced, on crops of its own appearance families (`pipeline.data.sample`), with
 torchvision's exact module layout (`torchvision.models.VGG`: `features.N`, `avgpool`,
 `classifier.0/3/6` Linear layers). The FCN-32s stage then performs the real surgery on it:
 fc6/fc7 Linear -> convolution, score layer zero-initialised.
@@ -27,9 +27,9 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.vgg import VGG, make_layers
 
 from pipeline.classes import NUM_CLASSES
-from pipeline.sample import classification_crop
-from pipeline.surgery import VGG16_CFG, vgg16_channels
-from pipeline.transforms import normalize
+from pipeline.data.sample import classification_crop
+from pipeline.data.transforms import normalize
+from pipeline.models.surgery import VGG16_CFG, vgg16_channels
 
 CROP_SIZE = 224  # VGG16's input: pool5 is then 7 x 7, exactly what fc6 (a Linear on 512*7*7) reads
 
@@ -38,7 +38,7 @@ def vgg16_classifier(width: float, num_classes: int = NUM_CLASSES, dropout: floa
     """torchvision's VGG16 (configuration D) with every layer's channels scaled by `width`.
 
     Same module tree and state-dict keys as `torchvision.models.vgg16()` (features.0 ...
-    features.28, classifier.0/3/6), so `pipeline.surgery.load_vgg16_backbone` reads it exactly
+    features.28, classifier.0/3/6), so `pipeline.models.surgery.load_vgg16_backbone` reads it exactly
     as it reads the ImageNet file. Weights are torchvision's init (kaiming conv, N(0, 0.01) fc).
     Input: float32 [N, 3, 224, 224], ImageNet-normalised RGB; output: logits [N, num_classes].
     """
@@ -201,7 +201,7 @@ def pretrain_vgg16(
     """
     from tqdm import tqdm
 
-    from pipeline.train import lr_factor
+    from pipeline.training.train import lr_factor
 
     torch.manual_seed(seed)
     n_train = train_per_class * NUM_CLASSES
@@ -242,7 +242,7 @@ def pretrain_vgg16(
     plain = vgg16_classifier(width, dropout=0.0)
     plain.load_state_dict(state)
     report = {
-        "source": "pretrained on the sample's object crops (pipeline/pretrain.py)",
+        "source": "pretrained on the sample's object crops (pipeline/training/pretrain.py)",
         "classes": NUM_CLASSES,
         "train_crops": n_train,
         "val_crops": len(val_y),

@@ -287,8 +287,8 @@ def benchmark_model(
 def load_val_images(val_dir: str | os.PathLike, n: int) -> tuple[list[torch.Tensor], list[str]]:
     """The first `n` val records by key (fixed whatever the shard order): normalised float
     [3,H,W] images at their original size, and their keys. n <= 0 gives none."""
-    from pipeline.datasets import SegmentationShards
-    from pipeline.transforms import normalize
+    from pipeline.data.datasets import SegmentationShards
+    from pipeline.data.transforms import normalize
 
     shards = SegmentationShards(val_dir)
     keys = sorted(range(len(shards)), key=shards.key)[: max(n, 0)]

@@ -7,7 +7,7 @@ module is `data/pascal/seg11valid.txt` of shelhamer/fcn.berkeleyvision.org at co
 1305c7378a9f0ab44b2c936f4d60e4687e3d8743, md5 7984b6ce736bd3666d8b7ee70b5401da; every id is a
 VOC 2012 JPEGImages/SegmentationClass member, so the VOC 2012 val shards already hold them.
 
-Shard keys are "<source>/<image id>" (`pipeline.preprocess`); VOC and SBD share image ids
+Shard keys are "<source>/<image id>" (`pipeline.data.preprocess`); VOC and SBD share image ids
 (SBD re-annotates VOC 2011 images), COCO ids are numeric and never collide with them.
 """
 

@@ -1,6 +1,6 @@
 """Segment arbitrary images with a trained FCN: palette label maps and overlays.
 
-    python -m pipeline.predict --model models/fcn8s.pt photo.jpg photos/ --out predictions/
+    python -m pipeline.inference.predict --model models/fcn8s.pt photo.jpg photos/ --out predictions/
     fcn-predict --model models/fcn8s.pt photos/ --out predictions/ --device cuda
 
 For each image it writes `<out>/<name>.png` (mode P, VOC palette: the format of VOC's own
@@ -8,7 +8,7 @@ SegmentationClass PNGs, so indices are the class ids) and `<out>/<name>_overlay.
 with the coloured prediction blended in). Directories are searched recursively for
 .jpg/.jpeg/.png and their sub-folders are mirrored under --out. Grayscale, CMYK, palette and
 RGBA images are converted to RGB; EXIF orientation is applied. High-bit-depth images follow the
-training decoder's policy (`pipeline.datasets.pil_to_rgb8`): 16-bit samples are read as
+training decoder's policy (`pipeline.data.datasets.pil_to_rgb8`): 16-bit samples are read as
 value >> 8, 32-bit integer and float images are refused naming the file and its mode. An
 unreadable image is reported and skipped; the exit status is 1 if any input failed.
 
@@ -33,9 +33,9 @@ from PIL import Image, ImageOps, PngImagePlugin
 from torch import nn
 
 from pipeline.atomic import atomic_path
-from pipeline.datasets import pil_to_rgb8
-from pipeline.transforms import normalize
-from pipeline.visualize import label_image, overlay
+from pipeline.data.datasets import pil_to_rgb8
+from pipeline.data.transforms import normalize
+from pipeline.reports.visualize import label_image, overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 OVERLAY_FORMATS = {"jpg": "JPEG", "png": "PNG"}
@@ -46,7 +46,7 @@ OUTPUT_TAG = "fcn-predict"  # PNG text "Software" / JPEG comment of every file w
 
 
 def normalize_images(images: torch.Tensor) -> torch.Tensor:
-    """uint8 RGB [N, 3, H, W] -> float32 normalised as the weights expect (pipeline.transforms)."""
+    """uint8 RGB [N, 3, H, W] -> float32 normalised as the weights expect (pipeline.data.transforms)."""
     if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
         raise ValueError(
             f"expected uint8 [N, 3, H, W] images, got {images.dtype} {tuple(images.shape)}"
@@ -92,7 +92,7 @@ def predict_labels(
     neighbour: a 12-megapixel photo at full size needs tens of GB of activations.
     """
     norm = getattr(model, "normalization", "imagenet")
-    if norm != "imagenet":  # the only one pipeline.transforms knows (torchvision's VGG16)
+    if norm != "imagenet":  # the only one pipeline.data.transforms knows (torchvision's VGG16)
         raise ValueError(f"model normalization {norm!r} is not supported (expected 'imagenet')")
     device = next(iter(model.parameters()), torch.empty(0)).device
     x = normalize_images(images.to(device))
@@ -182,7 +182,7 @@ def load_rgb(path: Path) -> np.ndarray:
     """Decode any image PIL reads into (H, W, 3) uint8 RGB; ValueError naming the file if not.
 
     Transparent pixels are composited over white; bit depth follows the shared policy
-    (`pipeline.datasets.pil_to_rgb8`: 16-bit -> value >> 8; 32-bit integer and float images
+    (`pipeline.data.datasets.pil_to_rgb8`: 16-bit -> value >> 8; 32-bit integer and float images
     are refused with a ValueError naming the file and the mode).
     """
     try:

@@ -195,14 +195,14 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Weights: lr with weight decay; biases: twice the lr and no decay (as in the FCN solver).
 
-    The class-score layers (`pipeline.surgery.is_score_layer`: the zero-initialised
+    The class-score layers (`pipeline.models.surgery.is_score_layer`: the zero-initialised
     `score_fr`, `score_pool4`, `score_pool3`) learn at `score_lr_mult` times that. The FCN
     release uses 1 (every layer's `lr_mult` is 1, 2 for biases); a larger factor for the
     layers that start from nothing is the usual fine-tuning practice (DeepLab's prototxt:
     `lr_mult: 10` on its new classifier). Each group carries its `lr_mult`, which `set_lr`
     applies. Frozen parameters (the fixed final bilinear upsampling) are left out.
     """
-    from pipeline.surgery import is_score_layer
+    from pipeline.models.surgery import is_score_layer
 
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -417,7 +417,7 @@ def build_initial_model(
         ValueError: the VGG16 weights are missing or not a loadable state dict.
     """
     from pipeline.models.fcn import build_model, load_model
-    from pipeline.surgery import init_random, load_vgg16_backbone, transplant
+    from pipeline.models.surgery import init_random, load_vgg16_backbone, transplant
 
     torch.manual_seed(seed)
     model = build_model(name, num_classes=NUM_CLASSES, width=width)
@@ -542,7 +542,7 @@ class RunInputs:
         dvc_yaml: Path = PROJECT_DVC_YAML,
     ) -> RunInputs:
         """The inputs of `train_<name>` as dvc.yaml declares them."""
-        from pipeline.shards import INDEX_NAME
+        from pipeline.data.shards import INDEX_NAME
 
         return cls(
             stage=name,
@@ -790,7 +790,7 @@ def validate(
 ) -> dict[str, Any]:
     """Mean IoU etc. on the val set at original resolution (each rank scores a slice; the
     confusion matrix is summed on `device`, the process group's device)."""
-    from pipeline.metrics import confusion_matrix, segmentation_scores
+    from pipeline.evaluation.metrics import confusion_matrix, segmentation_scores
 
     was_training = model.training
     model.eval()
@@ -1101,8 +1101,8 @@ def train(
         FloatingPointError: the loss became NaN or infinite.
         ValueError: the training set is empty, or the VGG16 weights are unusable.
     """
-    from pipeline.datasets import SegmentationShards
-    from pipeline.transforms import eval_transform, train_transform
+    from pipeline.data.datasets import SegmentationShards
+    from pipeline.data.transforms import eval_transform, train_transform
 
     tcfg = cfg["train"]
     device = resolve_device(tcfg["device"])

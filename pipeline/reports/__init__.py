@@ -1,0 +1,1 @@
+"""Reports: the data card, the model cards and the colour overlays they show."""
