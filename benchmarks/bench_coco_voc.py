@@ -16,7 +16,7 @@ with torchvision's reference conversion, in the same run.
    with 1 and 2 workers, sampling the summed RSS of the stage process and all its children with
    psutil every 50 ms.
 3. On the first --baseline-images images, one core, interleaved repeats (medians):
-     project   pipeline.data.coco_voc worker: one frPyObjects+merge+decode per class, uint8 rules,
+     project   pipeline.data.coco_paint worker: one frPyObjects+merge+decode per class, uint8 rules,
                unfiltered PNG with zlib RLE
      baseline  torchvision references/segmentation ConvertCocoPolysToMask: frPyObjects + decode
                per annotation, masks stacked as torch tensors, (masks * cats).max(0), overlap ->
@@ -52,13 +52,9 @@ import yaml  # noqa: E402
 from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from pycocotools import mask as mask_utils  # noqa: E402
 
-from pipeline.data.coco_voc import (  # noqa: E402
-    _convert_task,
-    _label_map_from_rles,
-    _union_rle,
-    plan_split,
-)
-from pipeline.data.sample import COCO_CATEGORIES  # noqa: E402
+from pipeline.classes import COCO_CATEGORIES  # noqa: E402
+from pipeline.data.coco_paint import convert_task, label_map_from_rles, union_rle  # noqa: E402
+from pipeline.data.coco_voc import plan_split  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN2017_IMAGES = 118287
@@ -342,10 +338,10 @@ def baseline_convert(anns: list[dict], h: int, w: int, encode: bool) -> object:
 
 def project_convert(task: tuple, encode: bool) -> object:
     if encode:
-        return _convert_task(task, 0)
+        return convert_task(task, 0)
     _key, h, w, groups = task
-    rles = {k: _union_rle(s, h, w) for k, s in groups.items()}
-    return np.ascontiguousarray(_label_map_from_rles(rles, h, w))  # row-major, like the baseline
+    rles = {k: union_rle(s, h, w) for k, s in groups.items()}
+    return np.ascontiguousarray(label_map_from_rles(rles, h, w))  # row-major, like the baseline
 
 
 def per_core(small: dict, repeats: int) -> dict:

@@ -39,7 +39,7 @@ from torch.utils.data import DataLoader, Dataset  # noqa: E402
 
 from pipeline.classes import IGNORE_INDEX  # noqa: E402
 from pipeline.data.datasets import SegmentationShards  # noqa: E402
-from pipeline.data.preprocess import prepare_train_pair  # noqa: E402
+from pipeline.data.preprocess_image import prepare_train_pair  # noqa: E402
 from pipeline.data.shards import ShardReader, ShardWriter  # noqa: E402
 from pipeline.data.transforms import (
     IMAGENET_MEAN,

@@ -9,7 +9,7 @@ re-used to reach the requested count. Per image, both paths decode and resize so
 max_size (the issue's baseline), then also encode a JPEG (quality 90), which is what a training
 record stores:
 
-    project  pipeline.data.preprocess.prepare_image: libjpeg-turbo decode (simplejpeg) with 1/2, 1/4
+    project  pipeline.data.preprocess_image.prepare_image: libjpeg-turbo decode (simplejpeg) with 1/2, 1/4
              or 1/8 DCT scaling where the target allows it + torch's channels-last uint8
              antialiased bilinear resize + libjpeg-turbo encode (4:2:0), no layout copies
     naive    PIL Image.open + convert("RGB") (full decode) + resize(BILINEAR) + save(JPEG)
@@ -38,10 +38,10 @@ import torch  # noqa: E402
 from machine import cpu_model, shared_data  # noqa: E402  (benchmarks/machine.py)
 from PIL import Image  # noqa: E402
 
-from pipeline.data.preprocess import (  # noqa: E402
+from pipeline.data.preprocess import preprocess_voc  # noqa: E402
+from pipeline.data.preprocess_image import (  # noqa: E402
     decode_resized,
     prepare_image,
-    preprocess_voc,
     target_size,
 )
 

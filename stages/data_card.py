@@ -10,20 +10,25 @@ is the generated sample or the real data sets).
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 if __package__ in (None, ""):  # run as `python stages/data_card.py`: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ParamsError, load_params  # noqa: E402
-from pipeline.inputs import MissingInputsError, require_inputs  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from pipeline.data.label_counts import DataCardError  # noqa: E402
+from pipeline.inputs import require_inputs, stage_main, stage_parser  # noqa: E402
+from pipeline.reports.data_card import (  # noqa: E402
+    CARD,
+    metrics_json,
+    write_data_card,
+)
 
 
+@stage_main(DataCardError)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap = stage_parser(__doc__)
     ap.add_argument(
         "--data",
         type=Path,
@@ -46,33 +51,22 @@ def main(argv: list[str] | None = None) -> int:
         "--workers", type=int, default=2, help="label decoding processes (default: %(default)s)"
     )
     args = ap.parse_args(argv)
-    try:
-        params = load_params(args.params)
-        require_inputs(
-            {
-                args.data / "train" / "index.json": ("preprocess", "train shards"),
-                args.data / "val" / "index.json": ("preprocess", "val shards"),
-                args.data / "report.json": ("preprocess", "report"),
-                args.coco_report: ("coco_to_voc", "report"),
-            }
-        )
-    except (ParamsError, MissingInputsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
-
-    from pipeline.reports.data_card import CARD, DataCardError, metrics_json, write_data_card
-
-    try:
-        counts = write_data_card(
-            args.data,
-            args.coco_report,
-            args.out,
-            generate_sample=params["download"]["generate_sample"],
-            workers=args.workers,
-        )
-    except DataCardError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    params = load_params(args.params)
+    require_inputs(
+        {
+            args.data / "train" / "index.json": ("preprocess", "train shards"),
+            args.data / "val" / "index.json": ("preprocess", "val shards"),
+            args.data / "report.json": ("preprocess", "report"),
+            args.coco_report: ("coco_to_voc", "report"),
+        }
+    )
+    counts = write_data_card(
+        args.data,
+        args.coco_report,
+        args.out,
+        generate_sample=params["download"]["generate_sample"],
+        workers=args.workers,
+    )
     for source, splits in metrics_json(counts).items():
         shown = ", ".join(
             f"{split} {m['images']} images / {m['labelled_pixels']} labelled pixels"

@@ -18,16 +18,17 @@ from pathlib import Path
 if __package__ in (None, ""):  # run as `python stages/preprocess.py`: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 from pipeline.data.archives import ArchiveError  # noqa: E402
-from pipeline.data.preprocess import PreprocessError, preprocess  # noqa: E402
+from pipeline.data.preprocess import preprocess  # noqa: E402
+from pipeline.data.preprocess_inputs import PreprocessError  # noqa: E402
 from pipeline.data.sbd import SbdError  # noqa: E402
-from pipeline.inputs import require_inputs  # noqa: E402
+from pipeline.inputs import require_inputs, stage_main, stage_parser  # noqa: E402
 
 
-def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+def parser() -> argparse.ArgumentParser:
+    """The stage's command line: the inputs' and the output's paths."""
+    ap = stage_parser(__doc__)
     ap.add_argument(
         "--voc-tar",
         type=Path,
@@ -59,39 +60,40 @@ def main(argv: list[str] | None = None) -> int:
         help="output folder: train/, val/, report.json (default: %(default)s)",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
-    args = ap.parse_args(argv)
-    try:
-        cfg = load_params(args.params)
-        p = cfg["preprocess"]
-        coco_splits = cfg["coco_to_voc"]["splits"] if p["use_coco"] else []
-        require_inputs(
-            {
-                args.voc_tar: ("download_voc", "VOC tar"),
-                **({args.sbd_tgz: ("download_sbd", "SBD archive")} if p["sbd"] else {}),
-                **{args.coco_voc / s / "index.json": "coco_to_voc" for s in coco_splits},
-                **{args.coco_dir / f"{s}.zip": ("download_coco", "COCO zip") for s in coco_splits},
-            }
-        )
-        report = preprocess(
-            args.voc_tar,
-            args.coco_voc,
-            args.coco_dir,
-            args.out,
-            max_size=p["max_size"],
-            jpeg_quality=p["jpeg_quality"],
-            shard_size=p["shard_size"],
-            use_coco=p["use_coco"],
-            workers=p["workers"],
-            max_bad_fraction=p["max_bad_fraction"],
-            coco_splits=cfg["coco_to_voc"]["splits"],
-            voc_train=p["voc_train"],
-            sbd=p["sbd"],
-            sbd_tgz=args.sbd_tgz,
-            progress=not args.no_progress,
-        )
-    except (ParamsError, PreprocessError, ArchiveError, SbdError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    return ap
+
+
+@stage_main(PreprocessError, ArchiveError, SbdError, FileNotFoundError)
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    cfg = load_params(args.params)
+    p = cfg["preprocess"]
+    coco_splits = cfg["coco_to_voc"]["splits"] if p["use_coco"] else []
+    require_inputs(
+        {
+            args.voc_tar: ("download_voc", "VOC tar"),
+            **({args.sbd_tgz: ("download_sbd", "SBD archive")} if p["sbd"] else {}),
+            **{args.coco_voc / s / "index.json": "coco_to_voc" for s in coco_splits},
+            **{args.coco_dir / f"{s}.zip": ("download_coco", "COCO zip") for s in coco_splits},
+        }
+    )
+    report = preprocess(
+        args.voc_tar,
+        args.coco_voc,
+        args.coco_dir,
+        args.out,
+        max_size=p["max_size"],
+        jpeg_quality=p["jpeg_quality"],
+        shard_size=p["shard_size"],
+        use_coco=p["use_coco"],
+        workers=p["workers"],
+        max_bad_fraction=p["max_bad_fraction"],
+        coco_splits=cfg["coco_to_voc"]["splits"],
+        voc_train=p["voc_train"],
+        sbd=p["sbd"],
+        sbd_tgz=args.sbd_tgz,
+        progress=not args.no_progress,
+    )
     print(
         f"preprocess: train {report['train']['records']} {report['train']['by_source']}, "
         f"val {report['val']['records']}, skipped {report['bad']} of {report['inputs']}, "

@@ -23,6 +23,9 @@ from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
 from pipeline.classes import COCO_TO_VOC
+from pipeline.data import coco_annotations as ca
+from pipeline.data import coco_json as cj
+from pipeline.data import coco_paint as cp
 from pipeline.data import coco_voc as cv
 from pipeline.data.shards import ShardReader
 
@@ -97,7 +100,7 @@ def read_labels(out: Path) -> dict[str, tuple[dict, np.ndarray, bytes]]:
     res = {}
     for i in range(len(r)):
         png = r.blob(i, "label")
-        res[r.records[i]["key"]] = (r.meta(i), cv.label_png_to_array(png), png)
+        res[r.records[i]["key"]] = (r.meta(i), cp.label_png_to_array(png), png)
     r.close()
     return res
 
@@ -228,23 +231,23 @@ def _inject_malformed(instances: dict) -> tuple[dict, dict[str, list[int]], dict
     good_rle = mask_utils.encode(np.asfortranarray(m))
     good_rle["counts"] = good_rle["counts"].decode("ascii")
     cases = [
-        (9000001, {"segmentation": [[10.0, 10.0, 50.0, 50.0]]}, cv.SKIP_SHORT_POLYGON),
-        (9000002, {}, cv.SKIP_NO_SEGMENTATION),  # bbox only
-        (9000003, {"segmentation": []}, cv.SKIP_NO_SEGMENTATION),
-        (9000004, {"segmentation": [square], "category_id": 999}, cv.SKIP_UNKNOWN_CATEGORY),
-        (9000005, {"segmentation": [square], "image_id": 123456789}, cv.SKIP_UNKNOWN_IMAGE),
-        (9000006, {"segmentation": [[1e9, 0.0, 2e9, 0.0, 2e9, 1e9]]}, cv.SKIP_OFF_IMAGE),
-        (9000007, {"segmentation": bad_rle, "iscrowd": 1}, cv.SKIP_BAD_SEGMENTATION),
-        (9000008, {"segmentation": [square], "category_id": None}, cv.SKIP_MALFORMED),
-        (9000009, {"segmentation": {"size": [10, 10], "counts": [100]}}, cv.SKIP_BAD_SEGMENTATION),
-        (9000010, {"segmentation": [square[:7]]}, cv.SKIP_BAD_SEGMENTATION),  # odd count
-        (9000011, {"segmentation": [[float("nan")] * 6]}, cv.SKIP_BAD_SEGMENTATION),
+        (9000001, {"segmentation": [[10.0, 10.0, 50.0, 50.0]]}, ca.SKIP_SHORT_POLYGON),
+        (9000002, {}, ca.SKIP_NO_SEGMENTATION),  # bbox only
+        (9000003, {"segmentation": []}, ca.SKIP_NO_SEGMENTATION),
+        (9000004, {"segmentation": [square], "category_id": 999}, ca.SKIP_UNKNOWN_CATEGORY),
+        (9000005, {"segmentation": [square], "image_id": 123456789}, ca.SKIP_UNKNOWN_IMAGE),
+        (9000006, {"segmentation": [[1e9, 0.0, 2e9, 0.0, 2e9, 1e9]]}, ca.SKIP_OFF_IMAGE),
+        (9000007, {"segmentation": bad_rle, "iscrowd": 1}, ca.SKIP_BAD_SEGMENTATION),
+        (9000008, {"segmentation": [square], "category_id": None}, ca.SKIP_MALFORMED),
+        (9000009, {"segmentation": {"size": [10, 10], "counts": [100]}}, ca.SKIP_BAD_SEGMENTATION),
+        (9000010, {"segmentation": [square[:7]]}, ca.SKIP_BAD_SEGMENTATION),  # odd count
+        (9000011, {"segmentation": [[float("nan")] * 6]}, ca.SKIP_BAD_SEGMENTATION),
         (
             9000012,
             {"segmentation": {"size": [h, w], "counts": "not an rle"}},
-            cv.SKIP_BAD_SEGMENTATION,
+            ca.SKIP_BAD_SEGMENTATION,
         ),
-        (9000013, {"segmentation": [square], "iscrowd": "yes"}, cv.SKIP_MALFORMED),
+        (9000013, {"segmentation": [square], "iscrowd": "yes"}, ca.SKIP_MALFORMED),
     ]
     expected: dict[str, list[int]] = {}
     for ann_id, fields, reason in cases:
@@ -265,7 +268,7 @@ def test_malformed_annotations_are_counted_with_ids(tmp_path, instances, images_
     ignored = {
         r: [i for i in ids if i in voc_ids]
         for r, ids in expected.items()
-        if r in cv.SEGMENTATION_REASONS
+        if r in ca.SEGMENTATION_REASONS
     }
     expected = {
         r: [i for i in ids if r not in ignored or i not in voc_ids] for r, ids in expected.items()
@@ -274,7 +277,7 @@ def test_malformed_annotations_are_counted_with_ids(tmp_path, instances, images_
     missing_img = next(i for i in d["images"] if i["id"] == 37777)
     missing_ids = [a["id"] for a in d["annotations"] if a["image_id"] == 37777]
     assert missing_ids
-    expected[cv.SKIP_IMAGE_MISSING] = missing_ids
+    expected[ca.SKIP_IMAGE_MISSING] = missing_ids
     ann_zip, img_zip = make_zips(tmp_path, d, images_dir, skip={missing_img["file_name"]})
     out = tmp_path / "out"
     report = cv.convert_split(
@@ -282,14 +285,14 @@ def test_malformed_annotations_are_counted_with_ids(tmp_path, instances, images_
     )
 
     skipped = report["annotations_skipped_by_reason"]
-    assert set(skipped) == set(cv.SKIP_REASONS)
-    for reason in cv.SKIP_REASONS:
+    assert set(skipped) == set(ca.SKIP_REASONS)
+    for reason in ca.SKIP_REASONS:
         want = sorted(expected.get(reason, []))
         assert sorted(skipped[reason]["ids"]) == want, reason
         assert skipped[reason]["count"] == len(want) and not skipped[reason]["ids_truncated"]
     assert report["annotations_skipped"] == sum(len(v) for v in expected.values())
     marked = report["voc_objects_marked_ignore_by_reason"]
-    for reason in cv.SEGMENTATION_REASONS:
+    for reason in ca.SEGMENTATION_REASONS:
         assert sorted(marked[reason]["ids"]) == sorted(ignored.get(reason, [])), reason
     assert report["annotations_voc_marked_ignore"] == 9
     assert report["annotations_total"] == len(d["annotations"])
@@ -317,10 +320,10 @@ def test_malformed_annotations_are_counted_with_ids(tmp_path, instances, images_
 
 
 def test_id_lists_are_capped_but_counts_complete():
-    r = cv._Reasons(cv.SKIP_REASONS)
+    r = cv._Reasons(ca.SKIP_REASONS)
     for i in range(cv.ID_LIST_CAP + 5):
-        r.add(cv.SKIP_NO_SEGMENTATION, i)
-    rep = r.report()[cv.SKIP_NO_SEGMENTATION]
+        r.add(ca.SKIP_NO_SEGMENTATION, i)
+    rep = r.report()[ca.SKIP_NO_SEGMENTATION]
     assert rep["count"] == cv.ID_LIST_CAP + 5
     assert rep["ids"] == list(range(cv.ID_LIST_CAP)) and rep["ids_truncated"]
 
@@ -329,18 +332,18 @@ def test_validate_annotation_reasons():
     sizes, cats = {1: (50, 60)}, {1, 25}
     sq = [5.0, 5.0, 20.0, 5.0, 20.0, 20.0]
     ok = {"id": 1, "image_id": 1, "category_id": 1, "iscrowd": 0, "segmentation": [sq]}
-    assert cv.validate_annotation(ok, sizes, cats) is None
-    assert cv.validate_annotation({**ok, "category_id": 25}, sizes, cats) is None  # non-VOC is fine
+    assert ca.validate_annotation(ok, sizes, cats) is None
+    assert ca.validate_annotation({**ok, "category_id": 25}, sizes, cats) is None  # non-VOC is fine
     full = {"size": [50, 60], "counts": [3000]}
-    assert cv.validate_annotation({**ok, "iscrowd": 1, "segmentation": full}, sizes, cats) is None
+    assert ca.validate_annotation({**ok, "iscrowd": 1, "segmentation": full}, sizes, cats) is None
     cases = {
-        cv.SKIP_MALFORMED: ["not a dict", {**ok, "image_id": "1"}, {**ok, "iscrowd": 2}],
-        cv.SKIP_UNKNOWN_IMAGE: [{**ok, "image_id": 2}],
-        cv.SKIP_UNKNOWN_CATEGORY: [{**ok, "category_id": 3}],
-        cv.SKIP_NO_SEGMENTATION: [{**ok, "segmentation": None}, {**ok, "segmentation": {}}],
-        cv.SKIP_SHORT_POLYGON: [{**ok, "segmentation": [sq[:4], sq[:2]]}],
-        cv.SKIP_OFF_IMAGE: [{**ok, "segmentation": [[x + 60 for x in sq]]}],
-        cv.SKIP_BAD_SEGMENTATION: [
+        ca.SKIP_MALFORMED: ["not a dict", {**ok, "image_id": "1"}, {**ok, "iscrowd": 2}],
+        ca.SKIP_UNKNOWN_IMAGE: [{**ok, "image_id": 2}],
+        ca.SKIP_UNKNOWN_CATEGORY: [{**ok, "category_id": 3}],
+        ca.SKIP_NO_SEGMENTATION: [{**ok, "segmentation": None}, {**ok, "segmentation": {}}],
+        ca.SKIP_SHORT_POLYGON: [{**ok, "segmentation": [sq[:4], sq[:2]]}],
+        ca.SKIP_OFF_IMAGE: [{**ok, "segmentation": [[x + 60 for x in sq]]}],
+        ca.SKIP_BAD_SEGMENTATION: [
             {**ok, "segmentation": "polygon"},
             {**ok, "segmentation": [["a", "b", "c", "d", "e", "f"]]},
             {**ok, "segmentation": {"size": [50, 60], "counts": [2999]}},
@@ -350,12 +353,12 @@ def test_validate_annotation_reasons():
     }
     for reason, anns in cases.items():
         for ann in anns:
-            assert cv.validate_annotation(ann, sizes, cats) == reason, ann
-    assert cv.validate_annotation(ok, sizes, cats, missing_images={1}) == cv.SKIP_IMAGE_MISSING
+            assert ca.validate_annotation(ann, sizes, cats) == reason, ann
+    assert ca.validate_annotation(ok, sizes, cats, missing_images={1}) == ca.SKIP_IMAGE_MISSING
     # one usable part is enough; a missing iscrowd is 0 (pycocotools)
-    assert cv.validate_annotation({**ok, "segmentation": [sq, sq[:4]]}, sizes, cats) is None
+    assert ca.validate_annotation({**ok, "segmentation": [sq, sq[:4]]}, sizes, cats) is None
     no_crowd = {k: v for k, v in ok.items() if k != "iscrowd"}
-    assert cv.validate_annotation(no_crowd, sizes, cats) is None
+    assert ca.validate_annotation(no_crowd, sizes, cats) is None
 
 
 # --- rasterization and the rules ---------------------------------------------------------------
@@ -368,7 +371,7 @@ def test_rasterize_annotation_polygon_and_both_rle_forms(instances):
     assert isinstance(crowd["segmentation"]["counts"], list)  # uncompressed RLE in the sample
     for ann in (poly, crowd):
         img = coco.imgs[ann["image_id"]]
-        got = cv.rasterize_annotation(ann, img["height"], img["width"])
+        got = cp.rasterize_annotation(ann, img["height"], img["width"])
         assert got.dtype == bool and got.shape == (img["height"], img["width"])
         np.testing.assert_array_equal(got, coco.annToMask(ann).astype(bool))
     # compressed RLE (string counts) of the crowd mask decodes to the same pixels
@@ -377,10 +380,10 @@ def test_rasterize_annotation_polygon_and_both_rle_forms(instances):
     rle = mask_utils.encode(np.asfortranarray(m))
     compressed = {"segmentation": {"size": rle["size"], "counts": rle["counts"].decode()}}
     np.testing.assert_array_equal(
-        cv.rasterize_annotation(compressed, img["height"], img["width"]), m.astype(bool)
+        cp.rasterize_annotation(compressed, img["height"], img["width"]), m.astype(bool)
     )
     with pytest.raises(ValueError, match="polygon_under_3_points"):
-        cv.rasterize_annotation({"id": 5, "segmentation": [[1, 1, 2, 2]]}, 10, 10)
+        cp.rasterize_annotation({"id": 5, "segmentation": [[1, 1, 2, 2]]}, 10, 10)
 
 
 def test_rle_string_decoder_matches_pycocotools():
@@ -389,7 +392,7 @@ def test_rle_string_decoder_matches_pycocotools():
         m = np.asfortranarray((rng.random((h, w)) < 0.3).astype(np.uint8))
         m[: h // 2, : w // 3] = 1  # long runs too
         s = mask_utils.encode(m)["counts"]
-        runs = cv._rle_string_counts(s)
+        runs = ca._rle_string_counts(s)
         flat = m.ravel(order="F")
         expect, v, n = [], 0, 0
         for x in flat:
@@ -405,17 +408,17 @@ def test_apply_voc_rules():
     a = np.array([[1, 1, 0, 0]], np.uint8)
     b = np.array([[0, 1, 1, 0]], np.uint8)
     crowd = np.array([[0, 0, 0, 1]], np.uint8)
-    np.testing.assert_array_equal(cv.apply_voc_rules([(15, a)], None), [[15, 15, 0, 0]])
-    np.testing.assert_array_equal(cv.apply_voc_rules([(15, a), (12, b)], None), [[15, 255, 12, 0]])
+    np.testing.assert_array_equal(cp.apply_voc_rules([(15, a)], None), [[15, 15, 0, 0]])
+    np.testing.assert_array_equal(cp.apply_voc_rules([(15, a), (12, b)], None), [[15, 255, 12, 0]])
     np.testing.assert_array_equal(
-        cv.apply_voc_rules([(15, a), (12, b)], crowd), [[15, 255, 12, 255]]
+        cp.apply_voc_rules([(15, a), (12, b)], crowd), [[15, 255, 12, 255]]
     )
-    np.testing.assert_array_equal(cv.apply_voc_rules([], crowd), [[0, 0, 0, 255]])
+    np.testing.assert_array_equal(cp.apply_voc_rules([], crowd), [[0, 0, 0, 255]])
     # class sums wrap in uint8 (20+19+...); every multiply-covered pixel still ends up 255
     many = [(c, np.ones((1, 4), np.uint8)) for c in range(1, 21)]
-    np.testing.assert_array_equal(cv.apply_voc_rules(many, None), [[255] * 4])
-    assert cv.voc_pixel_count(np.array([[0, 1, 20, 255, 7]], np.uint8)) == 3
-    assert cv.keep_image(1000, 1000) and not cv.keep_image(999, 1000) and cv.keep_image(0, 0)
+    np.testing.assert_array_equal(cp.apply_voc_rules(many, None), [[255] * 4])
+    assert cp.voc_pixel_count(np.array([[0, 1, 20, 255, 7]], np.uint8)) == 3
+    assert cp.keep_image(1000, 1000) and not cp.keep_image(999, 1000) and cp.keep_image(0, 0)
 
 
 def test_voc_label_map_rules_on_rectangles():
@@ -435,7 +438,7 @@ def test_voc_label_map_rules_on_rectangles():
         ann(72, rect(55, 40, 75, 55)),  # tv
         ann(1, rect(65, 45, 80, 60), crowd=1),  # person crowd over the tv -> 255
     ]
-    label = cv.voc_label_map(anns, h, w)
+    label = cp.voc_label_map(anns, h, w)
     assert label.shape == (h, w) and label.dtype == np.uint8 and label.flags.c_contiguous
     assert label[5, 5] == 15 and label[5, 35] == 15  # both persons
     assert label[25, 27] == 255  # person/dog overlap
@@ -451,20 +454,20 @@ def test_voc_label_map_rules_on_rectangles():
         }
     )
     np.testing.assert_array_equal(label, reference_label_map(coco, 1))
-    assert set(np.unique(cv.voc_label_map([], h, w)).tolist()) == {0}
+    assert set(np.unique(cp.voc_label_map([], h, w)).tolist()) == {0}
 
 
 def test_encode_label_png_round_trip():
     rng = np.random.default_rng(1)
     label = rng.choice(np.array([0, 1, 15, 20, 255], np.uint8), size=(37, 53))
     for arr in (label, np.asfortranarray(label), label.T.copy().T):
-        png = cv.encode_label_png(arr)
-        assert png == cv.encode_label_png(label)  # deterministic, layout-independent
+        png = cp.encode_label_png(arr)
+        assert png == cp.encode_label_png(label)  # deterministic, layout-independent
         with Image.open(io.BytesIO(png)) as im:
             assert im.mode == "L" and im.size == (53, 37)
             np.testing.assert_array_equal(np.asarray(im), label)
     with pytest.raises(ValueError, match="uint8"):
-        cv.encode_label_png(label.astype(np.int32))
+        cp.encode_label_png(label.astype(np.int32))
 
 
 # --- files that are not usable: clear errors naming file/member and key -------------------------
@@ -473,20 +476,20 @@ def test_encode_label_png_round_trip():
 def test_load_instances_errors():
     src = "ann.zip:annotations/instances_val2017.json"
     with pytest.raises(
-        cv.CocoFormatError, match=r"ann\.zip:annotations/instances_val2017\.json: not valid JSON"
+        cj.CocoFormatError, match=r"ann\.zip:annotations/instances_val2017\.json: not valid JSON"
     ):
-        cv.load_instances(b"{not json", src)
-    with pytest.raises(cv.CocoFormatError, match="not UTF-8"):
-        cv.load_instances(b"\xff\xfe\x00", src)
-    with pytest.raises(cv.CocoFormatError, match="got a JSON list"):
-        cv.load_instances(b"[]", src)
-    for key in cv.REQUIRED_KEYS:
-        d = {k: [] for k in cv.REQUIRED_KEYS if k != key}
-        with pytest.raises(cv.CocoFormatError, match=rf"{src}: missing required key '{key}'"):
-            cv.load_instances(json.dumps(d).encode(), src)
-    with pytest.raises(cv.CocoFormatError, match="'images' must be a list"):
-        cv.load_instances(b'{"images": {}, "annotations": [], "categories": []}', src)
-    assert cv.load_instances(
+        cj.load_instances(b"{not json", src)
+    with pytest.raises(cj.CocoFormatError, match="not UTF-8"):
+        cj.load_instances(b"\xff\xfe\x00", src)
+    with pytest.raises(cj.CocoFormatError, match="got a JSON list"):
+        cj.load_instances(b"[]", src)
+    for key in cj.REQUIRED_KEYS:
+        d = {k: [] for k in cj.REQUIRED_KEYS if k != key}
+        with pytest.raises(cj.CocoFormatError, match=rf"{src}: missing required key '{key}'"):
+            cj.load_instances(json.dumps(d).encode(), src)
+    with pytest.raises(cj.CocoFormatError, match="'images' must be a list"):
+        cj.load_instances(b'{"images": {}, "annotations": [], "categories": []}', src)
+    assert cj.load_instances(
         io.BytesIO(b'{"images": [], "annotations": [], "categories": []}'), src
     )
 
@@ -499,12 +502,12 @@ def test_streaming_parse_equals_json_loads_and_reports_errors(coco_sample):
         seen.append(i)
         return ann
 
-    assert cv.load_instances(raw, "x", annotation_hook=hook) == json.loads(raw)
+    assert cj.load_instances(raw, "x", annotation_hook=hook) == json.loads(raw)
     assert seen == list(range(288))
-    compact = cv.load_instances(raw, "x", annotation_hook=cv._compact_annotation)["annotations"]
+    compact = cj.load_instances(raw, "x", annotation_hook=ca.compact_annotation)["annotations"]
     assert [r[0] for r in compact] == [a["id"] for a in json.loads(raw)["annotations"]]
     ok = '{"images": [], "categories": [], "annotations": [{"id": 1}, {"id": 2}]}'
-    assert cv.load_instances(f" \n{ok}\n ".encode(), "x", annotation_hook=hook)["annotations"] == [
+    assert cj.load_instances(f" \n{ok}\n ".encode(), "x", annotation_hook=hook)["annotations"] == [
         {"id": 1},
         {"id": 2},
     ]
@@ -518,8 +521,8 @@ def test_streaming_parse_equals_json_loads_and_reports_errors(coco_sample):
     }
     for text, msg in bad.items():
         for h in (None, hook):
-            with pytest.raises(cv.CocoFormatError, match=rf"^src\.json: not valid JSON \({msg}"):
-                cv.load_instances(text.encode(), "src.json", annotation_hook=h)
+            with pytest.raises(cj.CocoFormatError, match=rf"^src\.json: not valid JSON \({msg}"):
+                cj.load_instances(text.encode(), "src.json", annotation_hook=h)
 
 
 def test_convert_split_errors_name_the_file_and_write_nothing(tmp_path, instances, images_dir):
@@ -527,27 +530,27 @@ def test_convert_split_errors_name_the_file_and_write_nothing(tmp_path, instance
     kw = {"min_pixels": 0, "workers": 1, "shard_size": 10, "progress": False}
     ann_zip, img_zip = make_zips(tmp_path / "a", b'{"images": [], "annotations": []', images_dir)
     with pytest.raises(
-        cv.CocoFormatError, match=rf"annotations_trainval2017\.zip:{MEMBER}: not valid JSON"
+        cj.CocoFormatError, match=rf"annotations_trainval2017\.zip:{MEMBER}: not valid JSON"
     ):
         cv.convert_split(ann_zip, img_zip, SPLIT, out, **kw)
     d = {k: v for k, v in instances.items() if k != "categories"}
     ann_zip, img_zip = make_zips(tmp_path / "b", d, images_dir)
-    with pytest.raises(cv.CocoFormatError, match=rf"{MEMBER}: missing required key 'categories'"):
+    with pytest.raises(cj.CocoFormatError, match=rf"{MEMBER}: missing required key 'categories'"):
         cv.convert_split(ann_zip, img_zip, SPLIT, out, **kw)
     with pytest.raises(
-        cv.CocoFormatError, match=r"no member 'annotations/instances_train2017\.json'"
+        cj.CocoFormatError, match=r"no member 'annotations/instances_train2017\.json'"
     ):
         cv.convert_split(ann_zip, img_zip, "train2017", out, **kw)
     bad = copy.deepcopy(instances)
     del bad["images"][3]["height"]
     ann_zip, img_zip = make_zips(tmp_path / "c", bad, images_dir)
-    with pytest.raises(cv.CocoFormatError, match=r"images\[3\]: missing required key 'height'"):
+    with pytest.raises(cj.CocoFormatError, match=r"images\[3\]: missing required key 'height'"):
         cv.convert_split(ann_zip, img_zip, SPLIT, out, **kw)
     notzip = tmp_path / "not.zip"
     notzip.write_bytes(b"plain text")
-    with pytest.raises(cv.CocoFormatError, match=r"not\.zip: not a readable zip"):
+    with pytest.raises(cj.CocoFormatError, match=r"not\.zip: not a readable zip"):
         cv.convert_split(notzip, img_zip, SPLIT, out, **kw)
-    with pytest.raises(cv.CocoFormatError, match=r"not\.zip: not a readable zip"):
+    with pytest.raises(cj.CocoFormatError, match=r"not\.zip: not a readable zip"):
         cv.convert_split(ann_zip, notzip, SPLIT, out, **kw)
     assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir())
 

@@ -12,21 +12,17 @@ import pytest
 from PIL import Image
 
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES, voc_palette_flat
+from pipeline.data import label_counts
+from pipeline.data.drop_reasons import coco_dropped, preprocess_dropped, preprocess_reason
+from pipeline.data.label_counts import DataCardError, count_dataset, source_order
 from pipeline.data.shards import ShardWriter
-from pipeline.reports import data_card
 from pipeline.reports.data_card import (
     CARD,
     CLASS_PIXELS_CSV,
     METRICS_JSON,
-    DataCardError,
     card_markdown,
     class_pixels_csv,
-    coco_dropped,
-    count_dataset,
     metrics_json,
-    preprocess_dropped,
-    preprocess_reason,
-    source_order,
     write_data_card,
 )
 from stages import data_card as stage
@@ -155,7 +151,7 @@ def test_counts_are_the_label_maps_pixels(dataset):
 
 def test_counts_do_not_depend_on_workers(dataset, monkeypatch):
     root, expected = dataset
-    monkeypatch.setattr(data_card, "_CHUNK", 2)  # several tasks per split: the pool runs
+    monkeypatch.setattr(label_counts, "_CHUNK", 2)  # several tasks per split: the pool runs
     assert count_dataset(root, workers=2) == expected
 
 

@@ -23,7 +23,8 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline.data.download import DownloadError, fetch
+from pipeline.data.download import fetch
+from pipeline.data.download_verify import DownloadError
 
 
 def _closed_port_url() -> str:

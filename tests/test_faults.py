@@ -17,16 +17,19 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
-import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 
 from pipeline.classes import COCO_NAMES
+from pipeline.data import coco_annotations as ca
+from pipeline.data import coco_json as cj
+from pipeline.data import coco_paint as cp
 from pipeline.data import coco_voc as cv
 from pipeline.data.datasets import decode_image_rgb, decode_label
 from pipeline.data.shards import ShardReader
 from pipeline.inference.predict import find_images, load_rgb, predict_files
+from tests.helpers import TinyFCN
+from tests.repo_utils import write_tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 SPLIT = "val2017"
@@ -70,7 +73,7 @@ def _convert(raw: Path, out: Path, **kw) -> dict:
 
 def _labels(out: Path) -> dict[int, np.ndarray]:
     r = ShardReader(out)
-    res = {r.meta(i)["image_id"]: cv.label_png_to_array(r.blob(i, "label")) for i in range(len(r))}
+    res = {r.meta(i)["image_id"]: cp.label_png_to_array(r.blob(i, "label")) for i in range(len(r))}
     r.close()
     return res
 
@@ -132,12 +135,12 @@ def test_unusable_parts_are_dropped_and_unusable_objects_marked_ignore(tmp_path)
     assert np.count_nonzero(labels[1] == 15) == 1600  # 40 x 40, as detectron2 rasterises it
 
     parts = report["voc_objects_parts_dropped_by_reason"]
-    assert parts[cv.SKIP_SHORT_POLYGON]["ids"] == [10]
-    assert parts[cv.SKIP_OFF_IMAGE]["ids"] == [15]
+    assert parts[ca.SKIP_SHORT_POLYGON]["ids"] == [10]
+    assert parts[ca.SKIP_OFF_IMAGE]["ids"] == [15]
     marked = {r: v["ids"] for r, v in report["voc_objects_marked_ignore_by_reason"].items()}
-    assert marked[cv.SKIP_BAD_SEGMENTATION] == [12, 14]
-    assert marked[cv.SKIP_NO_SEGMENTATION] == [13, 20]
-    assert marked[cv.SKIP_OFF_IMAGE] == [16]
+    assert marked[ca.SKIP_BAD_SEGMENTATION] == [12, 14]
+    assert marked[ca.SKIP_NO_SEGMENTATION] == [13, 20]
+    assert marked[ca.SKIP_OFF_IMAGE] == [16]
     assert report["annotations_voc_marked_ignore"] == 5
     # image 2: the person cannot be located, so the image is dropped rather than half labelled
     assert 2 not in labels
@@ -148,14 +151,15 @@ def test_unusable_parts_are_dropped_and_unusable_objects_marked_ignore(tmp_path)
 
 
 def _stage_params(tmp: Path, fraction: float) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "sample"
-    params["sample"]["coco_to_voc"].update(
-        splits=[SPLIT], min_pixels=1, workers=1, max_rejected_fraction=fraction
+    return write_tiny_params(
+        tmp / "params.yaml",
+        {
+            "sample.coco_to_voc.splits": [SPLIT],
+            "sample.coco_to_voc.min_pixels": 1,
+            "sample.coco_to_voc.workers": 1,
+            "sample.coco_to_voc.max_rejected_fraction": fraction,
+        },
     )
-    path = tmp / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
 
 
 def _run_stage(params: Path, raw: Path, out: Path) -> subprocess.CompletedProcess:
@@ -249,18 +253,6 @@ def test_low_bit_depth_grayscale_labels_are_refused():
 # --- E: predict never reads back its own outputs -----------------------------------------------
 
 
-class _TinyFCN(torch.nn.Module):
-    normalization = "imagenet"
-
-    def __init__(self) -> None:
-        super().__init__()
-        torch.manual_seed(0)
-        self.score = torch.nn.Conv2d(3, 21, 3, padding=1)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.score(x)
-
-
 def _snapshot(folder: Path) -> dict[str, bytes]:
     return {str(p.relative_to(folder)): p.read_bytes() for p in folder.rglob("*") if p.is_file()}
 
@@ -272,7 +264,7 @@ def test_predict_reruns_are_idempotent(tmp_path, out_name):
     (photos / "a.jpg").write_bytes(_jpeg(24, 32, 1))
     (photos / "sub" / "b.jpg").write_bytes(_jpeg(20, 28, 2))
     out = photos / out_name
-    model = _TinyFCN().eval()
+    model = TinyFCN().eval()
     snapshots = []
     for _ in range(2):
         items, missing = find_images([photos], out)
@@ -296,7 +288,7 @@ def test_renumbered_categories_are_refused(tmp_path):
     }
     raw = _coco_dir(tmp_path / "raw", instances)
     with pytest.raises(
-        cv.CocoFormatError,
+        cj.CocoFormatError,
         match=r"annotations_trainval2017\.zip:annotations/instances_val2017\.json: category id 1 "
         r"is named 'bicycle', expected 'person'",
     ):

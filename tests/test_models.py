@@ -26,6 +26,7 @@ from pipeline.models.surgery import (
     random_vgg16_state_dict,
     transplant,
 )
+from tests.helpers import PlantedCode
 
 ARCHS = list(MODELS)
 SMALL = 1 / 16  # conv channels 4..32, fc6/fc7 256: fast on 2 cores
@@ -450,29 +451,19 @@ def test_save_model_refuses_non_plain_metadata_and_leaves_nothing(tmp_path) -> N
     assert list(tmp_path.iterdir()) == []
 
 
-_EXECUTED = []
-
-
-def _payload() -> None:
-    _EXECUTED.append(True)
-
-
-class _Evil:
-    def __reduce__(self):
-        return (_payload, ())
-
-
 def test_load_model_refuses_pickled_objects(tmp_path) -> None:
+    marker = tmp_path / "pickle-was-executed"
+    evil = PlantedCode(marker)
     good = {"arch": "fcn32s", "num_classes": 21, "width": SMALL, "normalization": "imagenet"}
     for name, save in [
-        ("torch.pt", lambda p: torch.save({**good, "state_dict": {}, "x": _Evil()}, p)),
-        ("plain.pkl", lambda p: p.write_bytes(pickle.dumps({"state_dict": _Evil()}, protocol=2))),
+        ("torch.pt", lambda p: torch.save({**good, "state_dict": {}, "x": evil}, p)),
+        ("plain.pkl", lambda p: p.write_bytes(pickle.dumps({"state_dict": evil}, protocol=2))),
     ]:
         path = tmp_path / name
         save(path)
         with pytest.raises(ModelFileError, match=f"{path}.*refused"):
             load_model(path)
-    assert _EXECUTED == []  # refused, never run
+    assert not marker.exists()  # refused, never run
 
 
 def test_load_model_rejects_foreign_and_mismatched_files(tmp_path) -> None:

@@ -17,19 +17,18 @@ from PIL import Image
 
 from pipeline.classes import COCO_TO_VOC, IGNORE_INDEX
 from pipeline.data.datasets import SegmentationShards, decode_label
-from pipeline.data.preprocess import (
+from pipeline.data.preprocess import preprocess, preprocess_voc
+from pipeline.data.preprocess_image import (
     BadSample,
-    PreprocessError,
     check_label_values,
     decode_resized,
     jpeg_scale_denominator,
     prepare_image,
-    preprocess,
-    preprocess_voc,
     resize_image,
     resize_label,
     target_size,
 )
+from pipeline.data.preprocess_inputs import PreprocessError
 from pipeline.data.shards import ShardReader, ShardWriter
 
 pytestmark = [

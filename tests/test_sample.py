@@ -18,16 +18,15 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
 
-from pipeline.classes import COCO_TO_VOC, IGNORE_INDEX, NUM_CLASSES, voc_palette_flat
-from pipeline.data.sample import (
+from pipeline.classes import (
     COCO_CATEGORIES,
-    boundary_band,
-    class_colour,
-    make_coco_sample,
-    make_voc_sample,
-    rle_uncompressed,
-    voc_label,
+    COCO_TO_VOC,
+    IGNORE_INDEX,
+    NUM_CLASSES,
+    voc_palette_flat,
 )
+from pipeline.data.sample import make_coco_sample, make_voc_sample
+from pipeline.data.sample_scene import boundary_band, class_colour, rle_uncompressed, voc_label
 
 # params.yaml `sample.download.sample`
 DEFAULTS = {"seed": 0, "min_side": 120, "max_side": 240}

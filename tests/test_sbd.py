@@ -14,7 +14,8 @@ import pytest
 import scipy.io
 from PIL import Image
 
-from pipeline.data.download import DownloadError, fetch
+from pipeline.data.download import fetch
+from pipeline.data.download_verify import DownloadError
 from pipeline.data.sbd import (
     SBD_ROOT,
     SBD_SPLITS,

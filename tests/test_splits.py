@@ -114,28 +114,30 @@ def _shards(out: Path, keys: list[str]) -> Path:
 
 
 def test_evaluate_refuses_to_score_training_images(tmp_path: Path):
-    from pipeline.evaluation.evaluate import evaluate_all
+    from pipeline.evaluation.evaluate import ReportSettings, RunSettings, ValSet, evaluate_all
     from tests.helpers import TinyFCN
 
     val = _shards(tmp_path / "val", ["voc/2008_000003", "voc/2008_000004"])
     train = _shards(tmp_path / "train", ["voc/2008_000003", "coco/000000000139"])
-    kw = dict(device="cpu", precision="fp32", qualitative_images=1, progress=False)
+    kw = dict(run=RunSettings("cpu", "fp32", progress=False), report=ReportSettings(1))
     with pytest.raises(ValueError, match=r"1 image\(s\) of the voc2012_val split.*2008_000003"):
-        evaluate_all(lambda n: TinyFCN(), ["fcn8s"], val, tmp_path / "out", train_dir=train, **kw)
+        evaluate_all(
+            lambda n: TinyFCN(), ["fcn8s"], ValSet(val, train_dir=train), tmp_path / "out", **kw
+        )
     assert not (tmp_path / "out").exists()  # refused before writing anything
     clean = _shards(tmp_path / "train2", ["voc/2008_000005"])
     results = evaluate_all(
-        lambda n: TinyFCN(), ["fcn8s"], val, tmp_path / "out", train_dir=clean, **kw
+        lambda n: TinyFCN(), ["fcn8s"], ValSet(val, train_dir=clean), tmp_path / "out", **kw
     )
     assert results["fcn8s"]["num_pixels"] == 2 * 24 * 32
 
 
 def test_the_summary_names_seg11valid():
-    from tests.test_evaluate import load_stage
+    from pipeline.evaluation.summary import val_set_name
 
     evaluate = {"split": "seg11valid", "allow_partial_split": False}
     params = {"evaluate": evaluate, "download": {"generate_sample": False}}
-    assert load_stage().val_set_name(params).startswith("seg11valid (736 images")
+    assert val_set_name(params).startswith("seg11valid (736 images")
     evaluate["allow_partial_split"] = True  # a subset is never named as the paper's set
-    name = load_stage().val_set_name(params)
+    name = val_set_name(params)
     assert "subset" in name and "not comparable" in name and "736 images" not in name

@@ -10,7 +10,7 @@ Seeding: `__getitem__` runs the transform under a private copy of torch's CPU ge
 with `sample_seed(seed, epoch, index)`, so sample i of epoch e gets the same crop, flip and jitter
 whatever the number of DataLoader workers or DDP ranks, and the caller's global RNG (dropout, the
 sampler) is left exactly as it was. The epoch comes with the index, `dataset[(e, i)]` (what
-`pipeline.training.train.EpochSampler` yields), so DataLoader workers that persist across epochs use the
+`pipeline.training.distributed.EpochKeySampler` yields), so DataLoader workers that persist across epochs use the
 right one; a plain `dataset[i]` uses the epoch of `set_epoch(e)`.
 """
 

@@ -45,14 +45,11 @@ import numpy as np
 import scipy.io
 import scipy.sparse
 
-from pipeline.data.archives import ArchiveError, iter_tar_files
 from pipeline.atomic import atomic_path
 from pipeline.classes import IGNORE_INDEX, NUM_CLASSES
+from pipeline.data.archives import ArchiveError, iter_tar_files
 
 SBD_ROOT = "benchmark_RELEASE/dataset"
-# the release file as torchvision.datasets.SBDataset pins it (md5) and its size in bytes
-SBD_MD5 = "82b4d87ceb2ed10f6038a1cba92111cb"
-SBD_SIZE = 1_419_539_633
 SBD_SPLITS = ("train", "val")
 SBD_MTIME = 1293840000  # member times of written archives: 2011-01-01 UTC (fixed, arbitrary)
 MAX_CLASS = NUM_CLASSES - 1  # 20: SBD labels are 0 (background) .. 20, no 255
@@ -243,6 +240,14 @@ def _first_pass(
         raise SbdError(
             f"{tgz}: no member {list_name} (is this SBD's benchmark.tgz, with {SBD_ROOT}/?)"
         )
+    _check_members(tgz, list_name, ids, images, labels)
+    return ids, labels
+
+
+def _check_members(
+    tgz: Path, list_name: str, ids: list[str], images: set[str], labels: Collection[str]
+) -> None:
+    """SbdError naming the first missing `img/` or `cls/` members of the listed `ids`."""
     missing = [
         _member(kind, i)
         for i in ids
@@ -255,7 +260,6 @@ def _first_pass(
             f"{tgz}: {list_name} names ids whose members are missing: {len(missing)} missing "
             f"member(s){more}: {', '.join(missing[:_MAX_LISTED])}"
         )
-    return ids, labels
 
 
 def read_sbd(tgz: Path, split: str, exclude: Collection[str] = ()) -> Iterator[SbdRecord]:
@@ -340,7 +344,7 @@ def _check_label(label: np.ndarray, what: str) -> np.ndarray:
 def _write_tgz(path: Path, files: dict[str, bytes]) -> int:
     """Gzip'd GNU tar with parent directory entries, sorted members, fixed times and owners,
     gzip header time 0 and no file name: identical bytes for identical `files`. Atomic."""
-    from pipeline.data.sample import add_tar_members
+    from pipeline.data.sample_pack import add_tar_members
 
     with (
         atomic_path(path) as tmp,

@@ -23,7 +23,6 @@ from torch.utils.data import Dataset
 SPLITS = ("voc2012_val", "seg11valid")
 SEG11VALID_PATH = Path(__file__).with_name("seg11valid.txt")
 SEG11VALID_MD5 = "7984b6ce736bd3666d8b7ee70b5401da"
-SEG11VALID_SIZE = 736
 # sources whose image ids are VOC ids (an image of one is the same photo in the other)
 VOC_ID_SOURCES = ("voc", "sbd")
 

@@ -11,7 +11,7 @@ same inputs (no timestamps, no paths of the machine, fixed orders):
                                   of that source and split; a grouped bar chart)
     metrics/data.json             {source: {split: {"images", "labelled_pixels"}}}
 
-Counts come from the label maps in `data/preprocessed/{train,val}` (what training and
+Counts (`pipeline.data.label_counts`) come from the label maps in `data/preprocessed/{train,val}` (what training and
 evaluation read), not from the reports: a labelled pixel is one whose label is not 255. The
 sources are the records' `meta["source"]`: `voc`, `coco` (COCO-VOC), `sbd` when present.
 What was dropped comes from `data/coco_voc/report.json` and `data/preprocessed/report.json`.
@@ -22,21 +22,20 @@ from __future__ import annotations
 import csv
 import io
 import json
-import multiprocessing
-import re
 from collections.abc import Iterable, Mapping, Sequence
-from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
 
-import numpy as np
-
 from pipeline.atomic import atomic_write_json, atomic_write_text
-from pipeline.classes import IGNORE_INDEX, NUM_CLASSES, VOC_CLASSES
-from pipeline.data.shards import ShardReader
+from pipeline.classes import VOC_CLASSES
+from pipeline.data.drop_reasons import coco_dropped, preprocess_dropped
+from pipeline.data.label_counts import (
+    SPLITS,
+    count_dataset,
+    count_groups,
+    labelled_pixels,
+)
 
-SPLITS = ("train", "val")
-SOURCE_ORDER = ("voc", "coco", "sbd")  # any other source follows, sorted by name
 SOURCE_NAMES = {
     "voc": "PASCAL VOC 2012",
     "coco": "COCO-VOC (COCO 2017, 20 VOC classes)",
@@ -45,7 +44,6 @@ SOURCE_NAMES = {
 CARD = Path("reports/data_card.md")
 CLASS_PIXELS_CSV = Path("plots/data/class_pixels.csv")
 METRICS_JSON = Path("metrics/data.json")
-_CHUNK = 256  # label maps per worker task
 _MAX_EXAMPLES = 10  # skipped preprocess inputs quoted in the card
 
 # torchvision's reference converter, compared with pipeline/data/coco_voc.py in the card
@@ -89,123 +87,13 @@ TERMS: tuple[tuple[str, str, str, str], ...] = (
 )
 
 
-class DataCardError(ValueError):
-    """The shards hold something no data card can count (a label value outside 0..20/255)."""
-
-
-# --- counting ---------------------------------------------------------------------------------
-
-
-def label_histogram(png: bytes, name: str) -> np.ndarray:
-    """Pixel count of each value 0..255 in a label PNG (mode L or VOC palette), int64 [256].
-
-    Raises DataCardError naming `name` when a value is neither a class (0..20) nor 255.
-    """
-    import torch
-
-    from pipeline.data.datasets import decode_label
-
-    label = decode_label(png, name)
-    hist = torch.bincount(label.reshape(-1).to(torch.int64), minlength=256).numpy()
-    bad = [int(v) for v in np.flatnonzero(hist) if v >= NUM_CLASSES and v != IGNORE_INDEX]
-    if bad:
-        raise DataCardError(f"{name}: label values outside 0..{NUM_CLASSES - 1}/255: {bad}")
-    return hist.astype(np.int64)
-
-
-def _count_range(args: tuple[str, int, int]) -> dict[str, tuple[int, np.ndarray]]:
-    """{source: (images, histogram)} of records start..stop of one shard dir."""
-    directory, start, stop = args
-    reader = ShardReader(directory)
-    out: dict[str, tuple[int, np.ndarray]] = {}
-    try:
-        for i in range(start, stop):
-            source = str(reader.meta(i).get("source", "unknown"))
-            name = f"{directory}[{i}] {reader.records[i]['key']!r} label"
-            hist = label_histogram(reader.blob(i, "label"), name)
-            n, total = out.get(source, (0, np.zeros(256, np.int64)))
-            out[source] = (n + 1, total + hist)
-    finally:
-        reader.close()
-    return out
-
-
-def _init_worker() -> None:
-    import torch
-
-    torch.set_num_threads(1)
-
-
-def count_split(directory: str | Path, workers: int = 1) -> dict[str, dict[str, Any]]:
-    """Images and pixels per label value of each source of one shard dir.
-
-    Returns {source: {"images": n, "class_pixels": [21 ints], "ignore_pixels": n}}; integer
-    sums, so the result does not depend on `workers`.
-    """
-    directory = str(directory)
-    n = len(ShardReader(directory))
-    tasks = [(directory, s, min(s + _CHUNK, n)) for s in range(0, n, _CHUNK)]
-    if workers <= 1 or len(tasks) < 2:
-        parts: Iterable = map(_count_range, tasks)
-        pool = None
-    else:
-        methods = multiprocessing.get_all_start_methods()
-        ctx = multiprocessing.get_context("fork" if "fork" in methods else None)
-        pool = ProcessPoolExecutor(workers, mp_context=ctx, initializer=_init_worker)
-        parts = pool.map(_count_range, tasks)
-    totals: dict[str, tuple[int, np.ndarray]] = {}
-    try:
-        for part in parts:
-            for source, (k, hist) in part.items():
-                m, total = totals.get(source, (0, np.zeros(256, np.int64)))
-                totals[source] = (m + k, total + hist)
-    finally:
-        if pool is not None:
-            pool.shutdown(wait=True, cancel_futures=True)
-    return {
-        source: {
-            "images": k,
-            "class_pixels": [int(v) for v in hist[:NUM_CLASSES]],
-            "ignore_pixels": int(hist[IGNORE_INDEX]),
-        }
-        for source, (k, hist) in totals.items()
-    }
-
-
-def source_order(sources: Iterable[str]) -> list[str]:
-    """`voc`, `coco`, `sbd` first (those present), then any other source by name."""
-    present = set(sources)
-    known = [s for s in SOURCE_ORDER if s in present]
-    return known + sorted(present - set(SOURCE_ORDER))
-
-
-def count_dataset(preprocessed: str | Path, workers: int = 1) -> dict[str, dict[str, dict]]:
-    """{source: {split: counts}} of `preprocessed/{train,val}` (`count_split`), sources in
-    `source_order` and splits train, val; a source absent from a split has no entry there."""
-    by_split = {split: count_split(Path(preprocessed) / split, workers) for split in SPLITS}
-    sources = source_order(s for counts in by_split.values() for s in counts)
-    return {
-        source: {split: by_split[split][source] for split in SPLITS if source in by_split[split]}
-        for source in sources
-    }
-
-
-def _groups(counts: Mapping[str, Mapping[str, Mapping]]) -> list[tuple[str, str, Mapping]]:
-    return [(source, split, c) for source, splits in counts.items() for split, c in splits.items()]
-
-
-def labelled_pixels(c: Mapping[str, Any]) -> int:
-    """Pixels whose label is not 255 (background included)."""
-    return sum(c["class_pixels"])
-
-
 # --- the plot and the metrics -----------------------------------------------------------------
 
 
 def metrics_json(counts: Mapping[str, Mapping[str, Mapping]]) -> dict:
     """{source: {split: {"images": n, "labelled_pixels": n}}}: the DVC metrics of the data."""
     out: dict[str, dict] = {}
-    for source, split, c in _groups(counts):
+    for source, split, c in count_groups(counts):
         out.setdefault(source, {})[split] = {
             "images": c["images"],
             "labelled_pixels": labelled_pixels(c),
@@ -225,71 +113,11 @@ def class_pixels_csv(
     buf = io.StringIO()
     w = csv.writer(buf, lineterminator="\n")
     w.writerow(["source", "split", "class", "pixels", "share"])
-    for source, split, c in _groups(counts):
+    for source, split, c in count_groups(counts):
         total = labelled_pixels(c)
         for name, pixels in zip(class_names, c["class_pixels"], strict=True):
             w.writerow([source, split, name, pixels, f"{_share(pixels, total):.8f}"])
     return buf.getvalue()
-
-
-# --- what was dropped, from the reports --------------------------------------------------------
-
-COCO_IMAGE_DROPS = "images dropped"
-COCO_SKIPPED = "annotations skipped"
-COCO_IGNORED = "VOC objects marked ignore (255)"
-COCO_PARTS = "VOC objects kept, polygon parts dropped"
-_COCO_SECTIONS = (
-    (COCO_IMAGE_DROPS, "images_dropped"),
-    (COCO_SKIPPED, "annotations_skipped_by_reason"),
-    (COCO_IGNORED, "voc_objects_marked_ignore_by_reason"),
-    (COCO_PARTS, "voc_objects_parts_dropped_by_reason"),
-)
-
-
-def coco_dropped(report: Mapping[str, Any]) -> list[tuple[str, str, dict[str, int]]]:
-    """(what, reason, {split: count}) for every reason of the coco_to_voc report, in the
-    report's order: images dropped, annotations skipped, VOC objects marked ignore, VOC objects
-    with polygon parts dropped."""
-    splits = report.get("splits", {})
-    rows: dict[tuple[str, str], dict[str, int]] = {}
-    for what, key in _COCO_SECTIONS:
-        for split, r in splits.items():
-            for reason, entry in r.get(key, {}).items():
-                rows.setdefault((what, reason), {})[split] = int(entry["count"])
-    return [(what, reason, by_split) for (what, reason), by_split in rows.items()]
-
-
-# BadSample messages of pipeline/data/preprocess.py, by kind (the first matching pattern wins)
-_PREPROCESS_REASONS = (
-    (re.compile(r"^label values outside"), "label values outside 0..20/255"),
-    (re.compile(r"^label is \d+x\d+ but its image"), "image and label sizes differ"),
-    (
-        re.compile(r"^(not a PNG file|label PNG must be|corrupt PNG|label decoded to)"),
-        "label map does not decode",
-    ),
-    (
-        re.compile(r"^(not a JPEG or PNG image|corrupt image|decoded to|\S+ image \(PIL mode)"),
-        "image does not decode",
-    ),
-)
-
-
-def preprocess_reason(reason: str) -> str:
-    """The kind of a preprocess skip reason (its message without the file's details)."""
-    for pattern, kind in _PREPROCESS_REASONS:
-        if pattern.search(reason):
-            return kind
-    return "unreadable archive member or other"
-
-
-def preprocess_dropped(report: Mapping[str, Any]) -> list[tuple[str, str, str, int]]:
-    """(split, source, reason kind, count) of the inputs preprocess skipped, sorted."""
-    counts: dict[tuple[str, str, str], int] = {}
-    for s in report.get("skipped", []):
-        source = s["key"].split("/", 1)[0] if "/" in s["key"] else "unknown"
-        key = (s["split"], source, preprocess_reason(s["reason"]))
-        counts[key] = counts.get(key, 0) + 1
-    return [(*k, n) for k, n in sorted(counts.items())]
 
 
 # --- the card ----------------------------------------------------------------------------------
@@ -318,7 +146,7 @@ def _source_label(source: str) -> str:
 def _counts_section(counts: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
     rows = []
     totals = dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0), dict.fromkeys(SPLITS, 0)
-    for source, split, c in _groups(counts):
+    for source, split, c in count_groups(counts):
         lab = labelled_pixels(c)
         rows.append(
             [
@@ -359,7 +187,7 @@ def _counts_section(counts: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
 
 
 def _class_section(counts: Mapping[str, Mapping[str, Mapping]]) -> list[str]:
-    groups = _groups(counts)
+    groups = count_groups(counts)
     header = ["class", *(f"{source} {split}" for source, split, _ in groups)]
     rows = []
     for k, name in enumerate(VOC_CLASSES):
@@ -439,25 +267,13 @@ def _preprocess_dropped_section(report: Mapping[str, Any] | None) -> list[str]:
     return lines
 
 
-def _rules_section(
-    counts: Mapping[str, Mapping[str, Mapping]], coco_report: Mapping[str, Any] | None
-) -> list[str]:
-    splits = (coco_report or {}).get("splits", {})
-    min_pixels = (coco_report or {}).get("params", {}).get("min_pixels")
-    few = {s: r["images_dropped"]["below_min_pixels"]["count"] for s, r in splits.items()}
-    kept = {s: r["images_kept"] for s, r in splits.items()}
-    total = {s: r["images_total"] for s, r in splits.items()}
-    other = sum(r.get("annotations_non_voc", 0) for r in splits.values())
-    ignore_coco = sum(c["ignore_pixels"] for c in counts.get("coco", {}).values())
-    lab_coco = sum(labelled_pixels(c) for c in counts.get("coco", {}).values())
-    per_split = ", ".join(
-        f"{s}: {_n(kept[s])} of {_n(total[s])} kept, {_n(few[s])} below min_pixels" for s in splits
-    )
-    rows = [
+def _rules_rows(n_non_voc: int, min_pixels: Any) -> list[list[str]]:
+    """(rule, here, torchvision reference) rows of the COCO -> VOC rules table."""
+    return [
         [
             "categories",
             "the 20 COCO categories of the VOC classes (ids and names checked), mapped to 1..20; "
-            f"the other 60 are background ({_n(other)} annotations)",
+            f"the other 60 are background ({_n(n_non_voc)} annotations)",
             "`FilterAndRemapCocoCategories`: the same 20 ids (`CAT_LIST`), remapped to 1..20; "
             "the other categories' annotations are dropped, so their pixels are background",
         ],
@@ -492,6 +308,28 @@ def _rules_section(
             "train2017 trains, val2017 validates",
         ],
     ]
+
+
+def _coco_split_summary(splits: Mapping[str, Mapping[str, Any]]) -> str:
+    """ "<split>: <kept> of <total> kept, <n> below min_pixels" for each coco_to_voc split."""
+    few = {s: r["images_dropped"]["below_min_pixels"]["count"] for s, r in splits.items()}
+    kept = {s: r["images_kept"] for s, r in splits.items()}
+    total = {s: r["images_total"] for s, r in splits.items()}
+    return ", ".join(
+        f"{s}: {_n(kept[s])} of {_n(total[s])} kept, {_n(few[s])} below min_pixels" for s in splits
+    )
+
+
+def _rules_section(
+    counts: Mapping[str, Mapping[str, Mapping]], coco_report: Mapping[str, Any] | None
+) -> list[str]:
+    splits = (coco_report or {}).get("splits", {})
+    min_pixels = (coco_report or {}).get("params", {}).get("min_pixels")
+    other = sum(r.get("annotations_non_voc", 0) for r in splits.values())
+    ignore_coco = sum(c["ignore_pixels"] for c in counts.get("coco", {}).values())
+    lab_coco = sum(labelled_pixels(c) for c in counts.get("coco", {}).values())
+    per_split = _coco_split_summary(splits)
+    rows = _rules_rows(other, min_pixels)
     return [
         "## COCO -> VOC rules, and torchvision's reference",
         "",
