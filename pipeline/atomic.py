@@ -58,19 +58,25 @@ def atomic_path(target: str | os.PathLike, suffix: str = "") -> Iterator[Path]:
 
 
 def atomic_write_bytes(target: str | os.PathLike, data: bytes) -> None:
+    """Write `data` to `target` atomically (`atomic_path`); raises OSError naming `target`."""
     with atomic_path(target) as tmp:
         tmp.write_bytes(data)
 
 
 def atomic_write_text(target: str | os.PathLike, text: str) -> None:
+    """Write `text` as UTF-8 to `target` atomically (no newline translation: same bytes on
+    every platform, so DVC hashes agree)."""
     atomic_write_bytes(target, text.encode("utf-8"))
 
 
 def atomic_write_json(target: str | os.PathLike, obj: Any, indent: int | None = 2) -> None:
+    """Write `obj` as JSON (keys in insertion order, a final newline) to `target` atomically;
+    raises TypeError for what JSON cannot hold."""
     atomic_write_text(target, json.dumps(obj, indent=indent, sort_keys=False) + "\n")
 
 
 def remove_path(path: Path) -> None:
+    """Remove a file, a symlink (not its target) or a directory tree; nothing if absent."""
     if path.is_dir() and not path.is_symlink():
         shutil.rmtree(path)
     elif path.exists() or path.is_symlink():
@@ -101,15 +107,3 @@ def atomic_dir(target: str | os.PathLike) -> Iterator[Path]:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-
-
-def clean_stale_temporaries(directory: str | os.PathLike) -> list[Path]:
-    """Remove `.*.tmp` leftovers of a killed run (never anything else); returns what went."""
-    directory = Path(directory)
-    removed: list[Path] = []
-    if not directory.is_dir():
-        return removed
-    for p in directory.glob(".*.tmp"):
-        remove_path(p)
-        removed.append(p)
-    return removed

@@ -1,4 +1,5 @@
-"""Check a stage's input files before any work, naming the DVC stage that makes each one.
+"""The command-line plumbing every stage shares: `--params`, its inputs checked first, and
+one `error: ...` line (exit status 1) instead of a traceback for what a user can fix.
 
 A stage run by hand (`python -m stages.<name>`) before its inputs exist should say which stage
 to run, not end in a `FileNotFoundError` traceback from deep inside the work:
@@ -6,14 +7,21 @@ to run, not end in a `FileNotFoundError` traceback from deep inside the work:
     require_inputs({"data/raw/vgg16/vgg16.pth": "download_vgg16"})
     -> MissingInputsError: data/raw/vgg16/vgg16.pth: not found (made by the DVC stage
        download_vgg16: run `dvc repro download_vgg16`)
+
+A stage's `main` is built from `stage_parser` and wrapped in `stage_main`, which turns a bad
+params file (`ParamsError`), a missing input and the stage's own expected errors into that line.
 """
 
 from __future__ import annotations
 
+import argparse
+import functools
 import os
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
+
+from pipeline.config import ParamsError
 
 
 class MissingInputsError(FileNotFoundError):
@@ -51,10 +59,37 @@ def require_inputs(inputs: Inputs) -> None:
         raise MissingInputsError("missing input(s):\n  " + "\n  ".join(lines))
 
 
-def exit_if_missing(inputs: Inputs) -> None:
-    """`require_inputs` for a stage's `main`: print `error: ...` to stderr and exit 1."""
-    try:
-        require_inputs(inputs)
-    except MissingInputsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        raise SystemExit(1) from None
+StageMain = Callable[[list[str] | None], int]
+
+
+def stage_parser(description: str | None) -> argparse.ArgumentParser:
+    """An argument parser for a stage: `description` (its module docstring) as `--help` text,
+    line breaks kept, and `--params` (default params.yaml), the file every stage reads."""
+    ap = argparse.ArgumentParser(
+        description=description, formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    return ap
+
+
+def stage_main(*errors: type[Exception]) -> Callable[[StageMain], StageMain]:
+    """Decorate a stage's `main(argv) -> exit status`: a `ParamsError`, a `MissingInputsError`
+    or one of `errors` ends it with `error: <message>` on stderr and exit status 1.
+
+    Anything else (a bug) keeps its traceback; `--help` and argparse's usage errors still
+    exit through `SystemExit` (0 and 2).
+    """
+    expected = (ParamsError, MissingInputsError, *errors)
+
+    def wrap(main: StageMain) -> StageMain:
+        @functools.wraps(main)
+        def run(argv: list[str] | None = None) -> int:
+            try:
+                return main(argv)
+            except expected as e:
+                print(f"error: {e}", file=sys.stderr)
+                return 1
+
+        return run
+
+    return wrap

@@ -14,7 +14,6 @@ none), never a mix. The output does not depend on `coco_to_voc.workers`.
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -23,9 +22,9 @@ if __package__ in (None, ""):  # run as `python stages/coco_to_voc.py`: make `pi
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic import atomic_dir, atomic_write_json, remove_path  # noqa: E402
-from pipeline.config import ParamsError, load_params  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
 from pipeline.data.coco_voc import ID_LIST_CAP, CocoFormatError, convert_split  # noqa: E402
-from pipeline.inputs import MissingInputsError, require_inputs  # noqa: E402
+from pipeline.inputs import require_inputs, stage_main, stage_parser  # noqa: E402
 
 ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 
@@ -80,9 +79,9 @@ def reproducible(report: dict) -> dict:
     return out
 
 
+@stage_main(CocoFormatError)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap = stage_parser(__doc__)
     ap.add_argument(
         "--raw-dir",
         type=Path,
@@ -97,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    try:
-        report = run(load_params(args.params), args.raw_dir, args.out, not args.no_progress)
-    except (ParamsError, CocoFormatError, MissingInputsError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    report = run(load_params(args.params), args.raw_dir, args.out, not args.no_progress)
     for split, r in report["splits"].items():
         dropped = {k: v["count"] for k, v in r["images_dropped"].items() if v["count"]}
         skipped = {

@@ -15,7 +15,6 @@ before running it, and a 19 GB partial must survive that to be resumed by the ne
 
 from __future__ import annotations
 
-import argparse
 import logging
 import sys
 from pathlib import Path
@@ -25,8 +24,10 @@ if __package__ in (None, ""):  # run as `python stages/download.py`: make `pipel
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from pipeline.atomic import atomic_write_json  # noqa: E402
-from pipeline.config import ParamsError, load_params  # noqa: E402
-from pipeline.data.download import DownloadError, fetch  # noqa: E402
+from pipeline.config import load_params  # noqa: E402
+from pipeline.data.download import fetch  # noqa: E402
+from pipeline.data.download_verify import DownloadError  # noqa: E402
+from pipeline.inputs import stage_main, stage_parser  # noqa: E402
 
 RAW = Path("data/raw")
 PARTIAL = Path("data/partial")
@@ -116,8 +117,9 @@ def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 
 
+@stage_main(DownloadError, ValueError)  # ValueError: a malformed pin
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap = stage_parser(__doc__)
     ap.add_argument(
         "target",
         choices=TARGETS,
@@ -126,19 +128,14 @@ def main(argv: list[str] | None = None) -> int:
         "sbd: data/raw/sbd/benchmark.tgz (SBD: img/, cls/*.mat, train.txt, val.txt)\n"
         "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict) + metrics/vgg16.json",
     )
-    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
-    try:
-        cfg = load_params(args.params)
-        if cfg["download"]["generate_sample"]:
-            paths = generate(args.target, cfg)
-        else:
-            paths = download(args.target, cfg, progress=not args.no_progress)
-    except (ParamsError, DownloadError, ValueError) as e:  # ValueError: a malformed pin
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    cfg = load_params(args.params)
+    if cfg["download"]["generate_sample"]:
+        paths = generate(args.target, cfg)
+    else:
+        paths = download(args.target, cfg, progress=not args.no_progress)
     for p in paths:
         logging.info("ready: %s (%d bytes)", p, p.stat().st_size)
     return 0

@@ -10,17 +10,17 @@ metrics/onnx.json; the stage fails, naming the input, when an agreement is below
 
 from __future__ import annotations
 
-import argparse
 import sys
 from pathlib import Path
 
 from pipeline.config import MODEL_NAMES, load_params
-from pipeline.inputs import MissingInputsError, require_inputs
+from pipeline.inference.export import OnnxMismatchError
+from pipeline.inputs import require_inputs, stage_main, stage_parser
 
 
+@stage_main(OnnxMismatchError)
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
+    ap = stage_parser(__doc__)
     ap.add_argument(
         "--data", default="data/preprocessed/val", help="val shard dir (default: %(default)s)"
     )
@@ -40,47 +40,27 @@ def main(argv: list[str] | None = None) -> int:
     params = load_params(args.params)
     cfg = params["export"]
     models = Path(args.models)
-    try:
-        require_inputs(
-            {
-                **{models / f"{n}.pt": (f"train_{n}", "model file") for n in args.only},
-                Path(args.data) / "index.json": ("preprocess", "val shards"),
-            }
-        )
-    except MissingInputsError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 1
+    require_inputs(
+        {
+            **{models / f"{n}.pt": (f"train_{n}", "model file") for n in args.only},
+            Path(args.data) / "index.json": ("preprocess", "val shards"),
+        }
+    )
 
     from pipeline.atomic import atomic_write_json
-    from pipeline.inference.export import OnnxMismatchError, check_inputs, export_verified, versions
+    from pipeline.inference.export import export_models
     from pipeline.inference.speed import load_val_images
     from pipeline.models.fcn import load_model
 
-    images, keys = load_val_images(args.data, cfg["val_images"])
-    inputs = check_inputs(images, keys)
-    report = {
-        "exporter": "torch.onnx.export(dynamo=True)",
-        "opset": cfg["opset"],
-        "min_agreement": cfg["min_agreement"],
-        **versions(),
-    }
-    for name in args.only:
-        model = load_model(models / f"{name}.pt", map_location="cpu")
-        target = Path(args.onnx) / f"{name}.onnx"
-        try:
-            report[name] = export_verified(
-                model, target, inputs, opset=cfg["opset"], min_agreement=cfg["min_agreement"]
-            )
-        except OnnxMismatchError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 1
-        r = report[name]
-        print(
-            f"[export] {name} -> {target}: argmax agreement {100 * r['argmax_agreement']:.4f}%, "
-            f"max |logit difference| {r['max_abs_diff']:.3g} over {len(inputs)} inputs",
-            flush=True,
-        )
-    atomic_write_json(args.metrics, report)
+    report = export_models(
+        lambda name: load_model(models / f"{name}.pt", map_location="cpu"),
+        args.only,
+        load_val_images(args.data, cfg["val_images"]),
+        args.onnx,
+        opset=cfg["opset"],
+        min_agreement=cfg["min_agreement"],
+    )
+    atomic_write_json(args.metrics, report)  # only when every model passed its check
     return 0
 
 

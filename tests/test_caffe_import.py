@@ -349,7 +349,7 @@ def test_wrong_fcn8s_variant_names_the_model_to_use() -> None:
 
 
 def test_model_file_round_trip_keeps_the_normalisation(tmp_path) -> None:
-    from stages.import_caffe import main
+    from pipeline.models.caffe_import import main
 
     blobs = caffe_blobs("fcn8s", seed=2)
     src, out = tmp_path / "fcn8s-heavy.caffemodel", tmp_path / "models" / "fcn8s.pt"
@@ -413,9 +413,10 @@ def test_load_model_refuses_unknown_normalisation(tmp_path) -> None:
 
 
 def test_cli_help_and_errors(tmp_path, capsys) -> None:
-    from stages.import_caffe import MODEL_CHOICES, main
+    from pipeline.config import ARCHITECTURES
+    from pipeline.models.caffe_import import main
 
-    assert sorted(MODEL_CHOICES) == sorted(MODELS)
+    assert sorted(ARCHITECTURES) == sorted(MODELS)  # --model's choices
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "fcn8s-atonce" in capsys.readouterr().out
@@ -443,13 +444,13 @@ def test_cli_help_and_errors(tmp_path, capsys) -> None:
 def test_one_command_imports_and_scores_through_the_evaluate_stage(
     tmp_path, monkeypatch, generated_voc, repo_root
 ) -> None:
-    """`import_caffe X --model fcn8s --evaluate`: the imported net is scored by the evaluate
+    """`fcn-import-caffe X --model fcn8s --evaluate`: the imported net is scored by the evaluate
     stage's code on the active profile's val shards; the metrics are its predictions'."""
     import json
     import tarfile
 
     from pipeline.data.preprocess import preprocess_voc
-    from stages.import_caffe import main
+    from pipeline.models.caffe_import import main
 
     tar = tmp_path / "voc.tar"
     with tarfile.open(tar, "w") as tf:

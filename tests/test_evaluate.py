@@ -1,4 +1,4 @@
-"""pipeline.evaluation.evaluate + stages/evaluate.py on real VOC val images in a tiny shard dir."""
+"""pipeline.evaluation.{score,evaluate} + stages/evaluate.py on real VOC val images in a tiny shard dir."""
 
 from __future__ import annotations
 
@@ -16,22 +16,22 @@ from PIL import Image
 
 from pipeline.classes import NUM_CLASSES, VOC_CLASSES
 from pipeline.config import MODEL_NAMES
-from pipeline.data.shards import ShardWriter
 from pipeline.data.transforms import normalize
 from pipeline.evaluation.evaluate import (
-    confusion_csv,
+    ReportSettings,
+    RunSettings,
+    ValSet,
     evaluate_all,
-    evaluate_model,
-    image_scores,
     qualitative_indices,
     qualitative_samples,
     ranked_indices,
-    summary_table,
     val_datasets,
 )
 from pipeline.evaluation.metrics import confusion_matrix, segmentation_scores
+from pipeline.evaluation.score import evaluate_model, image_scores
+from pipeline.evaluation.summary import confusion_csv, summary_table
 from pipeline.models import fcn
-from tests.helpers import TinyFCN
+from tests.helpers import TinyFCN, write_val_shards
 
 REPO = Path(__file__).resolve().parents[1]
 # torchvision 0.29 warns on every decode_jpeg call (pipeline.data.datasets silences it outside pytest)
@@ -44,24 +44,6 @@ def load_stage():
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
-
-
-def write_val_shards(
-    out: Path, voc: Path, ids: list[str], labels: dict[str, bytes] | None = None
-) -> Path:
-    """A val shard dir as preprocess writes it: original JPEG bytes + original label PNG bytes."""
-    with ShardWriter(out, shard_size=2) as w:
-        for i in ids:
-            jpg = (voc / "JPEGImages" / f"{i}.jpg").read_bytes()
-            png = (labels or {}).get(i) or (voc / "SegmentationClass" / f"{i}.png").read_bytes()
-            with Image.open(io.BytesIO(jpg)) as im:
-                width, height = im.size
-            w.add(
-                f"voc/{i}",
-                {"image": jpg, "label": png},
-                {"height": height, "width": width, "source": "voc"},
-            )
-    return out
 
 
 @pytest.fixture(scope="module")
@@ -180,12 +162,10 @@ def test_evaluate_all_writes_every_output(tmp_path: Path, small_val_dir: Path, c
     results = evaluate_all(
         lambda name: TinyFCN(seeds[name]),
         MODEL_NAMES,
-        small_val_dir,
+        ValSet(small_val_dir),
         tmp_path,
-        device="cpu",
-        precision="fp32",
-        qualitative_images=2,
-        progress=False,
+        RunSettings(device="cpu", precision="fp32", progress=False),
+        ReportSettings(qualitative_images=2),
     )
     assert list(results) == list(MODEL_NAMES)
     check_outputs(tmp_path, results, 2, labelled_pixels(small_val_dir))
@@ -290,14 +270,10 @@ def test_tta_flip_of_a_mirror_symmetric_model_changes_nothing_and_is_reported(
     results = evaluate_all(
         lambda name: TinyFCN(1),
         ["fcn8s"],
-        small_val_dir,
+        ValSet(small_val_dir),
         tmp_path,
-        device="cpu",
-        precision="fp32",
-        qualitative_images=1,
-        progress=False,
-        tta_flip=True,
-        tta_scales=[0.5, 1.0],
+        RunSettings(device="cpu", precision="fp32", progress=False),
+        ReportSettings(qualitative_images=1, tta_flip=True, tta_scales=[0.5, 1.0]),
     )
     tta_json = json.loads((tmp_path / "metrics" / "tta" / "fcn8s.json").read_text())
     assert tta_json["tta"] == "flip, scales 0.5/1"

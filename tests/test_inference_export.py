@@ -12,12 +12,10 @@ import torch
 import yaml
 
 from pipeline.config import MODEL_NAMES, validate_params
-from pipeline.inference.speed import export
-from pipeline.inference.speed import speed as inference
+from pipeline.inference import export, speed
 from pipeline.models import fcn
 from pipeline.reports.model_card import model_card
-from tests.helpers import import_or_skip
-from tests.test_evaluate import write_val_shards
+from tests.helpers import import_or_skip, write_val_shards
 
 REPO = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
@@ -82,7 +80,7 @@ def test_onnx_agrees_on_real_val_images_at_odd_sizes(fcn8s_onnx, voc_sample: Pat
     model, path = fcn8s_onnx
     ids = (voc_sample / "ImageSets" / "Segmentation" / "val.txt").read_text().split()[:2]
     val_dir = write_val_shards(tmp_path / "val", voc_sample, ids)
-    images, keys = inference.load_val_images(val_dir, 2)
+    images, keys = speed.load_val_images(val_dir, 2)
     inputs = export.check_inputs(images, keys, random_sizes=())
     assert len(inputs) == 2
     for x in inputs.values():
@@ -114,7 +112,7 @@ def test_inference_report_fields(one_thread):
     model = tiny("fcn16s")
     g = torch.Generator().manual_seed(0)
     val = [torch.randn(3, 67, 91, generator=g), torch.randn(3, 45, 45, generator=g)]
-    r = inference.benchmark_model(model, val, device="cpu", warmup=1, repeats=3, size=(96, 80))
+    r = speed.benchmark_model(model, val, device="cpu", warmup=1, repeats=3, size=(96, 80))
     assert r["parameters"] == sum(p.numel() for p in model.parameters()) > 0
     assert r["gflops_96x80"] > 0
     for key in ("at_96x80", "at_val_sizes"):
@@ -130,20 +128,20 @@ def test_inference_report_fields(one_thread):
 
 def test_gflops_grow_with_the_input_and_leave_the_model_alone():
     model = tiny("fcn8s")
-    small, large = inference.count_gflops(model, 100, 100), inference.count_gflops(model, 500, 500)
+    small, large = speed.count_gflops(model, 100, 100), speed.count_gflops(model, 500, 500)
     assert 0 < small < large
-    assert inference.count_gflops(model, 500, 500) == large  # a count, not a timing
+    assert speed.count_gflops(model, 500, 500) == large  # a count, not a timing
     assert all(p.device.type == "cpu" for p in model.parameters())
     with pytest.raises(ValueError, match="1x1"):
-        inference.count_gflops(model, 0, 10)
+        speed.count_gflops(model, 0, 10)
 
 
 def test_latency_summary_percentiles():
-    s = inference.latency_summary([10.0] * 19 + [100.0])
+    s = speed.latency_summary([10.0] * 19 + [100.0])
     assert s["latency_p50_ms"] == 10.0 and s["latency_p95_ms"] > 10.0
     assert s["images_per_s"] == pytest.approx(20 / 0.29)
     with pytest.raises(ValueError):
-        inference.latency_summary([])
+        speed.latency_summary([])
 
 
 # --- model card ------------------------------------------------------------------------------
@@ -155,7 +153,7 @@ def sample_params() -> dict:
 
 
 def test_model_card_names_the_val_set_and_holds_the_metrics():
-    from stages.evaluate import val_set_name
+    from pipeline.evaluation.summary import val_set_name
 
     params = sample_params()
     metrics = {

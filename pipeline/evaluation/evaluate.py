@@ -1,8 +1,9 @@
 """Score FCN-32s/16s/8s on VOC 2012 val at original resolution, as the paper's Table 2 does.
 
 Each model runs on every val image at its original size (batch 1 unless consecutive images
-share a size), one confusion matrix is accumulated over the whole set on the model's device,
-and the four metrics come from it (pipeline.evaluation.metrics). Outputs, all written atomically:
+share a size), one confusion matrix is accumulated over the whole set on the model's device
+(`pipeline.evaluation.score`), and the four metrics come from it (`pipeline.evaluation.metrics`;
+formatted by `pipeline.evaluation.summary`). Outputs, all written atomically:
 
     metrics/<model>.json                 DVC metrics: the four metrics, mean Dice (F1), and
                                          IoU and Dice per class
@@ -19,11 +20,9 @@ and the four metrics come from it (pipeline.evaluation.metrics). Outputs, all wr
 
 from __future__ import annotations
 
-import csv
-import functools
-import io
 import math
 from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -32,51 +31,68 @@ import torch
 from torch import nn
 
 from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_text
-from pipeline.classes import NUM_CLASSES, VOC_CLASSES
-from pipeline.evaluation.metrics import confusion_matrix, segmentation_scores
-from pipeline.inference.predict import forward_labels, predict_labels
+from pipeline.classes import VOC_CLASSES
+from pipeline.evaluation.metrics import segmentation_scores
+from pipeline.evaluation.score import evaluate_model, prepare_model, record_key, resolve_runtime
+from pipeline.evaluation.summary import (
+    VOC2012_VAL,
+    confusion_csv,
+    display_name,
+    metrics_json,
+    per_class_iou_csv,
+    per_image_csv,
+    percent,
+    summary_markdown,
+    summary_table,
+    val_set_name,
+)
+from pipeline.inference.predict import predict_labels
+from pipeline.inputs import require_inputs
 from pipeline.reports.visualize import confusion_png, qualitative_png
 
-# Long, Shelhamer, Darrell, CVPR 2015, Table 2: the cascade on a subset of PASCAL VOC 2011 val
-# (seg11valid), trained on SBD, in % (pixel acc., mean acc., mean IU, f.w. IU).
-PAPER_TABLE2: dict[str, tuple[float, float, float, float]] = {
-    "fcn32s": (89.1, 73.3, 59.4, 81.4),
-    "fcn16s": (90.0, 75.7, 62.4, 83.0),
-    "fcn8s": (90.3, 75.9, 62.7, 83.2),
-}
-VOC2012_VAL = "PASCAL VOC 2012 val"
 
-METRIC_COLUMNS = (  # (key, the paper's column name)
-    ("pixel_accuracy", "pixel acc."),
-    ("mean_class_accuracy", "mean acc."),
-    ("mean_iou", "mean IU"),
-    ("fw_iou", "f.w. IU"),
-)
-# reported beside the paper's four: not in Table 2, so not in the comparison with it
-EXTRA_COLUMNS = (("mean_dice", "mean Dice (F1)"),)
-PER_IMAGE_FIELDS = ("image", "labelled_pixels", "pixel_accuracy", "mean_iou")
+@dataclass(frozen=True)
+class RunSettings:
+    """How every model runs: `device` ("auto", "cpu", "cuda:0" or a torch.device), autocast
+    `precision` ("auto", "fp32", "bf16", "fp16" or a dtype; None: fp32), up to `batch_size`
+    same-size images per forward pass, `workers` decoding processes, channels-last layout,
+    progress bars."""
 
+    device: str | torch.device = "auto"
+    precision: str | torch.dtype | None = "auto"
+    batch_size: int = 1
+    workers: int = 0
+    channels_last: bool = True
+    progress: bool = True
 
-def display_name(name: str) -> str:
-    """fcn32s -> FCN-32s, fcn8s_atonce -> FCN-8s at-once."""
-    if name == "fcn8s_atonce":
-        return "FCN-8s at-once"
-    return f"FCN-{name[3:]}" if name.startswith("fcn") else name
+    def resolved(self) -> RunSettings:
+        """The same settings with device and precision resolved once (`resolve_runtime`)."""
+        dev, amp = resolve_runtime(self.device, self.precision)
+        return replace(self, device=dev, precision=amp)
 
 
-def _resolve(device: str | torch.device, precision: str | torch.dtype | None):
-    from pipeline.device import resolve_device, resolve_precision
+@dataclass(frozen=True)
+class ValSet:
+    """The scored images: the val shard dir, the `split` of it (`pipeline.data.splits`:
+    "voc2012_val" or "seg11valid"; `allow_partial_split`: the seg11valid images present,
+    however few), the training shards an image must not be in (None: not checked), and the
+    `name` reports/summary.md gives the set."""
 
-    dev = resolve_device(device) if isinstance(device, str) else torch.device(device)
-    amp = resolve_precision(precision, dev) if isinstance(precision, str) else precision
-    return dev, amp
+    val_dir: str | Path
+    split: str = "voc2012_val"
+    allow_partial_split: bool = False
+    train_dir: str | Path | None = None
+    name: str = VOC2012_VAL
 
 
-def _prepare(model: nn.Module, device: torch.device, channels_last: bool) -> nn.Module:
-    model.to(device).eval()
-    if channels_last:
-        model.to(memory_format=torch.channels_last)
-    return model
+@dataclass(frozen=True)
+class ReportSettings:
+    """What is reported beyond the metrics: `qualitative_images` per sheet, and test-time
+    augmentation (`pipeline.evaluation.tta`: horizontal flip, `tta_scales` factors)."""
+
+    qualitative_images: int = 6
+    tta_flip: bool = False
+    tta_scales: Sequence[float] = (1.0,)
 
 
 # --- the val set -----------------------------------------------------------------------------
@@ -90,173 +106,12 @@ def val_datasets(val_dir: str | Path) -> tuple[Any, Any]:
     return SegmentationShards(val_dir, transform=eval_transform()), SegmentationShards(val_dir)
 
 
-def _key(dataset: Any, i: int) -> str:
-    return dataset.key(i) if hasattr(dataset, "key") else f"{i:06d}"
-
-
-# --- scoring ---------------------------------------------------------------------------------
-
-
-def _identity(x):
-    return x
-
-
-def evaluate_model(
-    model: nn.Module,
-    dataset: Any,
-    *,
-    device: str | torch.device = "auto",
-    precision: str | torch.dtype | None = "auto",
-    channels_last: bool = True,
-    batch_size: int = 1,
-    workers: int = 0,
-    num_classes: int = NUM_CLASSES,
-    progress: bool = True,
-    desc: str = "evaluate",
-    per_image: list[dict[str, Any]] | None = None,
-) -> torch.Tensor:
-    """The (C, C) int64 confusion matrix of `model` over `dataset` (normalised images, masks).
-
-    Images are scored at their own size; up to `batch_size` consecutive images of equal size
-    share a forward pass. The matrix is accumulated on `device` and returned on the CPU.
-    The model is moved to `device` and put in eval mode. When `per_image` is a list, one
-    `image_scores` row per image is appended to it, in dataset order, with its "index" and
-    "image" key.
-    """
-    from tqdm import tqdm
-
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    dev, amp = _resolve(device, precision)
-    _prepare(model, dev, channels_last)
-    loader = torch.utils.data.DataLoader(
-        dataset,
-        batch_size=None,  # sizes differ: group by hand below
-        num_workers=workers,
-        pin_memory=dev.type == "cuda",
-        collate_fn=_identity,
-    )
-    hist = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=dev)
-    pending: list[tuple[int, torch.Tensor, torch.Tensor]] = []
-
-    def flush() -> None:
-        x = torch.stack([im for _, im, _ in pending]).to(dev, non_blocking=True)
-        y = torch.stack([m for _, _, m in pending]).to(dev, non_blocking=True)
-        pred = forward_labels(model, x, amp_dtype=amp, channels_last=channels_last)
-        try:
-            if per_image is None:
-                hist.add_(confusion_matrix(pred, y, num_classes))
-            else:  # one matrix per image: the sum is the same matrix, exactly (integers)
-                for (i, _, _), p, t in zip(pending, pred, y, strict=True):
-                    h = confusion_matrix(p, t, num_classes)
-                    hist.add_(h)
-                    per_image.append({"index": i, "image": _key(dataset, i), **image_scores(h)})
-        except ValueError as e:  # name the records: a bad label map is a data problem
-            keys = [_key(dataset, i) for i, _, _ in pending]
-            raise ValueError(f"val record(s) {keys}: {e}") from None
-        pending.clear()
-
-    with tqdm(
-        total=len(dataset), desc=desc, unit="img", disable=not progress, dynamic_ncols=True
-    ) as bar:
-        for i, (image, mask) in enumerate(loader):  # sequential: i is the dataset index
-            if image.shape[-2:] != mask.shape[-2:]:
-                raise ValueError(
-                    f"val record {_key(dataset, i)!r}: image {tuple(image.shape)} and mask "
-                    f"{tuple(mask.shape)} differ in size"
-                )
-            if pending and (image.shape != pending[0][1].shape or len(pending) == batch_size):
-                flush()
-            pending.append((i, torch.as_tensor(image), torch.as_tensor(mask)))
-            bar.update(1)
-        if pending:
-            flush()
-    return hist.cpu()
-
-
-# --- reports ---------------------------------------------------------------------------------
-
-
-def _json_safe(v: float | None) -> float | None:
-    return None if v is None or (isinstance(v, float) and math.isnan(v)) else v
-
-
-def image_scores(hist: torch.Tensor) -> dict[str, Any]:
-    """One image's labelled pixel count, pixel accuracy and mean IoU from its (C, C) int64
-    confusion matrix (rows = ground truth). The mean is over the classes in the image's
-    ground truth or prediction (`pipeline.evaluation.metrics`), so it ranks images for the worst/best
-    sheets; a set's mean IU is *not* the mean of these (Long et al. sum the matrices first).
-    An image with no labelled pixel gets None for both scores.
-    """
-    s = segmentation_scores(hist)
-    return {
-        "labelled_pixels": s["num_pixels"],
-        "pixel_accuracy": _json_safe(s["pixel_accuracy"]),
-        "mean_iou": _json_safe(s["mean_iou"]),
-    }
-
-
-def metrics_json(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> dict:
-    """The DVC metrics file: the four metrics, mean Dice, then IoU and Dice per class by class
-    name (null where the class is in neither ground truth nor prediction)."""
-    out: dict[str, Any] = {
-        key: _json_safe(scores[key]) for key, _ in (*METRIC_COLUMNS, *EXTRA_COLUMNS)
-    }
-    for key in ("per_class_iou", "per_class_dice"):
-        out[key] = {name: _json_safe(v) for name, v in zip(class_names, scores[key], strict=True)}
-    return out
-
-
-def _cell(v: float | None) -> str:
-    return "" if v is None else f"{v:.6f}"
-
-
-def per_class_iou_csv(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> str:
-    """class,iou,dice rows, one per class; an absent class has empty cells (CSV null)."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["class", "iou", "dice"])
-    for name, iou, dice in zip(
-        class_names, scores["per_class_iou"], scores["per_class_dice"], strict=True
-    ):
-        w.writerow([name, _cell(iou), _cell(dice)])
-    return buf.getvalue()
-
-
-def confusion_csv(hist: torch.Tensor | np.ndarray, class_names: Sequence[str] = VOC_CLASSES) -> str:
-    """actual,predicted,count: every cell of the (C, C) matrix (rows = ground truth), zeros
-    included, so two revisions' files have the same rows and `dvc plots diff` lines them up.
-
-    DVC's built-in `confusion` template counts *rows* (one per pixel would be ~10^8 rows for
-    VOC val); the project's `confusion_counts` template sums the `count` column instead.
-    """
-    h = np.asarray(hist.cpu() if isinstance(hist, torch.Tensor) else hist)
-    if h.shape != (len(class_names), len(class_names)):
-        raise ValueError(f"confusion matrix {h.shape} does not match {len(class_names)} classes")
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(["actual", "predicted", "count"])
-    for i, actual in enumerate(class_names):
-        for j, predicted in enumerate(class_names):
-            w.writerow([actual, predicted, int(h[i, j])])
-    return buf.getvalue()
-
-
-def per_image_csv(rows: Sequence[Mapping[str, Any]]) -> str:
-    """image,labelled_pixels,pixel_accuracy,mean_iou: one row per val image, by image key."""
-    buf = io.StringIO()
-    w = csv.writer(buf, lineterminator="\n")
-    w.writerow(PER_IMAGE_FIELDS)
-    for r in sorted(rows, key=lambda r: r["image"]):
-        w.writerow(
-            [r["image"], r["labelled_pixels"], _cell(r["pixel_accuracy"]), _cell(r["mean_iou"])]
-        )
-    return buf.getvalue()
+# --- per-model report ---------------------------------------------------------------------------------
 
 
 def qualitative_indices(dataset: Any, n: int) -> list[int]:
     """The first `n` records of the val set by key order (fixed whatever the shard order)."""
-    return sorted(range(len(dataset)), key=lambda i: _key(dataset, i))[:n]
+    return sorted(range(len(dataset)), key=lambda i: record_key(dataset, i))[:n]
 
 
 def ranked_indices(rows: Sequence[Mapping[str, Any]], n: int) -> tuple[list[int], list[int]]:
@@ -279,9 +134,10 @@ def qualitative_samples(
     precision: str | torch.dtype | None = "auto",
     channels_last: bool = True,
 ) -> list[tuple[str, np.ndarray, np.ndarray, np.ndarray]]:
-    """(key, RGB image, ground truth, prediction) for the qualitative sheet."""
-    dev, amp = _resolve(device, precision)
-    _prepare(model, dev, channels_last)
+    """(key, RGB image uint8 [H, W, 3], ground truth uint8 [H, W], prediction uint8 [H, W]) for
+    each of `indices` of `raw_dataset` (uint8 images), for the qualitative sheets."""
+    dev, amp = resolve_runtime(device, precision)
+    prepare_model(model, dev, channels_last)
     samples = []
     for i in indices:
         image, mask = raw_dataset[i]
@@ -289,7 +145,7 @@ def qualitative_samples(
         pred = predict_labels(model, image[None], amp_dtype=amp, channels_last=channels_last)
         samples.append(
             (
-                _key(raw_dataset, i),
+                record_key(raw_dataset, i),
                 image.permute(1, 2, 0).numpy(),
                 torch.as_tensor(mask).numpy(),
                 pred[0].cpu().numpy(),
@@ -306,9 +162,7 @@ def write_model_report(
     out_root: str | Path,
     qualitative_images: int,
     *,
-    device: str | torch.device = "auto",
-    precision: str | torch.dtype | None = "auto",
-    channels_last: bool = True,
+    run: RunSettings = RunSettings(),
     class_names: Sequence[str] = VOC_CLASSES,
     per_image: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
@@ -316,8 +170,8 @@ def write_model_report(
     confusion.png, qualitative.png, and, given `per_image` rows (`evaluate_model`),
     per_image.csv, worst.png and best.png.
 
-    `dataset` is the raw val set (uint8 images) the qualitative sheets are drawn from.
-    Returns the scores.
+    `hist` is the set's (C, C) int64 confusion matrix; `dataset` is the raw val set (uint8
+    images) the qualitative sheets are drawn from. Returns `segmentation_scores(hist)`.
     """
     out_root = Path(out_root)
     scores = segmentation_scores(hist)
@@ -329,18 +183,18 @@ def write_model_report(
             model,
             dataset,
             indices,
-            device=device,
-            precision=precision,
-            channels_last=channels_last,
+            device=run.device,
+            precision=run.precision,
+            channels_last=run.channels_last,
         )
         return qualitative_png(samples, class_names, title)
 
     atomic_write_text(plots / "per_class_iou.csv", per_class_iou_csv(scores, class_names))
     atomic_write_text(plots / "confusion.csv", confusion_csv(hist, class_names))
     title = (
-        f"{label}: mean IU {100 * scores['mean_iou']:.1f}%"
-        if not math.isnan(scores["mean_iou"])
-        else label
+        label
+        if math.isnan(scores["mean_iou"])
+        else f"{label}: mean IU {percent(scores['mean_iou'])}%"
     )
     atomic_write_bytes(
         plots / "confusion.png", confusion_png(hist.cpu().numpy(), class_names, title)
@@ -357,191 +211,189 @@ def write_model_report(
     return scores
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None or math.isnan(v) else f"{100 * v:.1f}"
+# --- the whole evaluation --------------------------------------------------------------------
 
 
-def summary_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: one row per model, the four metrics in % (the paper's Table 2 layout), then
-    mean Dice (F1)."""
-    columns = [*METRIC_COLUMNS, *EXTRA_COLUMNS]
-    lines = [
-        "| model | " + " | ".join(col for _, col in columns) + " |",
-        "|---|" + "---:|" * len(columns),
-    ]
-    for name, s in results.items():
-        lines.append(
-            f"| {display_name(name)} | " + " | ".join(_pct(s.get(k)) for k, _ in columns) + " |"
-        )
-    return "\n".join(lines) + "\n"
-
-
-def per_class_table(
-    results: Mapping[str, Mapping[str, Any]],
-    class_names: Sequence[str] = VOC_CLASSES,
-    key: str = "per_class_iou",
-) -> str:
-    """Markdown: `key` (per-class IoU, or "per_class_dice") per class (rows) and model
-    (columns) in %; n/a for absent classes."""
-    lines = [
-        "| class | " + " | ".join(display_name(n) for n in results) + " |",
-        "|---|" + "---:|" * len(results),
-    ]
-    for c, cname in enumerate(class_names):
-        lines.append(f"| {cname} | " + " | ".join(_pct(s[key][c]) for s in results.values()) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def paper_comparison_table(results: Mapping[str, Mapping[str, Any]]) -> str:
-    """Markdown: the paper's Table 2 row beside this run's, per model, the four metrics in %."""
-    cols = [col for _, col in METRIC_COLUMNS]
-    lines = [
-        "| model | " + " | ".join(f"{c} (paper)" + f" | {c} (this run)" for c in cols) + " |",
-        "|---|" + "---:|" * (2 * len(cols)),
-    ]
-    for name, s in results.items():
-        paper = PAPER_TABLE2.get(name)
-        cells = []
-        for i, (key, _) in enumerate(METRIC_COLUMNS):
-            cells += [f"{paper[i]:.1f}" if paper else "n/a", _pct(s[key])]
-        lines.append(f"| {display_name(name)} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
-
-
-def summary_markdown(
-    results: Mapping[str, Mapping[str, Any]],
-    *,
-    num_images: int,
-    setting: str = "",
-    val_set: str = VOC2012_VAL,
-    class_names: Sequence[str] = VOC_CLASSES,
-) -> str:
-    """reports/summary.md: this run's Table 2 on `val_set`, the paper's beside it, IoU per class.
-
-    `val_set` names what was scored honestly (the sample's generated split is not VOC).
-    """
-    pixels = next(iter(results.values()))["num_pixels"] if results else 0
-    cascade = " -> ".join(f"{display_name(n)} {_pct(s['mean_iou'])}" for n, s in results.items())
-    return (
-        f"# FCN-32s, FCN-16s, FCN-8s on {val_set}\n\n"
-        f"{num_images} images at original resolution, {pixels:,} labelled "
-        f"pixels (255 ignored){'; ' + setting if setting else ''}. Metrics as in Long et al., "
-        "Table 2, in %.\n\n"
-        + summary_table(results)
-        + f"\nMean IU cascade of this run: {cascade}.\n"
-        + "\n## Beside the paper's Table 2\n\n"
-        "The paper's figures are FCN-32s/16s/8s trained on SBD and scored on a subset of PASCAL "
-        "VOC 2011 val (Long, Shelhamer, Darrell, CVPR 2015, Table 2). They are the reference "
-        "*shape* of the cascade (each stage above the last), not a number to compare with "
-        f"unless this run scored the same images: it scored {val_set}.\n\n"
-        + paper_comparison_table(results)
-        + "\n## IoU per class (%)\n\nn/a: the class is in neither the ground truth nor the "
-        "predictions of this val set, so it is left out of the mean.\n\n"
-        + per_class_table(results, class_names)
-        + "\n## Dice (F1) per class (%)\n\n2 TP / (2 TP + FP + FN) = 2 IU / (1 + IU): the same "
-        "ranking as IU, on the scale segmentation reports outside VOC use.\n\n"
-        + per_class_table(results, class_names, "per_class_dice")
-    )
-
-
-def evaluate_all(
-    load_model: Callable[[str], nn.Module],
-    names: Sequence[str],
-    val_dir: str | Path,
-    out_root: str | Path,
-    *,
-    device: str = "auto",
-    precision: str = "auto",
-    batch_size: int = 1,
-    qualitative_images: int = 6,
-    workers: int = 0,
-    channels_last: bool = True,
-    progress: bool = True,
-    val_set: str = VOC2012_VAL,
-    tta_flip: bool = False,
-    tta_scales: Sequence[float] = (1.0,),
-    split: str = "voc2012_val",
-    train_dir: str | Path | None = None,
-    allow_partial_split: bool = False,
-) -> dict[str, dict[str, Any]]:
-    """Evaluate each named model (loaded one at a time), write its report and reports/summary.md.
-
-    `val_set` is the name the summary gives the scored images. With test-time augmentation
-    (`tta_flip`, `tta_scales`: `pipeline.evaluation.tta`) each model is scored a second time through it,
-    into metrics/tta/<name>.json and a table of its own; without, that file says "none".
-    `split` ("voc2012_val" or "seg11valid", `pipeline.data.splits`) selects the scored records
-    (`allow_partial_split`: the seg11valid images present, however few); with `train_dir`, scoring an image that is also in the training shards is refused.
+def load_val_set(val: ValSet) -> tuple[Any, Any]:
+    """(normalised dataset for scoring, raw uint8 dataset for pictures) of `val`'s split.
 
     Raises:
         ValueError: empty val set, unknown split, seg11valid ids missing from the val shards,
             or val images that are also training images.
     """
-    from pipeline.evaluation.tta import TestTimeAugmentation, tta_enabled, tta_name
-
-    out_root = Path(out_root)
     from pipeline.data.shards import ShardReader
     from pipeline.data.splits import check_no_overlap, select_split
 
-    eval_set, raw_set = (select_split(d, split, allow_partial_split) for d in val_datasets(val_dir))
+    datasets = val_datasets(val.val_dir)
+    eval_set, raw_set = (select_split(d, val.split, val.allow_partial_split) for d in datasets)
     if len(eval_set) == 0:
-        raise ValueError(f"{val_dir}: the val set is empty")
-    if train_dir is not None:
-        train_keys = [r["key"] for r in ShardReader(train_dir).records]
-        check_no_overlap(train_keys, [eval_set.key(i) for i in range(len(eval_set))], split)
-    dev, amp = _resolve(device, precision)
-    results: dict[str, dict[str, Any]] = {}
-    tta_results: dict[str, dict[str, Any]] = {}
-    score = functools.partial(
-        evaluate_model,
-        dataset=eval_set,
-        device=dev,
-        precision=amp,
-        channels_last=channels_last,
-        batch_size=batch_size,
-        workers=workers,
-        progress=progress,
+        raise ValueError(f"{val.val_dir}: the val set is empty")
+    if val.train_dir is not None:
+        train_keys = [r["key"] for r in ShardReader(val.train_dir).records]
+        val_keys = [eval_set.key(i) for i in range(len(eval_set))]
+        check_no_overlap(train_keys, val_keys, val.split)
+    return eval_set, raw_set
+
+
+def _score(model: nn.Module, eval_set: Any, run: RunSettings, **kw: Any) -> torch.Tensor:
+    return evaluate_model(
+        model,
+        eval_set,
+        device=run.device,
+        precision=run.precision,
+        channels_last=run.channels_last,
+        batch_size=run.batch_size,
+        workers=run.workers,
+        progress=run.progress,
+        **kw,
     )
-    for name in names:
-        model = load_model(name)
-        per_image: list[dict[str, Any]] = []
-        hist = score(model, desc=f"evaluate {name}", per_image=per_image)
-        results[name] = write_model_report(
-            name,
-            hist,
-            model,
-            raw_set,
-            out_root,
-            qualitative_images,
-            device=dev,
-            precision=amp,
-            channels_last=channels_last,
-            per_image=per_image,
+
+
+def score_and_report(
+    name: str,
+    model: nn.Module,
+    datasets: tuple[Any, Any],
+    out_root: Path,
+    run: RunSettings,
+    report: ReportSettings,
+) -> tuple[dict[str, Any], dict[str, Any] | None]:
+    """Score one model on (eval set, raw set), write its report and metrics/tta/<name>.json;
+    returns (its scores, its scores with test-time augmentation or None when that is off)."""
+    from pipeline.evaluation.tta import TestTimeAugmentation, tta_enabled, tta_name
+
+    eval_set, raw_set = datasets
+    per_image: list[dict[str, Any]] = []
+    hist = _score(model, eval_set, run, desc=f"evaluate {name}", per_image=per_image)
+    scores = write_model_report(
+        name,
+        hist,
+        model,
+        raw_set,
+        out_root,
+        report.qualitative_images,
+        run=run,
+        per_image=per_image,
+    )
+    print(
+        f"[evaluate] {name}: mean IU {percent(scores['mean_iou'])}%, pixel acc. "
+        f"{percent(scores['pixel_accuracy'])}%",
+        flush=True,
+    )
+    tta_json: dict[str, Any] = {"tta": tta_name(report.tta_flip, report.tta_scales)}
+    tta_scores = None
+    if tta_enabled(report.tta_flip, report.tta_scales):
+        tta_model = TestTimeAugmentation(model, flip=report.tta_flip, scales=report.tta_scales)
+        tta_scores = segmentation_scores(
+            _score(tta_model, eval_set, run, desc=f"evaluate {name} + TTA")
         )
-        s = results[name]
-        print(
-            f"[evaluate] {name}: mean IU {_pct(s['mean_iou'])}%, pixel acc. "
-            f"{_pct(s['pixel_accuracy'])}%",
-            flush=True,
-        )
-        tta = {"tta": tta_name(tta_flip, tta_scales)}
-        if tta_enabled(tta_flip, tta_scales):
-            hist_tta = score(
-                TestTimeAugmentation(model, flip=tta_flip, scales=tta_scales),
-                desc=f"evaluate {name} + TTA",
-            )
-            tta_results[name] = segmentation_scores(hist_tta)
-            tta.update(metrics_json(tta_results[name]))
-        atomic_write_json(out_root / "metrics" / "tta" / f"{name}.json", tta)
-        del model
-    setting = f"device {dev.type}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}"
-    md = summary_markdown(results, num_images=len(eval_set), setting=setting, val_set=val_set)
+        tta_json.update(metrics_json(tta_scores))
+    atomic_write_json(out_root / "metrics" / "tta" / f"{name}.json", tta_json)
+    return scores, tta_scores
+
+
+def write_summary(
+    results: Mapping[str, Mapping[str, Any]],
+    tta_results: Mapping[str, Mapping[str, Any]],
+    num_images: int,
+    out_root: Path,
+    run: RunSettings,
+    val_name: str,
+    report: ReportSettings,
+) -> None:
+    """reports/summary.md (`summary_markdown`, plus a table with test-time augmentation when
+    `tta_results` is not empty); the Table 2 rows are printed too. `run` is resolved."""
+    from pipeline.evaluation.tta import tta_name
+
+    amp = run.precision
+    setting = (
+        f"device {run.device.type}, precision {str(amp).replace('torch.', '') if amp else 'fp32'}"
+    )
+    md = summary_markdown(results, num_images=num_images, setting=setting, val_set=val_name)
     if tta_results:
         md += (
-            f"\n## With test-time augmentation ({tta_name(tta_flip, tta_scales)})\n\n"
-            "Class probabilities averaged over the augmented views (`pipeline/evaluation/tta.py`); the "
-            "paper scores single views, so these are not for comparison with Table 2.\n\n"
+            f"\n## With test-time augmentation ({tta_name(report.tta_flip, report.tta_scales)})\n\n"
+            "Class probabilities averaged over the augmented views (`pipeline/evaluation/tta.py`); "
+            "the paper scores single views, so these are not for comparison with Table 2.\n\n"
             + summary_table(tta_results)
         )
     atomic_write_text(out_root / "reports" / "summary.md", md)
     print("\n" + summary_table(results), flush=True)
+
+
+def evaluate_all(
+    load_model: Callable[[str], nn.Module],
+    names: Sequence[str],
+    val: ValSet,
+    out_root: str | Path,
+    run: RunSettings = RunSettings(),
+    report: ReportSettings = ReportSettings(),
+) -> dict[str, dict[str, Any]]:
+    """Evaluate each named model (loaded one at a time by `load_model(name)`), write its
+    report (`write_model_report`, metrics/tta/<name>.json) and reports/summary.md; returns
+    the scores (`segmentation_scores`) by model name.
+
+    Raises:
+        ValueError: from `load_val_set`, before anything is written.
+    """
+    out_root = Path(out_root)
+    datasets = load_val_set(val)
+    run = run.resolved()
+    results: dict[str, dict[str, Any]] = {}
+    tta_results: dict[str, dict[str, Any]] = {}
+    for name in names:
+        scores, tta_scores = score_and_report(
+            name, load_model(name), datasets, out_root, run, report
+        )
+        results[name] = scores
+        if tta_scores is not None:
+            tta_results[name] = tta_scores
+    write_summary(results, tta_results, len(datasets[0]), out_root, run, val.name, report)
     return results
+
+
+def evaluate_from_params(
+    params: Mapping[str, Any],
+    names: Sequence[str],
+    *,
+    models_dir: str | Path = "models",
+    val_dir: str | Path = "data/preprocessed/val",
+    out_root: str | Path = ".",
+    workers: int = 2,
+    progress: bool = True,
+) -> dict[str, dict[str, Any]]:
+    """The evaluate stage's work: score models_dir/<name>.pt for each of `names` on the val
+    shards with the `evaluate` section of the active params profile (`params`, from
+    `pipeline.config.load_params`), writing under `out_root`.
+
+    The training shards beside the val shards (`<val_dir>/../train`), when there, are checked
+    for overlap: scoring an image trained on is refused.
+
+    Raises:
+        MissingInputsError: a model file or the val shards are missing (checked first, before
+            an hour of scoring).
+        ValueError: from `evaluate_all`.
+    """
+    from pipeline.models.fcn import load_model
+
+    cfg, models, val_dir = params["evaluate"], Path(models_dir), Path(val_dir)
+    require_inputs(
+        {
+            **{models / f"{n}.pt": (f"train_{n}", "model file") for n in names},
+            val_dir / "index.json": ("preprocess", "val shards"),
+        }
+    )
+    train_dir: Path | None = val_dir.parent / "train"
+    if not (train_dir / "index.json").is_file():
+        print(f"[evaluate] no training shards in {train_dir}: train/val overlap not checked")
+        train_dir = None
+    val = ValSet(val_dir, cfg["split"], cfg["allow_partial_split"], train_dir, val_set_name(params))
+    run = RunSettings(cfg["device"], cfg["precision"], cfg["batch_size"], workers, True, progress)
+    report = ReportSettings(cfg["qualitative_images"], cfg["tta"]["flip"], cfg["tta"]["scales"])
+    return evaluate_all(
+        lambda name: load_model(models / f"{name}.pt", map_location="cpu"),
+        names,
+        val,
+        out_root,
+        run,
+        report,
+    )

@@ -18,7 +18,7 @@ the argmax pixels of every check input; otherwise `OnnxMismatchError` names the 
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -216,3 +216,40 @@ def versions() -> dict[str, str]:
         except md.PackageNotFoundError:
             out[dist] = "not installed"
     return out
+
+
+def export_models(
+    load_model: Callable[[str], nn.Module],
+    names: Sequence[str],
+    val_images: tuple[Sequence[torch.Tensor], Sequence[str]],
+    onnx_dir: str | os.PathLike,
+    *,
+    opset: int = OPSET,
+    min_agreement: float = MIN_AGREEMENT,
+) -> dict[str, Any]:
+    """The export_onnx stage's work: `export_verified` of each named model (loaded one at a
+    time by `load_model(name)`) into onnx_dir/<name>.onnx, checked on `check_inputs(*val_images)`
+    (normalised float [3, H, W] images and their keys); returns the metrics/onnx.json report.
+
+    Raises:
+        OnnxMismatchError: a model's ONNX file disagrees with it (that file is not written;
+            the models before it are kept).
+    """
+    inputs = check_inputs(*val_images)
+    report: dict[str, Any] = {
+        "exporter": "torch.onnx.export(dynamo=True)",
+        "opset": opset,
+        "min_agreement": min_agreement,
+        **versions(),
+    }
+    for name in names:
+        target = Path(onnx_dir) / f"{name}.onnx"
+        r = report[name] = export_verified(
+            load_model(name), target, inputs, opset=opset, min_agreement=min_agreement
+        )
+        print(
+            f"[export] {name} -> {target}: argmax agreement {100 * r['argmax_agreement']:.4f}%, "
+            f"max |logit difference| {r['max_abs_diff']:.3g} over {len(inputs)} inputs",
+            flush=True,
+        )
+    return report

@@ -221,6 +221,20 @@ def peak_memory_mib(model: nn.Module, inputs: Sequence[torch.Tensor]) -> tuple[f
 # --- one model -------------------------------------------------------------------------------
 
 
+def val_latency(
+    model: nn.Module, val: Sequence[torch.Tensor], *, warmup: int, repeats: int
+) -> dict[str, Any]:
+    """`latency_summary` over the val images (prepared [1, 3, H, W] inputs), with their count
+    and their distinct sizes ("375x500, 500x333")."""
+    at_val: dict[str, Any] = latency_summary(
+        time_forward(model, val, warmup=warmup, repeats=repeats)
+    )
+    sizes = sorted({tuple(x.shape[2:]) for x in val})
+    at_val["images"] = len(val)
+    at_val["sizes"] = ", ".join(f"{h}x{w}" for h, w in sizes)
+    return at_val
+
+
 def benchmark_model(
     model: nn.Module,
     val_images: Sequence[torch.Tensor],
@@ -255,12 +269,7 @@ def benchmark_model(
     memory, method = peak_memory_mib(model, fixed + val)
     rest = max(warmup - 1, 0)
     at_size = latency_summary(time_forward(model, fixed, warmup=rest, repeats=repeats))
-    at_val = None
-    if val:
-        at_val = latency_summary(time_forward(model, val, warmup=rest, repeats=repeats))
-        sizes = sorted({tuple(x.shape[2:]) for x in val})
-        at_val["images"] = len(val)
-        at_val["sizes"] = ", ".join(f"{h}x{w}" for h, w in sizes)
+    at_val = val_latency(model, val, warmup=rest, repeats=repeats) if val else None
     machine = machine_info(dev)
     return {
         "model": getattr(model, "arch", type(model).__name__),

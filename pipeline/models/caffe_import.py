@@ -38,8 +38,10 @@ as "fcn8s" (whose forward would skip the scales) and a staged (heavy) FCN-8s fil
 
 from __future__ import annotations
 
+import argparse
 import hashlib
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +51,8 @@ from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
 from google.protobuf.message import DecodeError
 from torch import nn
 
+from pipeline.config import ARCHITECTURES, load_params
+from pipeline.inputs import stage_main
 from pipeline.models.fcn import CAFFE_MEAN_BGR, MODELS, CaffeInput, build_model, save_model
 from pipeline.models.surgery import VGG16_CFG, VGG16_CONV_INDICES
 
@@ -283,6 +287,33 @@ def _check_scale_blobs(
     return list(layers)
 
 
+def _params_of(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    return [("weight", m.weight)] + ([("bias", m.bias)] if m.bias is not None else [])
+
+
+def _checked_copies(
+    name: str, layer: str, m: nn.Module, blobs: dict[str, list[np.ndarray]], where: str
+) -> list[tuple[torch.Tensor, np.ndarray]]:
+    """(parameter, blob) pairs of one layer, after checking the blobs' count, shapes (`where`:
+    the model's width and classes, for the message) and finiteness; raises ValueError."""
+    params = _params_of(m)
+    want = [tuple(p.shape) for _, p in params]
+    found = [tuple(b.shape) for b in blobs[layer]]
+    if len(found) != len(want):
+        raise ValueError(
+            f"{name}: layer {layer!r} has {len(found)} blobs {found}, expected "
+            f"{len(want)} ({', '.join(k for k, _ in params)}) {want}"
+        )
+    for (kind, _), w, f, b in zip(params, want, found, blobs[layer], strict=True):
+        if not _fits(f, w):
+            raise ValueError(
+                f"{name}: layer {layer!r} {kind} blob has shape {f}, expected {w} ({where})"
+            )
+        if not np.isfinite(b).all():
+            raise ValueError(f"{name}: layer {layer!r} {kind} blob has NaN or infinite values")
+    return [(p, b) for (_, p), b in zip(params, blobs[layer], strict=True)]
+
+
 @torch.no_grad()
 def fcn_from_caffe(
     name: str,
@@ -323,37 +354,16 @@ def fcn_from_caffe(
     width = inferred[1] if width is None else width
     model = build_model(name, num_classes=num_classes, width=width)
     plan = _layer_plan(model)
-
-    def params_of(m: nn.Module) -> list[tuple[str, torch.Tensor]]:
-        return [("weight", m.weight)] + ([("bias", m.bias)] if m.bias is not None else [])
-
     missing = [
-        f"{layer!r} (expected blobs {[tuple(p.shape) for _, p in params_of(m)]})"
+        f"{layer!r} (expected blobs {[tuple(p.shape) for _, p in _params_of(m)]})"
         for layer, m in plan.items()
         if layer not in blobs
     ]
     if missing:
         raise ValueError(f"{name}: layers missing from the caffemodel: {'; '.join(missing)}")
     scale_layers = _check_scale_blobs(name, model, blobs) if model.skip_scales else []
-    copies: list[tuple[torch.Tensor, np.ndarray]] = []
-    for layer, m in plan.items():
-        params = params_of(m)
-        want = [tuple(p.shape) for _, p in params]
-        found = [tuple(b.shape) for b in blobs[layer]]
-        if len(found) != len(want):
-            raise ValueError(
-                f"{name}: layer {layer!r} has {len(found)} blobs {found}, expected "
-                f"{len(want)} ({', '.join(k for k, _ in params)}) {want}"
-            )
-        for (kind, p), w, f, b in zip(params, want, found, blobs[layer], strict=True):
-            if not _fits(f, w):
-                raise ValueError(
-                    f"{name}: layer {layer!r} {kind} blob has shape {f}, expected {w} "
-                    f"(width {width}, {num_classes} classes)"
-                )
-            if not np.isfinite(b).all():
-                raise ValueError(f"{name}: layer {layer!r} {kind} blob has NaN or infinite values")
-            copies.append((p, b))
+    where = f"width {width}, {num_classes} classes"
+    copies = [c for layer, m in plan.items() for c in _checked_copies(name, layer, m, blobs, where)]
     unused = sorted(k for k, v in blobs.items() if v and k not in plan and k not in scale_layers)
     if unused:
         raise ValueError(
@@ -380,3 +390,85 @@ def import_caffemodel(src: str | os.PathLike, name: str, out: str | os.PathLike)
             digest.update(chunk)
     save_model(out, model, imported_from=src.name, source_sha256=digest.hexdigest())
     return model
+
+
+# --- the fcn-import-caffe command ------------------------------------------------------------
+
+CLI_HELP = """Import a released Caffe FCN (.caffemodel) into a model file of this pipeline, without Caffe.
+
+    # one command: import, then score on the active profile's val shards (`paper`: seg11valid)
+    fcn-import-caffe fcn8s-heavy-pascal.caffemodel --model fcn8s --evaluate
+    # -> models/imported/fcn8s.pt, eval/imported/{metrics,plots,reports/summary.md}
+
+    fcn-import-caffe fcn8s-heavy-pascal.caffemodel --model fcn8s
+    # -> models/imported/fcn8s.pt, scored like any model by
+    python -m stages.evaluate --models models/imported --only fcn8s --out eval/imported
+    fcn-import-caffe fcn8s-atonce-pascal.caffemodel --model fcn8s_atonce
+    # -> models/imported/fcn8s_atonce.pt
+
+The releases (fcn.berkeleyvision.org: fcn32s-heavy-pascal, fcn16s-heavy-pascal,
+fcn8s-heavy-pascal, fcn8s-atonce-pascal .caffemodel) are downloaded by hand. The file written
+takes the pipeline's input (RGB 0..1, ImageNet-normalised) and converts it to the releases' BGR
+0..255 minus the mean as its first op (its `normalization` field says so). fcn8s-atonce-pascal
+is FCN-8s trained at once, with fixed scales on pool4/pool3 before the skip scores: import it
+with --model fcn8s_atonce (the two FCN-8s files are told apart by its Scale layers, and the
+wrong --model for either is refused with the right one named).
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(
+        prog="fcn-import-caffe",
+        description=CLI_HELP,
+        formatter_class=argparse.RawTextHelpFormatter,
+    )
+    ap.add_argument("src", type=Path, help="the .caffemodel file")
+    ap.add_argument("--model", required=True, choices=ARCHITECTURES, help="the net it holds")
+    ap.add_argument(
+        "--out", type=Path, help="model file to write (default: models/imported/<model>.pt)"
+    )
+    ap.add_argument(
+        "--evaluate",
+        action="store_true",
+        help="then score it with the evaluate stage's code on the val shards of the active "
+        "profile (data/preprocessed/val; evaluate.split picks VOC 2012 val or seg11valid)",
+    )
+    ap.add_argument(
+        "--params", default="params.yaml", help="with --evaluate (default: %(default)s)"
+    )
+    ap.add_argument(
+        "--eval-out",
+        default="eval/imported",
+        help="with --evaluate: root of its metrics/, plots/, reports/ (default: %(default)s)",
+    )
+    return ap
+
+
+@stage_main()
+def main(argv: list[str] | None = None) -> int:
+    """`fcn-import-caffe`: exit status 0, 1 (a file missing or refused, a bad params file) or
+    2 (usage: --evaluate with an --out not named <model>.pt)."""
+    args = _parser().parse_args(argv)
+    out = args.out or Path("models/imported") / f"{args.model}.pt"
+    if args.evaluate and out.name != f"{args.model}.pt":
+        print(f"error: --evaluate reads <dir>/{args.model}.pt; --out {out} is named otherwise")
+        return 2
+    try:
+        model = import_caffemodel(args.src, args.model, out)
+    except (FileNotFoundError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
+    print(
+        f"[import_caffe] {args.src} -> {out}: {args.model}, {model.num_classes} classes, "
+        f"width {model.width}, input {model.weights_normalization}"
+    )
+    if args.evaluate:
+        from pipeline.evaluation.evaluate import evaluate_from_params
+
+        params = load_params(args.params)
+        evaluate_from_params(params, [args.model], models_dir=out.parent, out_root=args.eval_out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

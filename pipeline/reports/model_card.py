@@ -9,12 +9,13 @@ the DVC stage `inference_report`, which has the inference figures at hand.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Mapping
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 from pipeline.config import architecture, initialised_from
-from pipeline.evaluation.evaluate import EXTRA_COLUMNS, METRIC_COLUMNS, display_name
+from pipeline.evaluation.summary import EXTRA_COLUMNS, METRIC_COLUMNS, display_name, percent
 
 ARCH_NOTES = {
     "fcn32s": "one stream: the stride-32 scores upsampled 32x (fixed bilinear)",
@@ -40,13 +41,9 @@ def initialisation(name: str, params: Mapping[str, Any]) -> str:
     return "torchvision's ImageNet VGG16 (vgg16-397923af.pth), fc6/fc7 reshaped to convolutions"
 
 
-def _pct(v: float | None) -> str:
-    return "n/a" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{100 * v:.1f}"
-
-
 def budget(stage: Mapping[str, Any]) -> tuple[str, str]:
     """The (setting, value) row of a stage's training length: its `max_iter` when set, else
-    its epochs (`pipeline.training.train.iteration_budget`)."""
+    its epochs (`pipeline.training.solver.iteration_budget`)."""
     if stage.get("max_iter") is not None:
         return "iterations", f"{stage['max_iter']} (max_iter; epochs derived from it)"
     return "epochs", str(stage["epochs"])
@@ -81,7 +78,7 @@ def metrics_table(metrics: Mapping[str, Any]) -> str:
     return (
         "| " + " | ".join(c for _, c in cols) + " |\n"
         "|" + "---:|" * len(cols) + "\n"
-        "| " + " | ".join(_pct(metrics[k]) for k, _ in cols) + " |\n"
+        "| " + " | ".join(percent(metrics[k]) for k, _ in cols) + " |\n"
     )
 
 
@@ -102,34 +99,59 @@ def inference_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_card(
-    name: str,
-    params: Mapping[str, Any],
-    metrics: Mapping[str, Any],
-    inference: Mapping[str, Any],
-    val_set: str,
-) -> str:
-    """The markdown model card of `name`.
-
-    `params`: the active profile (`pipeline.config.load_params`); `metrics`: the dict of
-    metrics/<name>.json; `inference`: `benchmark_model`'s report; `val_set`: what the metrics
-    were scored on, in words (stages/evaluate.py `val_set_name`).
-    """
+def model_section(name: str, params: Mapping[str, Any], inference: Mapping[str, Any]) -> str:
+    """Markdown bullets: the architecture, its size and cost (`benchmark_model`'s parameters
+    and GFLOPs), its input and output tensors and its files."""
     label = display_name(name)
     gflops = next((v for k, v in inference.items() if k.startswith("gflops_")), None)
     gflops_at = next((k[7:] for k in inference if k.startswith("gflops_")), "")
-    sample = params["download"]["generate_sample"]
-    train_data = (
-        "the generated sample's train split and its generated COCO-style images (synthetic "
-        "shapes in VOC 2012's and COCO's layouts, pipeline/data/sample.py)"
-        if sample
-        else "PASCAL VOC 2012 train"
+    return (
+        f"- {label}, fully convolutional network on a VGG16 backbone (Long, Shelhamer, Darrell, "
+        f"CVPR 2015): {ARCH_NOTES.get(architecture(name, params['train']), '')}.\n"
+        f"- {inference['parameters']:,} parameters"
+        + (f"; {gflops:.2f} GFLOPs per {gflops_at} image" if gflops is not None else "")
+        + " (FlopCounterMode, a multiply-add = 2 FLOPs).\n"
+        "- Input `[N, 3, H, W]` float32, any H and W: RGB in 0..1 normalised with the ImageNet "
+        "mean/std. Output: logits `[N, 21, H, W]`; argmax over dim 1 is the label map.\n"
+        f"- Files: `models/{name}.pt` (`pipeline.models.fcn.load_model`), "
+        f"`models/onnx/{name}.onnx` (stage `export_onnx`, dynamic H and W).\n"
+    )
+
+
+def training_data(params: Mapping[str, Any]) -> str:
+    """What the model was trained on, in words, from the active params profile."""
+    if params["download"]["generate_sample"]:
+        return (
+            "the generated sample's train split and its generated COCO-style images (synthetic "
+            "shapes in VOC 2012's and COCO's layouts, pipeline/data/sample.py)"
+        )
+    coco = (
+        " + COCO 2017 instances of the 20 VOC classes" if params["preprocess"]["use_coco"] else ""
+    )
+    return "PASCAL VOC 2012 train" + coco
+
+
+def inference_section(name: str, inference: Mapping[str, Any]) -> str:
+    """Markdown: how the figures were measured, `inference_table`, the peak memory."""
+    mem = inference.get("peak_memory_mib")
+    return (
+        f"{inference['device']}, {inference['precision']}, batch {inference.get('batch_size', 1)}"
+        f", after {inference['warmup']} warm-up pass(es), {inference['repeats']} timed "
+        f"repeat(s). Machine: {inference['machine']}.\n\n"
+        + inference_table(inference)
         + (
-            " + COCO 2017 instances of the 20 VOC classes"
-            if params["preprocess"]["use_coco"]
+            f"\nPeak memory of one pass: {mem:.1f} MiB ({inference['peak_memory_method']}).\n"
+            if mem is not None
             else ""
         )
+        + f"Figures vary between runs and machines: metrics/inference/{name}.json holds them, "
+        "`dvc metrics diff` compares two commits.\n"
     )
+
+
+def use_and_limits(sample: bool) -> str:
+    """Markdown: the intended use and the limits sections; `sample`: trained on the generated
+    sample (a smoke test, said first)."""
     limits = [
         "21 classes only (background + the 20 PASCAL VOC classes); anything else is background "
         "or a wrong VOC class.",
@@ -150,42 +172,88 @@ def model_card(
         else "Semantic segmentation of photos into the 20 PASCAL VOC classes, as in Long et al.; "
         "a baseline to compare newer segmentation models against."
     )
-    mem = inference.get("peak_memory_mib")
     return (
-        f"# Model card: {label}\n\n"
+        "## Intended use\n\n"
+        + intended
+        + "\n\n## Limits\n\n"
+        + "".join(f"- {item}\n" for item in limits)
+    )
+
+
+def model_card(
+    name: str,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, Any],
+    inference: Mapping[str, Any],
+    val_set: str,
+) -> str:
+    """The markdown model card of `name`.
+
+    `params`: the active profile (`pipeline.config.load_params`); `metrics`: the dict of
+    metrics/<name>.json (fractions in [0, 1], shown in %); `inference`: `benchmark_model`'s
+    report; `val_set`: what the metrics were scored on, in words
+    (`pipeline.evaluation.summary.val_set_name`).
+    """
+    return (
+        f"# Model card: {display_name(name)}\n\n"
         f"Generated by the DVC stage `inference_report` (profile `{params['profile']}`) from "
         f"params.yaml, metrics/{name}.json and models/{name}.pt; do not edit by hand.\n\n"
-        "## Model\n\n"
-        f"- {label}, fully convolutional network on a VGG16 backbone (Long, Shelhamer, Darrell, "
-        f"CVPR 2015): {ARCH_NOTES.get(architecture(name, params['train']), '')}.\n"
-        f"- {inference['parameters']:,} parameters"
-        + (f"; {gflops:.2f} GFLOPs per {gflops_at} image" if gflops is not None else "")
-        + " (FlopCounterMode, a multiply-add = 2 FLOPs).\n"
-        "- Input `[N, 3, H, W]` float32, any H and W: RGB in 0..1 normalised with the ImageNet "
-        "mean/std. Output: logits `[N, 21, H, W]`; argmax over dim 1 is the label map.\n"
-        f"- Files: `models/{name}.pt` (`pipeline.models.fcn.load_model`), "
-        f"`models/onnx/{name}.onnx` (stage `export_onnx`, dynamic H and W).\n\n"
+        "## Model\n\n" + model_section(name, params, inference) + "\n"
         "## Training recipe\n\n" + recipe_table(name, params) + "\n"
         "## Data\n\n"
         f"- Profile: `{params['profile']}`.\n"
-        f"- Trained on: {train_data}.\n"
+        f"- Trained on: {training_data(params)}.\n"
         f"- Evaluated on: {val_set}, each image at its original resolution.\n\n"
         f"## Metrics in % on {val_set}\n\n"
         + metrics_table(metrics)
         + "\nAs in Long et al., Table 2: the confusion matrix summed over the val set, then the "
         "metrics; mean IU averages the classes present in ground truth or prediction.\n\n"
         "## Inference\n\n"
-        f"{inference['device']}, {inference['precision']}, batch {inference.get('batch_size', 1)}"
-        f", after {inference['warmup']} warm-up pass(es), {inference['repeats']} timed "
-        f"repeat(s). Machine: {inference['machine']}.\n\n"
-        + inference_table(inference)
-        + (
-            f"\nPeak memory of one pass: {mem:.1f} MiB ({inference['peak_memory_method']}).\n"
-            if mem is not None
-            else ""
-        )
-        + f"Figures vary between runs and machines: metrics/inference/{name}.json holds them, "
-        "`dvc metrics diff` compares two commits.\n\n"
-        "## Intended use\n\n" + intended + "\n\n"
-        "## Limits\n\n" + "".join(f"- {item}\n" for item in limits)
+        + inference_section(name, inference)
+        + "\n"
+        + use_and_limits(params["download"]["generate_sample"])
     )
+
+
+def write_inference_reports(
+    params: Mapping[str, Any],
+    names: Sequence[str],
+    *,
+    models_dir: str | Path = "models",
+    val_dir: str | Path = "data/preprocessed/val",
+    out_root: str | Path = ".",
+) -> None:
+    """The inference_report stage's work, per model of `names`: `benchmark_model` on
+    `evaluate.device` (warm-up, repeats and val images from the `inference` section of the
+    active profile `params`) into out_root/metrics/inference/<name>.json, and its model card
+    (from out_root/metrics/<name>.json, the evaluate stage's) into
+    out_root/reports/model_cards/<name>.md.
+
+    Raises:
+        FileNotFoundError: a model file, metrics file or the val shards are missing (the stage
+            checks them first).
+    """
+    from pipeline.atomic import atomic_write_json, atomic_write_text
+    from pipeline.evaluation.summary import val_set_name
+    from pipeline.inference.speed import benchmark_model, load_val_images
+    from pipeline.models.fcn import load_model
+
+    cfg, out = params["inference"], Path(out_root)
+    images, _ = load_val_images(val_dir, cfg["val_images"])
+    for name in names:
+        model = load_model(Path(models_dir) / f"{name}.pt", map_location="cpu")
+        device = params["evaluate"]["device"]
+        report = benchmark_model(
+            model, images, device=device, warmup=cfg["warmup"], repeats=cfg["repeats"]
+        )
+        metrics = json.loads((out / "metrics" / f"{name}.json").read_text())
+        atomic_write_json(out / "metrics" / "inference" / f"{name}.json", report)
+        card = model_card(name, params, metrics, report, val_set_name(params))
+        atomic_write_text(out / "reports" / "model_cards" / f"{name}.md", card)
+        at = report["at_500x500"]
+        print(
+            f"[inference] {name}: {at['images_per_s']:.2f} img/s at 500x500, p50 "
+            f"{at['latency_p50_ms']:.1f} ms, p95 {at['latency_p95_ms']:.1f} ms "
+            f"({report['machine']})",
+            flush=True,
+        )
