@@ -1,4 +1,4 @@
-"""pipeline.inference.predict (the fcn-predict command) and pipeline.reports.visualize on real VOC photos."""
+"""pipeline.inference.predict (the fcn-predict command) and pipeline.visualize on real VOC photos."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from PIL import Image
 from pipeline.classes import NUM_CLASSES, voc_palette, voc_palette_flat
 from pipeline.inference.predict import find_images, load_rgb, main, predict_files, predict_labels
 from pipeline.models import fcn
-from pipeline.reports.visualize import colorize, label_image, overlay
+from pipeline.visualize import colorize, label_image, overlay
 from tests.helpers import TinyFCN
 
 

@@ -48,7 +48,7 @@ from pipeline.evaluation.summary import (
 )
 from pipeline.inference.predict import predict_labels
 from pipeline.inputs import require_inputs
-from pipeline.reports.visualize import confusion_png, qualitative_png
+from pipeline.visualize import confusion_png, qualitative_png
 
 
 @dataclass(frozen=True)

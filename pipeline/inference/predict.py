@@ -35,7 +35,7 @@ from torch import nn
 from pipeline.atomic import atomic_path
 from pipeline.data.datasets import pil_to_rgb8
 from pipeline.data.transforms import normalize
-from pipeline.reports.visualize import label_image, overlay
+from pipeline.visualize import label_image, overlay
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png")
 OVERLAY_FORMATS = {"jpg": "JPEG", "png": "PNG"}

@@ -1,1 +1,1 @@
-"""Reports: the data card, the model cards and the colour overlays they show."""
+"""Reports: the data card and the model cards, written from the stages' own outputs."""

@@ -1,0 +1,1 @@
+../../../../../pipeline/data/download_http.py
