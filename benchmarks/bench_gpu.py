@@ -1,6 +1,6 @@
 """GPU figures of FCN-8s: training img/s per batch size and precision, inference latency, peak
 memory. Random weights and inputs (speed does not depend on them); the project's own training
-step (pipeline.training.train: forward_backward, the fused/foreach SGD, channels_last, cuDNN autotuning).
+step (pipeline.training.step: forward_backward, the fused/foreach SGD, channels_last, cuDNN autotuning).
 
     benchmarks/gpu_check.sh                          # on a GPU machine: all figures, < 8 min
     python benchmarks/bench_gpu.py                   # the same without the CUDA check/timeout
@@ -33,7 +33,8 @@ from machine import machine_line as base_machine_line  # noqa: E402  (benchmarks
 
 from pipeline.classes import NUM_CLASSES  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
-from pipeline.training.train import enable_fast_kernels, forward_backward, make_optimizer  # noqa: E402
+from pipeline.training.solver import make_optimizer  # noqa: E402
+from pipeline.training.step import enable_fast_kernels, forward_backward  # noqa: E402
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 

@@ -5,7 +5,7 @@ pretraining, then FCN-32s, FCN-16s and FCN-8s - this counts the FLOPs of one ste
 and backward pass (`torch.utils.flop_counter`, at the params' batch and input size; the SGD
 update, a few MFLOP, is left out), times that pass (fp32, channels_last, median of `--steps`),
 and multiplies both by the number of steps the params give
-(`pipeline.training.train.iteration_budget`). The same run measures the
+(`pipeline.training.solver.iteration_budget`). The same run measures the
 machine's fp32 matrix-multiply rate (1024 x 1024 sgemm), the ceiling for this convolution-heavy
 work: the trainings' FLOPs at that rate are a floor on their time that no implementation on
 this machine gets far below. Validation passes, data stages and dvc come on top.
@@ -43,7 +43,8 @@ from pipeline.classes import NUM_CLASSES  # noqa: E402
 from pipeline.config import MODEL_NAMES, architecture  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
 from pipeline.training.pretrain import CROP_SIZE, vgg16_bn_classifier  # noqa: E402
-from pipeline.training.train import iteration_budget, summed_loss  # noqa: E402
+from pipeline.training.recipe import train_config  # noqa: E402
+from pipeline.training.solver import iteration_budget, summed_loss  # noqa: E402
 
 
 def median_seconds(fn: Callable[[], None], steps: int, warmup: int = 2) -> float:
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> None:
     batch = tcfg["batch_size"] * tcfg["accumulate"]
     size = 64 if args.quick else tcfg["crop_size"]
     for name in MODEL_NAMES:
-        total, _ = iteration_budget(tcfg[name], math.ceil(n_images / batch))
+        total, _ = iteration_budget(train_config(cfg).stages[name], math.ceil(n_images / batch))
         torch.manual_seed(0)
         model = build_model(architecture(name, tcfg), num_classes=NUM_CLASSES, width=width)
         x = torch.randn(tcfg["batch_size"], 3, size, size)

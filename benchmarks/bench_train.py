@@ -1,6 +1,6 @@
 """Training throughput of FCN-8s: the project's loop vs a plain fp32 NCHW loop, side by side.
 
-The project's step (pipeline.training.train.forward_backward + SGD) runs with the precision and memory
+The project's step (pipeline.training.step.forward_backward + SGD) runs with the precision and memory
 format the params choose (`auto`: bf16 autocast where the CPU has native bf16, AMP on CUDA;
 channels_last); the baseline is the same model and optimiser in fp32 NCHW. Variants are
 interleaved in one process, median of the timed steps, so machine noise hits both alike.
@@ -26,8 +26,10 @@ import torch  # noqa: E402
 from machine import machine_line as base_machine_line  # noqa: E402  (benchmarks/machine.py)
 
 from pipeline.classes import NUM_CLASSES  # noqa: E402
+from pipeline.device import resolve_precision  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
-from pipeline.training.train import forward_backward, make_optimizer, resolve_precision  # noqa: E402
+from pipeline.training.solver import make_optimizer  # noqa: E402
+from pipeline.training.step import forward_backward  # noqa: E402
 
 
 def machine_line() -> str:

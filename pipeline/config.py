@@ -6,6 +6,7 @@ allowed, so that a typo fails in a second instead of after an hour of preprocess
 
 from __future__ import annotations
 
+import copy
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -43,10 +44,15 @@ def initialised_from(stage: str, train: Mapping[str, Any]) -> str | None:
 
 
 class Spec:
+    """One leaf key: its `kind` (int, float, bool, str, list[str], list[float], pair[float]),
+    an optional `check` (value -> error text or None) and constraints in `kw`: `nullable`,
+    `choices`, `min`, `gt`, `max`, `default` (the key's one default, filled in when absent)."""
+
     def __init__(self, kind: str, check: Callable[[Any], str | None] | None = None, **kw: Any):
         self.kind, self.check, self.kw = kind, check, kw
 
     def validate(self, value: Any, path: str) -> list[str]:
+        """The errors of `value` at key path `path` (empty when it is valid)."""
         nullable = self.kw.get("nullable", False)
         if value is None:
             return [] if nullable else [f"{path}: must be set ({self.kind}), got null"]
@@ -292,7 +298,7 @@ def _all_defaults(schema: dict[str, Any]) -> bool:
     )
 
 
-def _validate(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
+def validate_tree(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
     """Errors of `tree` against `schema`; a missing key whose spec has a `default` is filled
     in (in place) instead, so params files written before the key existed still load."""
     if not isinstance(tree, dict):
@@ -311,7 +317,7 @@ def _validate(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
         if key not in tree:
             errors.append(f"{sub}: missing")
         elif isinstance(spec, dict):
-            errors.extend(_validate(tree[key], spec, sub))
+            errors.extend(validate_tree(tree[key], spec, sub))
         else:
             errors.extend(spec.validate(tree[key], sub))
     return errors
@@ -324,23 +330,28 @@ def _cross_checks(cfg: dict[str, Any], path: str) -> list[str]:
         errors.append(
             f"{path}.download.sample.min_side: {s['min_side']} > max_side {s['max_side']}"
         )
-    t = cfg["train"]
-    if t["nnodes"] > 1 and t["rdzv_endpoint"] is None:
-        errors.append(
-            f"{path}.train.rdzv_endpoint: must be set (HOST:PORT of node 0) when "
-            f"train.nnodes is {t['nnodes']} > 1"
-        )
-    if t["node_rank"] >= t["nnodes"]:
-        errors.append(
-            f"{path}.train.node_rank: {t['node_rank']} is not below train.nnodes {t['nnodes']}"
-        )
-    if cfg["train"]["momentum"] >= 1:
-        errors.append(f"{path}.train.momentum: must be < 1, got {cfg['train']['momentum']}")
+    errors.extend(train_checks(cfg["train"], f"{path}.train"))
     errors.extend(_training_data_checks(cfg, path))
     if not cfg["download"]["generate_sample"]:
         for name in ("voc", "coco_train", "coco_val", "coco_annotations", "sbd", "vgg16"):
             if not cfg["download"][name]["urls"]:
                 errors.append(f"{path}.download.{name}.urls: no source given for a real download")
+    return errors
+
+
+def train_checks(t: Mapping[str, Any], path: str) -> list[str]:
+    """What the train section's keys must satisfy together (`path`: the section's key path).
+    The rendezvous: node 0's address for several nodes, a node rank below their count."""
+    errors = []
+    if t["nnodes"] > 1 and t["rdzv_endpoint"] is None:
+        errors.append(
+            f"{path}.rdzv_endpoint: must be set (HOST:PORT of node 0) when "
+            f"train.nnodes is {t['nnodes']} > 1"
+        )
+    if t["node_rank"] >= t["nnodes"]:
+        errors.append(f"{path}.node_rank: {t['node_rank']} is not below train.nnodes {t['nnodes']}")
+    if t["momentum"] >= 1:
+        errors.append(f"{path}.momentum: must be < 1, got {t['momentum']}")
     return errors
 
 
@@ -395,7 +406,7 @@ def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
         errors.append(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
     for name in PROFILES:
         if name in params:
-            errs = _validate(params[name], SCHEMA, name)
+            errs = validate_tree(params[name], SCHEMA, name)
             errors.extend(errs)
             if not errs:
                 errors.extend(_cross_checks(params[name], name))
@@ -450,3 +461,19 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     cfg = validate_params(params, str(path))
     return {"profile": params["profile"], **cfg}
+
+
+def checked_section(cfg: Mapping[str, Any], section: str) -> dict[str, Any]:
+    """A validated copy of `cfg[section]`, defaults filled in from `SCHEMA` (the one place
+    they are written). A dict from `load_params` passes unchanged.
+
+    Raises:
+        ParamsError: a key is missing, unknown or out of bounds.
+    """
+    tree = copy.deepcopy(dict(cfg[section]))
+    errors = validate_tree(tree, SCHEMA[section], section)
+    if not errors and section == "train":
+        errors = train_checks(tree, section)
+    if errors:
+        raise ParamsError(f"{section}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
+    return tree

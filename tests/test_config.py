@@ -16,6 +16,7 @@ from pipeline.config import (
     load_params,
     validate_params,
 )
+from pipeline.training.recipe import StageRecipe, TrainConfig, model_config, train_config
 
 
 @pytest.fixture
@@ -249,3 +250,39 @@ def test_at_once_fcn8s_starts_from_vgg16_instead_of_fcn16s(params):
     )
     params["sample"]["train"]["fcn16s"]["at_once"] = True  # FCN-8s only
     assert "sample.train.fcn16s.at_once: unknown key" in _error(params)
+
+
+def test_train_config_is_the_validated_train_section_typed(params):
+    """One typed field per key, the schema's defaults for keys a file leaves out, the stage
+    recipes by name; the dict `load_params` returns is left as it was."""
+    for key in ("nnodes", "node_rank", "rdzv_endpoint", "compile", "score_lr_mult"):
+        params["sample"]["train"].pop(key, None)
+    params["sample"]["train"]["fcn8s"].pop("max_iter", None)
+    cfg = validate_params(params)
+    tc = train_config(cfg)
+    assert isinstance(tc, TrainConfig)
+    assert (tc.nnodes, tc.node_rank, tc.rdzv_endpoint, tc.compile) == (1, 0, None, False)
+    assert tc.score_lr_mult == 1.0 and tc.processes == tc.nproc
+    assert tc.scale_range == tuple(cfg["train"]["scale_range"])
+    assert tc.stages["fcn8s"] == StageRecipe(
+        "fcn8s", cfg["train"]["fcn8s"]["epochs"], cfg["train"]["fcn8s"]["lr"], None, False
+    )
+    assert tc.stages["fcn16s"].architecture == "fcn16s"
+    assert model_config(cfg).width == cfg["model"]["width"]
+    with pytest.raises(AttributeError):
+        tc.seed = 1  # frozen
+
+
+def test_train_config_checks_a_hand_made_section_like_the_file(params):
+    """A section edited after loading (tests, benchmarks) is checked again: the same messages,
+    from the same checks, as params.yaml gets."""
+    cfg = validate_params(params)
+    cfg["train"].update(nnodes=2)
+    with pytest.raises(ParamsError, match="train.rdzv_endpoint: must be set"):
+        train_config(cfg)
+    cfg["train"].update(nnodes=1, crop_size=16)
+    with pytest.raises(ParamsError, match="train.crop_size: must be >= 32"):
+        train_config(cfg)
+    cfg["train"].update(crop_size=64, momentum=1.0)
+    with pytest.raises(ParamsError, match="train.momentum: must be < 1"):
+        train_config(cfg)

@@ -28,10 +28,9 @@ from torch.overrides import TorchFunctionMode
 from torch.utils._pytree import tree_leaves
 from torch.utils.weak import WeakIdKeyDictionary
 
-from tests import test_training
-from tests.test_training import base_cfg, state_dict
+from tests.helpers import base_cfg, state_dict
 
-shards = test_training.shards  # the module-scoped fixture: 8 + 4 real VOC images at 64 px
+# `shards` (conftest): 8 + 4 real VOC images at 64 px
 
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
@@ -199,7 +198,7 @@ class _Stop(Exception):
     """Ends a job right after a checkpoint was saved, as a kill there would."""
 
 
-def _record(stack: contextlib.ExitStack, pt) -> dict[str, list]:
+def _record(stack: contextlib.ExitStack) -> dict[str, list]:
     """Record, on this rank, the RNG state at the start of each step and each training-mode
     dropout call's input-nonzero (`live`) and output-nonzero (`kept`) maps."""
     rec: dict[str, list] = {"step_rng": [], "drop": []}
@@ -208,7 +207,10 @@ def _record(stack: contextlib.ExitStack, pt) -> dict[str, list]:
         if module.training:
             rec["drop"].append({"live": inputs[0] != 0, "kept": output != 0})
 
-    original_set_dropout, original_step = pt.set_dropout, pt.train_one_step
+    import pipeline.training.start as start
+    import pipeline.training.train as pt
+
+    original_set_dropout, original_step = start.set_dropout, pt.train_one_step
 
     def set_dropout(model: nn.Module, p: float) -> None:
         original_set_dropout(model, p)
@@ -220,12 +222,15 @@ def _record(stack: contextlib.ExitStack, pt) -> dict[str, list]:
         rec["step_rng"].append(torch.get_rng_state())
         return original_step(ctx, micro)
 
-    stack.enter_context(mock.patch.object(pt, "set_dropout", set_dropout))
+    stack.enter_context(mock.patch.object(start, "set_dropout", set_dropout))
     stack.enter_context(mock.patch.object(pt, "train_one_step", train_one_step))
     return rec
 
 
 def _run_job(rank: int, job: dict[str, Any]) -> dict[str, Any]:
+    import pipeline.training.distributed as distributed
+    import pipeline.training.resume as resume
+    import pipeline.training.step as step
     import pipeline.training.train as pt
 
     os.environ["MASTER_PORT"] = str(job["port"])
@@ -236,27 +241,29 @@ def _run_job(rank: int, job: dict[str, Any]) -> dict[str, Any]:
             guard = GroupDeviceGuard(TOLD)
             guard_collectives(stack, guard)
             # a loss read-back (and with it the checkpoint clock's broadcast) at every step
-            stack.enter_context(mock.patch.object(pt, "LOSS_READBACK_EVERY", 1))
+            stack.enter_context(mock.patch.object(step, "LOSS_READBACK_EVERY", 1))
+            # params name a device kind only (cpu, cuda): the indexed stand-in comes from here
+            stack.enter_context(mock.patch.object(pt, "resolve_device", lambda name: TOLD))
             stack.enter_context(guard)
         if job.get("plant") == "normaliser_without_device":
-            original = pt.step_normaliser
+            original = step.step_normaliser
 
             def forgets_device(targets, loss, world, device=None):
                 return original(targets, loss, world)  # the count lands on the CPU
 
-            stack.enter_context(mock.patch.object(pt, "step_normaliser", forgets_device))
+            stack.enter_context(mock.patch.object(step, "step_normaliser", forgets_device))
         if job.get("stop_after_checkpoint"):
-            saved = pt.CheckpointCadence.saved
+            saved = resume.CheckpointCadence.saved
 
             def stop(self) -> None:
                 saved(self)
                 raise _Stop
 
-            stack.enter_context(mock.patch.object(pt.CheckpointCadence, "saved", stop))
-        rec = _record(stack, pt) if job.get("record") else None
+            stack.enter_context(mock.patch.object(resume.CheckpointCadence, "saved", stop))
+        rec = _record(stack) if job.get("record") else None
         try:
             if job.get("only_deliberate_bugs"):
-                pt.init_distributed(TOLD)
+                distributed.init_distributed(TOLD)
                 result["bugs"] = _deliberate_bugs(guard)
             else:
                 run = Path(job["run_dir"])
@@ -357,10 +364,10 @@ def test_ddp_collectives_only_see_tensors_on_the_process_groups_device(shards, t
     type cpu"); under gloo on CPU every tensor is a CPU tensor and the mistake passes unseen.
 
     How this test sees it: the ranks are told to train on `cpu:0` (`TOLD`, standing in for
-    `cuda:<rank>`), and `GroupDeviceGuard` (a TorchFunctionMode, active for the whole run) tracks
+    `cuda:<rank>`, what `resolve_device` returns in those jobs), and `GroupDeviceGuard` (a TorchFunctionMode, active for the whole run) tracks
     which tensors would live on that device, as CUDA would: made with `device=...`, moved with
     `.to(device)`, or computed from such tensors. Every tensor collective in torch.distributed
-    (the ones pipeline.training.train calls and DDP's start-up broadcast) is patched to raise before it
+    (the ones pipeline.training calls and DDP's start-up broadcast) is patched to raise before it
     runs when a tensor argument is not such a tensor, on every rank at the same call, so none
     hangs. Shown to bite: tensors made without a device, with a hard-coded `device="cpu"` or
     moved back with `.cpu()` are refused, in an initialised group and in the training loop
@@ -371,12 +378,12 @@ def test_ddp_collectives_only_see_tensors_on_the_process_groups_device(shards, t
     common = dict(checkpoint_every=2, checkpoint_minutes=60.0)
     jobs = [
         dict(name="bugs", guard=True, only_deliberate_bugs=True),
-        job("real", shards, tmp_path / "real", tiny_cfg(device=str(TOLD), **common), guard=True),
+        job("real", shards, tmp_path / "real", tiny_cfg(**common), guard=True),
         job(
             "planted",
             shards,
             tmp_path / "planted",
-            tiny_cfg(device=str(TOLD), **common),
+            tiny_cfg(**common),
             guard=True,
             plant="normaliser_without_device",
         ),

@@ -92,6 +92,7 @@ def test_classification_set_is_the_same_for_any_worker_count() -> None:
     assert sorted(a_y.tolist()) == list(range(NUM_CLASSES))  # every class once
 
 
+@pytest.mark.slow  # the module's pretraining run
 def test_pretraining_learns_and_is_deterministic(trained_classifier) -> None:
     state, report = trained_classifier
     chance = 1 / NUM_CLASSES
@@ -103,6 +104,7 @@ def test_pretraining_learns_and_is_deterministic(trained_classifier) -> None:
     assert all(torch.equal(state[k], again[k]) for k in state)
 
 
+@pytest.mark.slow  # the module's pretraining run
 def test_convolutionalized_fc7_equals_the_linear_fc7_of_the_trained_classifier(
     trained_classifier,
 ) -> None:
@@ -134,6 +136,7 @@ def test_convolutionalized_fc7_equals_the_linear_fc7_of_the_trained_classifier(
         assert (fc7_conv - fc7_lin).abs().max() <= 2 * bound.max()
 
 
+@pytest.mark.slow  # the module's pretraining run
 def test_fc8_as_a_convolution_labels_the_object_before_any_segmentation_training(
     trained_classifier,
 ) -> None:

@@ -23,66 +23,35 @@ from typing import Any
 import pytest
 import torch
 import yaml
-from repo_utils import scores_on, voc_ids, write_voc_shards
 
 from pipeline.config import load_params
 from pipeline.evaluation.metrics import segmentation_scores
 from pipeline.models.fcn import load_model
-from pipeline.training.train import (
+from pipeline.training.recipe import StageRecipe
+from pipeline.training.resume import (
     CHECKPOINT_NAME,
     ResumeState,
     ResumeStore,
     RunInputs,
-    build_initial_model,
-    iteration_budget,
     load_checkpoint,
-    lr_factor,
-    make_optimizer,
     rng_state,
-    train,
-    validation_due,
+)
+from pipeline.training.solver import iteration_budget, lr_factor, make_optimizer
+from pipeline.training.start import build_initial_model
+from pipeline.training.train import train
+from pipeline.training.validation import validation_due
+from tests.helpers import PlantedCode, base_cfg, state_dict
+from tests.repo_utils import (
+    predictions_on,
+    scores_on,
+    voc_ids,
+    write_tiny_params,
+    write_voc_shards,
 )
 
 REPO = Path(__file__).resolve().parents[1]
 # torchvision 0.29 warns on every decode_jpeg call (pipeline.data.datasets silences it outside pytest)
 pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
-
-
-# --- real data in tiny shard dirs ------------------------------------------------------------
-
-
-@pytest.fixture(scope="module")
-def shards(voc_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """Shard dirs shared by the tests (each test copies or only reads them)."""
-    root = tmp_path_factory.mktemp("shards")
-    train_ids, val_ids = voc_ids(voc_sample, "train"), voc_ids(voc_sample, "val")
-    return {
-        # 8 images, 64 px: the loop-equivalence tests (resume, DDP, accumulation, checkpoints)
-        "small": write_voc_shards(voc_sample, train_ids[:8], root / "small", 64, square=False),
-        "val": write_voc_shards(voc_sample, val_ids[:4], root / "val", 64, square=False),
-        # 8 square images, whole image = one crop: the overfit and transplant tests
-        "square": write_voc_shards(voc_sample, train_ids[:8], root / "square", 64, square=True),
-    }
-
-
-def base_cfg(**train_overrides: Any) -> dict[str, Any]:
-    """The sample profile of the repo's params.yaml, shrunk: from scratch, width 1/16, fp32."""
-    cfg = copy.deepcopy(load_params(REPO / "params.yaml"))
-    cfg["model"].update(width=0.0625, backbone_init="random", dropout=0.0)
-    cfg["train"].update(
-        device="cpu",
-        precision="fp32",
-        batch_size=2,
-        accumulate=1,
-        workers=0,
-        crop_size=48,
-        checkpoint_every=1000,
-        val_every=1,
-        score_lr_mult=1.0,  # the release's rates: what these tests' from-scratch runs measured
-    )
-    for key, value in train_overrides.items():
-        cfg["train"][key] = value
-    return cfg
 
 
 @pytest.fixture(autouse=True)
@@ -108,10 +77,6 @@ def run_train(name: str, cfg: dict[str, Any], train_dir: Path, val_dir: Path, ou
     )
 
 
-def state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
 # --- 1. overfitting 8 real images from scratch ------------------------------------------------
 
 
@@ -133,7 +98,7 @@ def test_fcn8s_from_scratch_overfits_eight_real_images(shards, tmp_path) -> None
     cfg["model"]["width"] = 0.125
     result = run_train("fcn8s", cfg, shards["square"], shards["square"], tmp_path)
     losses = [h["train/loss"] for h in result["history"]]
-    hist, _ = scores_on(load_model(tmp_path / "fcn8s.pt"), shards["square"])
+    hist = scores_on(load_model(tmp_path / "fcn8s.pt"), shards["square"])
     scores = segmentation_scores(hist)
     assert losses[-1] < 0.5 * losses[0], losses
     assert scores["pixel_accuracy"] >= 0.90, (scores["pixel_accuracy"], losses[-5:])
@@ -145,17 +110,26 @@ def test_fcn8s_from_scratch_overfits_eight_real_images(shards, tmp_path) -> None
 
 
 def make_repo(root: Path, shards: dict[str, Path], **train_overrides: Any) -> Path:
-    """A directory the stage runs in: params.yaml (sample profile changed) + preprocessed data."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "sample"
-    sample = params["sample"]
-    sample["model"].update(width=0.0625, backbone_init="random", dropout=0.0)
-    sample["train"].update(
-        device="cpu", precision="fp32", batch_size=2, workers=0, crop_size=48, val_every=1
+    """A directory the stage runs in: params.yaml (the test profile, changed) + preprocessed data."""
+    train_cfg = dict(
+        device="cpu",
+        precision="fp32",
+        batch_size=2,
+        workers=0,
+        crop_size=48,
+        val_every=1,
+        checkpoint_every=1000,
     )
-    sample["train"].update(train_overrides)
+    overrides = {f"sample.train.{k}": v for k, v in {**train_cfg, **train_overrides}.items()}
+    overrides.update(
+        {
+            "sample.model.width": 0.0625,
+            "sample.model.backbone_init": "random",
+            "sample.model.dropout": 0.0,
+        }
+    )
     root.mkdir(parents=True)
-    (root / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_tiny_params(root / "params.yaml", overrides)
     shutil.copytree(shards["small"], root / "data" / "preprocessed" / "train")
     shutil.copytree(shards["val"], root / "data" / "preprocessed" / "val")
     return root
@@ -325,12 +299,14 @@ def test_accumulation_equals_one_big_batch(shards, tmp_path) -> None:
 
 
 def test_iteration_budget_counts_iterations_and_derives_epochs() -> None:
-    assert iteration_budget({"epochs": 3, "max_iter": None}, 4) == (12, 3)
-    assert iteration_budget({"epochs": 3}, 4) == (12, 3)  # params written before max_iter
-    assert iteration_budget({"epochs": 3, "max_iter": 5}, 4) == (5, 2)  # epochs ignored
-    assert iteration_budget({"epochs": 1, "max_iter": 8}, 4) == (8, 2)
+    def recipe(epochs: int, max_iter: int | None = None) -> StageRecipe:
+        return StageRecipe("fcn32s", epochs=epochs, lr=1e-3, max_iter=max_iter, at_once=False)
+
+    assert iteration_budget(recipe(3), 4) == (12, 3)
+    assert iteration_budget(recipe(3, max_iter=5), 4) == (5, 2)  # epochs ignored
+    assert iteration_budget(recipe(1, max_iter=8), 4) == (8, 2)
     with pytest.raises(ValueError, match="steps_per_epoch"):
-        iteration_budget({"epochs": 1}, 0)
+        iteration_budget(recipe(1), 0)
 
 
 def test_max_iter_budget_cuts_the_last_epoch_and_whole_epochs_match_epochs(
@@ -362,6 +338,32 @@ def test_validation_due_every_n_iterations_inside_epochs_only() -> None:
     assert [i for i in range(1, 13) if validation_due(i, 12, 5)] == [5, 10]
     assert not validation_due(8, 8, 4)  # the epoch's end scores it (its own entry)
     assert not any(validation_due(i, 12, None) for i in range(1, 13))
+
+
+def test_validation_scores_through_evaluate_model_and_leaves_mode_and_rng_alone() -> None:
+    """Training-time validation is the evaluate stage's scoring (the same matrix), restores the
+    model's mode, and draws nothing from the global RNG (its loader's seed draw is undone), so
+    dropout after a validation is what it would have been without one."""
+    from pipeline.evaluation.score import evaluate_model
+    from pipeline.training.validation import validate
+
+    model = _tiny_fcn()
+    gen = torch.Generator().manual_seed(0)
+    data = []
+    for h, w in ((64, 80), (70, 70), (33, 120)):
+        y = torch.randint(0, 21, (h, w), generator=gen)
+        y[: h // 4] = 255
+        data.append((torch.randn(3, h, w, generator=gen), y))
+    cpu = torch.device("cpu")
+    model.train()
+    before = torch.get_rng_state()
+    scores = validate(model, data, cpu, None, channels_last=False)
+    assert torch.equal(torch.get_rng_state(), before)
+    assert model.training
+    hist = evaluate_model(
+        model, data, device=cpu, precision=None, channels_last=False, progress=False
+    )
+    assert scores == segmentation_scores(hist) or str(scores) == str(segmentation_scores(hist))
 
 
 def test_val_every_iter_scores_inside_epochs_without_changing_training(shards, tmp_path) -> None:
@@ -477,8 +479,8 @@ def test_transplant_of_trained_fcn32s_predicts_the_same(voc_sample, tmp_path) ->
 
     found = {}
     for name, directory in (("seen", seen), ("unseen", unseen)):
-        hist32, p32 = scores_on(fcn32, directory)
-        _, p16 = scores_on(fcn16, directory)
+        hist32, p32 = scores_on(fcn32, directory), predictions_on(fcn32, directory)
+        p16 = predictions_on(fcn16, directory)
         sizes = {tuple(p.shape) for p in p32}
         assert min(max(s) for s in sizes) >= 480, sizes  # full-size VOC images
         found[name] = {
@@ -502,16 +504,6 @@ def test_transplant_of_trained_fcn32s_predicts_the_same(voc_sample, tmp_path) ->
 
 
 # --- 6. checkpoints that must not be resumed --------------------------------------------------
-
-
-class _Planted:
-    """Unpickling this would create `path`: proof that a pickle was (not) executed."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-
-    def __reduce__(self):
-        return (Path.touch, (self.path,))
 
 
 def _store(cfg: dict[str, Any], shards: dict[str, Path], out: Path) -> ResumeStore:
@@ -551,7 +543,7 @@ def test_pickled_or_foreign_checkpoints_are_not_resumed(shards, tmp_path, capsys
     evil = _store(cfg, shards, tmp_path / "evil")
     evil.checkpoint_path.parent.mkdir(parents=True)
     marker = tmp_path / "pickle-was-executed"
-    torch.save({**state.to_dict(), "extra": _Planted(marker)}, evil.checkpoint_path)
+    torch.save({**state.to_dict(), "extra": PlantedCode(marker)}, evil.checkpoint_path)
     with pytest.raises(pickle.UnpicklingError):  # what a weights-only reader must hit
         torch.load(evil.checkpoint_path, weights_only=True)
     assert evil.load() is None
@@ -608,7 +600,9 @@ def test_summed_loss_update_is_per_image_whatever_batch_accumulation_or_ranks() 
     """`loss: sum` follows the Caffe solver: the update is the per-image summed loss averaged
     over the step's images, whether they come as one batch of 4, 4 accumulated micro-batches
     of 1, or 2 ranks of 2 (DDP averages the ranks' gradients)."""
-    from pipeline.training.train import forward_backward, set_dropout, step_normaliser
+    from pipeline.training.solver import step_normaliser
+    from pipeline.training.start import set_dropout
+    from pipeline.training.step import forward_backward
 
     torch.manual_seed(0)
     model, _ = build_initial_model(
@@ -658,7 +652,7 @@ def test_fp16_gets_loss_scaling_and_bf16_fp32_do_not() -> None:
 
 
 def test_a_non_finite_loss_is_caught_at_read_back_naming_its_iteration() -> None:
-    from pipeline.training.train import LOSS_READBACK_EVERY, LossReadback
+    from pipeline.training.step import LOSS_READBACK_EVERY, LossReadback
 
     readback = LossReadback("fcn32s", "sum", world=1)
     for i in range(LOSS_READBACK_EVERY):
@@ -671,7 +665,7 @@ def test_a_non_finite_loss_is_caught_at_read_back_naming_its_iteration() -> None
 
 
 def _tiny_fcn() -> torch.nn.Module:
-    from pipeline.training.train import set_dropout
+    from pipeline.training.start import set_dropout
 
     model, _ = build_initial_model(
         "fcn32s", width=0.0625, backbone_init="random", vgg16_path=None, init_from=None, seed=0
@@ -681,7 +675,7 @@ def _tiny_fcn() -> torch.nn.Module:
 
 
 def test_cpu_optimizer_uses_foreach_and_updates_like_the_per_parameter_loop() -> None:
-    from pipeline.training.train import param_groups
+    from pipeline.training.solver import param_groups, set_lr
 
     model = _tiny_fcn()
     for p in model.parameters():  # score_fr starts at zero: give every weight a gradient
@@ -692,9 +686,8 @@ def test_cpu_optimizer_uses_foreach_and_updates_like_the_per_parameter_loop() ->
     assert fast.defaults["foreach"] is True and not fast.defaults["fused"]
     assert all(g["foreach"] is True for g in fast.param_groups)
     assert make_optimizer(model, 0.01, 0.9, 5e-4, torch.device("cpu")).defaults["foreach"]
-    loop = torch.optim.SGD(
-        param_groups(reference, 0.01, 5e-4), lr=0.01, momentum=0.9, foreach=False
-    )
+    loop = torch.optim.SGD(param_groups(reference, 5e-4), momentum=0.9, foreach=False)
+    set_lr(loop, 0.01)
     x, y = torch.randn(2, 3, 64, 64), torch.randint(0, 21, (2, 64, 64))
     for m, opt in ((model, fast), (reference, loop)):
         for _ in range(2):  # the second step uses the momentum buffers
@@ -712,7 +705,7 @@ def test_cpu_optimizer_uses_foreach_and_updates_like_the_per_parameter_loop() ->
 
 def test_score_layers_learn_at_score_lr_mult_times_the_rate_and_keep_it_under_set_lr() -> None:
     from pipeline.models.surgery import is_score_layer
-    from pipeline.training.train import set_lr
+    from pipeline.training.solver import set_lr
 
     model = _tiny_fcn()
     opt = make_optimizer(model, 0.01, 0.9, 5e-4, score_lr_mult=10)
@@ -736,7 +729,7 @@ def test_score_layers_learn_at_score_lr_mult_times_the_rate_and_keep_it_under_se
 
 
 def test_resumed_optimizer_gets_this_devices_kernels_back() -> None:
-    from pipeline.training.train import use_sgd_implementation
+    from pipeline.training.solver import use_sgd_implementation
 
     model = _tiny_fcn()
     opt = make_optimizer(model, 0.01, 0.9, 5e-4)
@@ -750,12 +743,13 @@ def test_resumed_optimizer_gets_this_devices_kernels_back() -> None:
 
 
 def test_compile_false_leaves_the_model_uncompiled_and_true_wraps_it(monkeypatch) -> None:
-    from pipeline.training.train import training_module
+    from pipeline.training.recipe import train_config
+    from pipeline.training.step import training_module
 
     cfg = load_params(REPO / "params.yaml")
     assert cfg["train"]["compile"] is False  # the shipped default
     model, cpu = _tiny_fcn(), torch.device("cpu")
-    assert training_module(model, cfg["train"], cpu, distributed=False) is model
+    assert training_module(model, cpu, False, train_config(cfg).compile) is model
     compiled: list[torch.nn.Module] = []
 
     def fake_compile(module: torch.nn.Module) -> str:  # torch.compile itself takes minutes
@@ -763,33 +757,36 @@ def test_compile_false_leaves_the_model_uncompiled_and_true_wraps_it(monkeypatch
         return "compiled"
 
     monkeypatch.setattr(torch, "compile", fake_compile)
-    assert training_module(model, {**cfg["train"], "compile": True}, cpu, False) == "compiled"
+    assert training_module(model, cpu, False, compile_step=True) == "compiled"
     assert compiled == [model]
 
 
-def test_torchrun_command_one_node_is_standalone() -> None:
-    from stages.train import needs_torchrun, torchrun_command
+def _tc(**overrides: Any):
+    """The shipped sample profile's typed train section, with `overrides`."""
+    from pipeline.training.recipe import train_config
 
-    tcfg = {**load_params(REPO / "params.yaml")["train"], "nproc": 4}
-    cmd = torchrun_command(tcfg, ["fcn8s", "--no-progress"])
+    cfg = load_params(REPO / "params.yaml")
+    cfg["train"].update(overrides)
+    return train_config(cfg)
+
+
+def test_torchrun_command_one_node_is_standalone() -> None:
+    from pipeline.training.launch import needs_torchrun, torchrun_command
+
+    cmd = torchrun_command(_tc(nproc=4), ["fcn8s", "--no-progress"])
     assert cmd[:3] == [sys.executable, "-m", "torch.distributed.run"]
     assert "--standalone" in cmd and not any(a.startswith("--nnodes") for a in cmd)
     assert cmd[-5:] == ["--nproc-per-node=4", "-m", "stages.train", "fcn8s", "--no-progress"]
-    assert needs_torchrun(tcfg) and not needs_torchrun({**tcfg, "nproc": 1})
-    assert needs_torchrun({**tcfg, "nproc": 1, "nnodes": 2})
+    assert needs_torchrun(_tc(nproc=4)) and not needs_torchrun(_tc(nproc=1))
+    assert needs_torchrun(_tc(nproc=1, nnodes=2, rdzv_endpoint="node0:29400"))
 
 
 def test_torchrun_command_several_nodes_meet_at_node_zero() -> None:
-    from stages.train import torchrun_command
+    from pipeline.config import ParamsError
+    from pipeline.training.launch import torchrun_command
 
-    tcfg = {
-        **load_params(REPO / "params.yaml")["train"],
-        "nproc": 8,
-        "nnodes": 2,
-        "node_rank": 1,
-        "rdzv_endpoint": "node0.cluster:29400",
-    }
-    cmd = torchrun_command(tcfg, ["fcn32s"])
+    tc = _tc(nproc=8, nnodes=2, node_rank=1, rdzv_endpoint="node0.cluster:29400")
+    cmd = torchrun_command(tc, ["fcn32s"])
     assert "--standalone" not in cmd
     launcher = cmd[3 : cmd.index("-m", 3)]
     assert launcher == [
@@ -799,10 +796,11 @@ def test_torchrun_command_several_nodes_meet_at_node_zero() -> None:
         "--rdzv-endpoint=node0.cluster:29400",
         "--nproc-per-node=8",
     ]
-    with pytest.raises(ValueError, match="train.rdzv_endpoint: must be set"):
-        torchrun_command({**tcfg, "rdzv_endpoint": None}, ["fcn32s"])
-    with pytest.raises(ValueError, match="train.node_rank: 2 is not in 0..1"):
-        torchrun_command({**tcfg, "node_rank": 2}, ["fcn32s"])
+    # the rendezvous is checked once, where the params are read: no command is ever built
+    with pytest.raises(ParamsError, match="train.rdzv_endpoint: must be set"):
+        _tc(nproc=8, nnodes=2, node_rank=1)
+    with pytest.raises(ParamsError, match="train.node_rank: 2 is not below train.nnodes 2"):
+        _tc(nproc=8, nnodes=2, node_rank=2, rdzv_endpoint="node0.cluster:29400")
 
 
 def test_the_stage_refuses_several_nodes_without_an_endpoint(tmp_path) -> None:

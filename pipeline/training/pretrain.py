@@ -27,9 +27,10 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision.models.vgg import VGG, make_layers
 
 from pipeline.classes import NUM_CLASSES
-from pipeline.data.sample import classification_crop
+from pipeline.data.sample_scene import classification_crop
 from pipeline.data.transforms import normalize
 from pipeline.models.surgery import VGG16_CFG, vgg16_channels
+from pipeline.training.solver import lr_factor
 
 CROP_SIZE = 224  # VGG16's input: pool5 is then 7 x 7, exactly what fc6 (a Linear on 512*7*7) reads
 
@@ -199,16 +200,47 @@ def pretrain_vgg16(
     train top-1 accuracy (0..1) of the folded net, chance level, mean cross-entropy of the
     first and last epoch, crop counts, epochs.
     """
-    from tqdm import tqdm
-
-    from pipeline.training.train import lr_factor
-
     torch.manual_seed(seed)
     n_train = train_per_class * NUM_CLASSES
     train_x, train_y = classification_set(seed, train_per_class, start=0, workers=workers)
     val_x, val_y = classification_set(seed, val_per_class, start=n_train, workers=workers)
-
     model = vgg16_bn_classifier(width, dropout=0.0).to(memory_format=torch.channels_last)
+    epoch_losses = _fit(model, train_x, train_y, epochs, batch_size, lr, seed, progress)
+    model.eval()
+    state = fold_batchnorm(model)
+    plain = vgg16_classifier(width, dropout=0.0)
+    plain.load_state_dict(state)
+    report = {
+        "source": "pretrained on the sample's object crops (pipeline/training/pretrain.py)",
+        "classes": NUM_CLASSES,
+        "train_crops": n_train,
+        "val_crops": len(val_y),
+        "epochs": epochs,
+        "train_loss_first_epoch": round(epoch_losses[0], 4),
+        "train_loss_last_epoch": round(epoch_losses[-1], 4),
+        "train_top1": round(classification_accuracy(plain, train_x, train_y), 4),
+        "val_top1": round(classification_accuracy(plain, val_x, val_y), 4),
+        "chance_top1": round(1.0 / NUM_CLASSES, 4),
+    }
+    return state, report
+
+
+def _fit(
+    model: nn.Module,
+    train_x: torch.Tensor,
+    train_y: torch.Tensor,
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    seed: int,
+    progress: bool,
+) -> list[float]:
+    """Adam with poly decay over `epochs` of the uint8 crops `train_x` [N, 3, H, W] (labels
+    `train_y` [N] int64), a seeded order and random flips per epoch. Returns each epoch's mean
+    cross-entropy."""
+    from tqdm import tqdm
+
+    n_train = len(train_y)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     total = math.ceil(n_train / batch_size) * epochs
     gen = torch.Generator().manual_seed(seed)
@@ -236,24 +268,7 @@ def pretrain_vgg16(
             bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
         epoch_losses.append(sum(losses) / len(losses))
     bar.close()
-
-    model.eval()
-    state = fold_batchnorm(model)
-    plain = vgg16_classifier(width, dropout=0.0)
-    plain.load_state_dict(state)
-    report = {
-        "source": "pretrained on the sample's object crops (pipeline/training/pretrain.py)",
-        "classes": NUM_CLASSES,
-        "train_crops": n_train,
-        "val_crops": len(val_y),
-        "epochs": epochs,
-        "train_loss_first_epoch": round(epoch_losses[0], 4),
-        "train_loss_last_epoch": round(epoch_losses[-1], 4),
-        "train_top1": round(classification_accuracy(plain, train_x, train_y), 4),
-        "val_top1": round(classification_accuracy(plain, val_x, val_y), 4),
-        "chance_top1": round(1.0 / NUM_CLASSES, 4),
-    }
-    return state, report
+    return epoch_losses
 
 
 def save_state_dict(path: str | os.PathLike, state: dict[str, torch.Tensor]) -> None:
