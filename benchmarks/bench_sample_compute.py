@@ -40,7 +40,7 @@ from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.classes import NUM_CLASSES  # noqa: E402
-from pipeline.config import MODEL_NAMES, architecture  # noqa: E402
+from pipeline.config import CASCADE, architecture  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
 from pipeline.training.pretrain import CROP_SIZE, vgg16_bn_classifier  # noqa: E402
 from pipeline.training.recipe import train_config  # noqa: E402
@@ -131,7 +131,7 @@ def main(argv: list[str] | None = None) -> None:
     n_images, source = train_images(cfg, args.train_images)
     batch = tcfg["batch_size"] * tcfg["accumulate"]
     size = 64 if args.quick else tcfg["crop_size"]
-    for name in MODEL_NAMES:
+    for name in CASCADE:
         total, _ = iteration_budget(train_config(cfg).stages[name], math.ceil(n_images / batch))
         torch.manual_seed(0)
         model = build_model(architecture(name, tcfg), num_classes=NUM_CLASSES, width=width)

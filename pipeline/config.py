@@ -16,9 +16,9 @@ from typing import Any
 import yaml
 
 PROFILES = ("sample", "full", "paper")
-MODEL_NAMES = ("fcn32s", "fcn16s", "fcn8s")  # the training stages, in the cascade's order
+CASCADE = ("fcn32s", "fcn16s", "fcn8s")  # the training stages, in the cascade's order
 ATONCE = "fcn8s_atonce"  # the at-once FCN-8s: the fcn8s stage's net with `at_once`
-ARCHITECTURES = (*MODEL_NAMES, ATONCE)  # every net a model file can hold
+ARCHITECTURES = (*CASCADE, ATONCE)  # every net a model file can hold
 MIN_CROP = 32  # the network has stride 32: a smaller crop has no pixel of pool5 context
 
 
@@ -39,8 +39,8 @@ def architecture(stage: str, train: Mapping[str, Any]) -> str:
 def initialised_from(stage: str, train: Mapping[str, Any]) -> str | None:
     """The stage whose model file `stage` starts from (FCN-16s from FCN-32s, FCN-8s from
     FCN-16s: the paper's staged training), or None: from VGG16 (FCN-32s, at-once FCN-8s)."""
-    i = MODEL_NAMES.index(stage)
-    return None if i == 0 or architecture(stage, train) == ATONCE else MODEL_NAMES[i - 1]
+    i = CASCADE.index(stage)
+    return None if i == 0 or architecture(stage, train) == ATONCE else CASCADE[i - 1]
 
 
 class Spec:
@@ -254,7 +254,7 @@ SCHEMA: dict[str, Any] = {
                 # VGG16 instead of fine-tuned from FCN-16s (models/fcn16s.pt is then unused)
                 **({"at_once": _bool(default=False)} if m == "fcn8s" else {}),
             }
-            for m in MODEL_NAMES
+            for m in CASCADE
         },
     },
     "evaluate": {

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import sys
 
-from pipeline.config import ARCHITECTURES, MODEL_NAMES, load_params
+from pipeline.config import ARCHITECTURES, CASCADE, load_params
 from pipeline.inputs import stage_main, stage_parser
 
 
@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
         "--out", default=".", help="root of metrics/, plots/, reports/ (default: %(default)s)"
     )
     ap.add_argument("--only", nargs="+", choices=ARCHITECTURES,
-                    default=list(MODEL_NAMES),
+                    default=list(CASCADE),
                     help="evaluate only these models (default: the three stages'; "
                     "fcn8s_atonce: an imported at-once release)")  # fmt: skip
     ap.add_argument(

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.config import MODEL_NAMES, load_params
+from pipeline.config import CASCADE, load_params
 from pipeline.inference.export import OnnxMismatchError
 from pipeline.inputs import require_inputs, stage_main, stage_parser
 
@@ -33,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--metrics", default="metrics/onnx.json", help="the check's report (default: %(default)s)"
     )
-    ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
+    ap.add_argument("--only", nargs="+", choices=CASCADE, default=list(CASCADE),
                     help="export only these models (default: all three)")  # fmt: skip
     args = ap.parse_args(argv)
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from pipeline.config import MODEL_NAMES, load_params
+from pipeline.config import CASCADE, load_params
 from pipeline.inputs import require_inputs, stage_main, stage_parser
 
 
@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> int:
         "--models", default="models", help="where <name>.pt are read (default: %(default)s)"
     )
     ap.add_argument("--out", default=".", help="root of metrics/, reports/ (default: %(default)s)")
-    ap.add_argument("--only", nargs="+", choices=MODEL_NAMES, default=list(MODEL_NAMES),
+    ap.add_argument("--only", nargs="+", choices=CASCADE, default=list(CASCADE),
                     help="report only these models (default: all three)")  # fmt: skip
     args = ap.parse_args(argv)
 

@@ -19,7 +19,7 @@ import os
 import sys
 from pathlib import Path
 
-from pipeline.config import MODEL_NAMES, ParamsError, load_params
+from pipeline.config import CASCADE, ParamsError, load_params
 from pipeline.inputs import MissingInputsError, require_inputs
 from pipeline.training.recipe import train_config
 
@@ -27,7 +27,7 @@ from pipeline.training.recipe import train_config
 def parser() -> argparse.ArgumentParser:
     """The stage's command line."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    ap.add_argument("model", choices=MODEL_NAMES, help="which stage of the cascade to train")
+    ap.add_argument("model", choices=CASCADE, help="which stage of the cascade to train")
     ap.add_argument("--params", default="params.yaml", help="params file (default: %(default)s)")
     ap.add_argument("--data", default="data/preprocessed", help="preprocessed shard root")
     ap.add_argument("--models", default="models", help="where model files are read and written")

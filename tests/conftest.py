@@ -15,6 +15,7 @@ from __future__ import annotations
 import os
 import random
 import tarfile
+from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -46,11 +47,55 @@ HOW_TO_GET_DATA = (
 )
 
 
+@pytest.hookimpl(tryfirst=True)  # before xdist's own hook, which reads the groups
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
-    """Mark every test that needs the real samples `real_data` (`pytest -m real_data`)."""
+    """Mark every test that needs the real samples `real_data` (`pytest -m real_data`), and
+    group the tests for pytest-xdist (`--dist loadgroup`, pyproject.toml), each group run whole
+    by one worker: every other test with the rest of its module, so that a module-scoped fixture
+    (a pipeline run, shard dirs) is built once. The readers of the session's sample run come
+    early, in two groups (the team workflows first, the others after one module), so that the
+    two workers share one sample run (`sample_run`) without one waiting for the other to build
+    it; the other modules with more slow tests first (pyproject.toml's `--no-loadscope-reorder`
+    keeps this order)."""
+    readers: dict[str, list[pytest.Item]] = {"sample_run:team": [], "sample_run": []}
+    rest = []
     for item in items:
-        if "shared_data" in getattr(item, "fixturenames", ()):
+        names = getattr(item, "fixturenames", ())
+        if "shared_data" in names:
             item.add_marker(pytest.mark.real_data)
+        module = _module(item)
+        if "sample_run" in names:
+            group = "sample_run:team" if module.endswith("test_team.py") else "sample_run"
+            readers[group].append(item)
+        else:
+            group = module
+            rest.append(item)
+        item.add_marker(pytest.mark.xdist_group(group))
+    # then the modules with the most slow tests first: a long module last would leave one
+    # worker running it alone at the end
+    slow = Counter(_module(i) for i in rest if i.get_closest_marker("slow"))
+    order = {m: n for n, m in enumerate(dict.fromkeys(_module(i) for i in rest))}
+    rest.sort(key=lambda i: (-slow[_module(i)], order[_module(i)]))
+    # the second worker starts on the first of them while the first worker reproduces the
+    # sample run for the team workflows; the other readers come next, when the run is there
+    n_head = sum(1 for i in rest if _module(i) == _module(rest[0])) if rest else 0
+    items[:] = [*readers["sample_run:team"], *rest[:n_head], *readers["sample_run"], *rest[n_head:]]
+
+
+def _module(item: pytest.Item) -> str:
+    """The test file of a collected test (`tests/test_x.py`)."""
+    return item.nodeid.split("::")[0]
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    """Under pytest-xdist each worker gets its share of the cores (on 2 cores and `-n 2`: one
+    intra-op thread), in the worker and in every process it starts (dvc stages, trainers):
+    otherwise each worker's torch takes every core and the workers fight over them."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0") or 0)
+    if os.environ.get("PYTEST_XDIST_WORKER") and workers > 1:
+        threads = str(max(1, len(os.sched_getaffinity(0)) // workers))
+        os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = threads
+        torch.set_num_threads(int(threads))
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus: int, config: pytest.Config) -> None:
@@ -122,19 +167,59 @@ def generated_voc(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="session")
-def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
-    """The project copied, set to FAST_SAMPLE, reproduced and committed once per session:
-    (repo, dvc repro's output). Read-only: a test that changes it works on a copy
-    (`shutil.copytree(repo, dst, symlinks=True)` keeps git history, outputs and DVC cache)."""
-    from tests.repo_utils import FAST_SAMPLE, copy_repo, run, set_params
+def shards(voc_sample: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    """Tiny shard dirs of real VOC images, shared by the training tests (each test copies or
+    only reads them): `small` 8 train images and `val` 4 val images at 64 px (the
+    loop-equivalence tests: resume, DDP, accumulation, checkpoints), `square` the 8 train images
+    centre-cropped square, whole image = one crop (the overfit and transplant tests)."""
+    from tests.repo_utils import voc_ids, write_voc_shards
 
-    repo = copy_repo(tmp_path_factory.mktemp("run") / "repo")
-    set_params(repo, FAST_SAMPLE)
-    run(["git", "commit", "-qam", "small sample for tests"], repo)
-    out = run(["dvc", "repro"], repo, timeout=1200)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "first run"], repo)
-    return repo, out.stdout + out.stderr
+    root = tmp_path_factory.mktemp("shards")
+    train_ids, val_ids = voc_ids(voc_sample, "train"), voc_ids(voc_sample, "val")
+    return {
+        "small": write_voc_shards(voc_sample, train_ids[:8], root / "small", 64, square=False),
+        "val": write_voc_shards(voc_sample, val_ids[:4], root / "val", 64, square=False),
+        "square": write_voc_shards(voc_sample, train_ids[:8], root / "square", 64, square=True),
+    }
+
+
+@pytest.fixture(scope="session")
+def sample_run(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """The project copied, set to the test profile (`repo_utils.TINY_SAMPLE`), reproduced and
+    committed once per test run: (repo, dvc repro's output). Read-only: a test that changes it
+    works on a copy (`shutil.copytree(repo, dst, symlinks=True)` keeps git history, outputs and
+    DVC cache).
+
+    Under pytest-xdist the workers share one run: the first worker that needs it reproduces it
+    in the run's common temp folder while holding a lock, the others wait for it and read it."""
+    import fcntl
+    import json
+
+    from tests.repo_utils import copy_repo, run, write_tiny_params
+
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the folder every worker's basetemp is in
+    shared = root / "sample_run"
+    result = root / "sample_run.json"
+    with open(root / "sample_run.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        if not result.exists():
+            try:
+                repo = copy_repo(shared / "repo")
+                write_tiny_params(repo / "params.yaml")
+                run(["git", "commit", "-qam", "small sample for tests"], repo)
+                out = run(["dvc", "repro"], repo, timeout=1200)
+                run(["git", "add", "-A"], repo)
+                run(["git", "commit", "-qm", "first run"], repo)
+                done = {"error": None, "out": out.stdout + out.stderr}
+            except Exception as e:
+                done = {"error": f"{type(e).__name__}: {e}", "out": ""}
+            result.write_text(json.dumps(done))
+    done = json.loads(result.read_text())
+    if done["error"]:
+        pytest.fail(f"the session's sample run failed: {done['error']}", pytrace=False)
+    return shared / "repo", done["out"]
 
 
 @pytest.fixture(autouse=True)

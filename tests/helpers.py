@@ -1,4 +1,5 @@
-"""Test helpers shared by several modules: CI strictness, a stand-in FCN, an HTTP file server."""
+"""Test helpers shared by several modules: CI strictness, a stand-in FCN, a pickle that runs
+code, in-process training configs, val shard dirs, an HTTP file server."""
 
 from __future__ import annotations
 
@@ -8,8 +9,9 @@ import os
 import re
 import threading
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from types import ModuleType
-from typing import NoReturn
+from typing import Any, NoReturn
 from urllib.parse import urlparse
 
 import pytest
@@ -59,6 +61,73 @@ class TinyFCN(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Logits at the input's size."""
         return self.score(torch.relu(self.conv(x)))
+
+
+class PlantedCode:
+    """A pickled object whose unpickling runs code: it creates the file `marker`. A reader that
+    refuses it leaves no `marker`; one that runs pickled code creates it."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+# --- training in-process, shard dirs --------------------------------------------------------
+
+
+def base_cfg(**train_overrides: Any) -> dict[str, Any]:
+    """The test profile (`repo_utils.tiny_cfg`) for in-process training from scratch: width 1/16,
+    random init, fp32 on the CPU, batch 2 of 48 px crops; `train_overrides` replace train keys."""
+    from tests.repo_utils import tiny_cfg
+
+    cfg = tiny_cfg()
+    cfg["model"].update(width=0.0625, backbone_init="random", dropout=0.0)
+    cfg["train"].update(
+        device="cpu",
+        precision="fp32",
+        batch_size=2,
+        accumulate=1,
+        workers=0,
+        crop_size=48,
+        checkpoint_every=1000,
+        val_every=1,
+        score_lr_mult=1.0,  # the release's rates: what the from-scratch tests measured
+    )
+    for key, value in train_overrides.items():
+        cfg["train"][key] = value
+    return cfg
+
+
+def state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The weights of a model file the training loop wrote (weights-only load)."""
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def write_val_shards(
+    out: Path, voc: Path, ids: list[str], labels: dict[str, bytes] | None = None
+) -> Path:
+    """A val shard dir as preprocess writes it: original JPEG bytes + original label PNG bytes
+    (`labels`: replacement PNG bytes for some ids)."""
+    import io
+
+    from PIL import Image
+
+    from pipeline.data.shards import ShardWriter
+
+    with ShardWriter(out, shard_size=2) as w:
+        for i in ids:
+            jpg = (voc / "JPEGImages" / f"{i}.jpg").read_bytes()
+            png = (labels or {}).get(i) or (voc / "SegmentationClass" / f"{i}.png").read_bytes()
+            with Image.open(io.BytesIO(jpg)) as im:
+                width, height = im.size
+            w.add(
+                f"voc/{i}",
+                {"image": jpg, "label": png},
+                {"height": height, "width": width, "source": "voc"},
+            )
+    return out
 
 
 # --- a real HTTP server on 127.0.0.1 ----------------------------------------------------------

@@ -36,30 +36,112 @@ ALL_STAGES = [
 AFTER_EVALUATE = ALL_STAGES[ALL_STAGES.index("evaluate") + 1 :]
 FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
 
-# A sample run small enough for the test suite: same stages and code, fewer/smaller images.
-FAST_SAMPLE: dict[str, Any] = {
-    "sample.download.sample.voc_train": 12,
-    "sample.download.sample.voc_val": 6,
-    "sample.download.sample.coco_train": 8,
+# The test suite's own sample profile: the same stages and code as the shipped `sample`
+# profile, with every recipe value the tests depend on set here (never read from params.yaml,
+# so tuning the shipped recipe cannot break a test) and sized for a test: few small images, a
+# narrow VGG16, a few steps. Deterministic on CPU (fp32, no loader workers); FCN-32s trains 2
+# epochs of 4 steps with a checkpoint every 2 steps, so a kill at the first checkpoint lands
+# mid-epoch. The session's `sample_run` (conftest) reproduces exactly this profile, so it is also
+# the uninterrupted reference run of the kill and resume tests.
+TINY_SAMPLE: dict[str, Any] = {
+    "profile": "sample",
+    "sample.download.generate_sample": True,
+    "sample.download.sample.seed": 0,
+    "sample.download.sample.voc_train": 8,
+    "sample.download.sample.voc_val": 4,
+    "sample.download.sample.coco_train": 4,
     "sample.download.sample.coco_val": 4,
+    "sample.download.sample.min_side": 120,
     "sample.download.sample.max_side": 160,
-    "sample.preprocess.max_size": 96,
     "sample.download.vgg16.pretrain.train_per_class": 3,
     "sample.download.vgg16.pretrain.val_per_class": 1,
     "sample.download.vgg16.pretrain.epochs": 1,
+    "sample.download.vgg16.pretrain.batch_size": 16,
+    "sample.download.vgg16.pretrain.lr": 0.001,
+    "sample.download.vgg16.pretrain.workers": 0,
+    "sample.coco_to_voc.min_pixels": 200,
+    "sample.coco_to_voc.workers": 1,
+    "sample.preprocess.max_size": 96,
+    "sample.preprocess.use_coco": True,
+    "sample.preprocess.sbd": None,
+    "sample.preprocess.workers": 1,
+    "sample.model.width": 0.0625,
+    "sample.model.backbone_init": "vgg16",
+    "sample.model.dropout": 0.0,
+    "sample.train.device": "cpu",
     "sample.train.precision": "fp32",  # bit-identical runs in every clone, whatever the CPU
-    "sample.train.crop_size": 64,
+    "sample.train.compile": False,
+    "sample.train.nproc": 1,
+    "sample.train.batch_size": 4,
+    "sample.train.accumulate": 1,
     "sample.train.workers": 0,
-    "sample.train.fcn32s.epochs": 2,
-    "sample.train.fcn16s.epochs": 1,
-    "sample.train.fcn8s.epochs": 1,
+    "sample.train.seed": 0,
+    "sample.train.crop_size": 64,
+    "sample.train.scale_range": [0.75, 1.25],
+    "sample.train.hflip": True,
+    "sample.train.color_jitter": 0.1,
+    "sample.train.loss": "mean",
+    "sample.train.lr_policy": "poly",
+    "sample.train.momentum": 0.9,
+    "sample.train.weight_decay": 0.0005,
+    "sample.train.score_lr_mult": 10,
+    "sample.train.checkpoint_every": 2,
+    "sample.train.checkpoint_minutes": 1,
     "sample.train.val_every": 1,  # a val point at every epoch end: the curves tests compare
+    "sample.train.val_every_iter": None,
+    "sample.train.fcn32s.epochs": 2,
+    "sample.train.fcn32s.lr": 0.001,
+    "sample.train.fcn16s.epochs": 1,
+    "sample.train.fcn16s.lr": 0.0003,
+    "sample.train.fcn8s.epochs": 1,
+    "sample.train.fcn8s.lr": 0.001,
+    "sample.evaluate.device": "cpu",
+    "sample.evaluate.precision": "fp32",
     "sample.evaluate.qualitative_images": 2,
     "sample.inference.warmup": 0,
     "sample.inference.repeats": 1,
     "sample.inference.val_images": 1,
     "sample.export.val_images": 1,
 }
+
+
+def tiny_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """params.yaml's content with TINY_SAMPLE and then `overrides` (dotted keys) applied.
+
+    The checkout's params.yaml gives only the layout (every key the schema wants, the other
+    profiles); the values a test relies on are TINY_SAMPLE's or the test's own."""
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    return _apply(params, {**TINY_SAMPLE, **(overrides or {})})
+
+
+def _apply(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """Set each dotted key of `overrides` in `params` (an existing key: a typo fails loudly)."""
+    for dotted, value in overrides.items():
+        node = params
+        *parents, last = dotted.split(".")
+        for p in parents:
+            node = node[p]
+        if last not in node:
+            raise KeyError(f"{dotted}: no such key in params.yaml")
+        node[last] = value
+    return params
+
+
+def write_tiny_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
+    """Write `tiny_params(overrides)` to `path` (a params.yaml for a repo copy or a stage)."""
+    path.write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
+    return path
+
+
+def tiny_cfg(overrides: dict[str, Any] | None = None, tmp: Path | None = None) -> dict[str, Any]:
+    """The active profile of `tiny_params(overrides)` as `pipeline.config.load_params` returns
+    it (validated), for tests that call the library in-process."""
+    import tempfile
+
+    from pipeline.config import load_params
+
+    with tempfile.TemporaryDirectory(dir=tmp) as d:
+        return load_params(write_tiny_params(Path(d) / "params.yaml", overrides))
 
 
 def env() -> dict[str, str]:
@@ -117,14 +199,9 @@ def copy_repo(dst: Path) -> Path:
 
 
 def set_params(repo: Path, overrides: dict[str, Any]) -> None:
+    """Change dotted keys of `repo`'s params.yaml (`sample.train.fcn8s.lr`)."""
     path = repo / "params.yaml"
-    params = yaml.safe_load(path.read_text())
-    for dotted, value in overrides.items():
-        node = params
-        *parents, last = dotted.split(".")
-        for p in parents:
-            node = node[p]
-        node[last] = value
+    params = _apply(yaml.safe_load(path.read_text()), overrides)
     path.write_text(yaml.safe_dump(params, sort_keys=False))
 
 
@@ -174,6 +251,102 @@ def wait_for(
         time.sleep(poll_s)
 
 
+def before_its_run(reproduced: Path, dst: Path, restore: tuple[str, ...] = ()) -> Path:
+    """A copy of a reproduced repo (`sample_run`) as it was before its `dvc repro`: the same
+    commit of params and code, no outputs, no resume state. The stages in `restore` (with their
+    upstream) are checked out from the copied run-cache and committed, then the run-cache is
+    removed and the cache collected (`dvc gc --workspace`), so that every other stage really
+    runs and caches its outputs, as in a clone that ran only the restored stages.
+    """
+    shutil.copytree(reproduced, dst, symlinks=True)
+    run(["git", "reset", "-q", "--hard", "HEAD~1"], dst)
+    # every output and other ignored file, but for DVC's cache and state
+    run(["git", "clean", "-fdqx", "-e", "/.dvc/cache", "-e", "/.dvc/tmp"], dst)
+    if restore:
+        out = run(["dvc", "repro", *restore], dst).stdout
+        assert stages_run(out) == [], f"{restore}: not all restored from the run-cache\n{out}"
+        run(["git", "add", "-A"], dst)
+        run(["git", "commit", "-qm", f"{', '.join(restore)} (from the run-cache)"], dst)
+    shutil.rmtree(dst / ".dvc" / "cache" / "runs", ignore_errors=True)
+    run(["dvc", "gc", "--workspace", "--force", "-q"], dst)
+    return dst
+
+
+# --- processes that are killed -----------------------------------------------------------------
+
+
+def start_dvc(args: list[str], repo: Path, log: Path, shell: str | None = None) -> subprocess.Popen:
+    """A dvc command in a session of its own (killpg reaches it and every stage process), its
+    output in `log`; `shell` sets $SHELL, which dvc runs stage commands with."""
+    e = env() if shell is None else {**env(), "SHELL": shell}
+    with open(log, "w") as f:
+        return subprocess.Popen(
+            args, cwd=repo, env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
+        )
+
+
+def live_members(pgid: int) -> list[int]:
+    """Processes of group `pgid` that are not zombies (PID 1 of a container may never reap)."""
+    alive = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[2]) == pgid and fields[0] != "Z":
+                alive.append(int(stat.parent.name))
+    return alive
+
+
+def kill_group(proc: subprocess.Popen) -> None:
+    """SIGKILL to the command and every process of its group: nobody cleans up after itself.
+    Returns once none of them is alive."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while members := live_members(proc.pid):
+        assert time.monotonic() < deadline, f"processes survived SIGKILL: {members}"
+        time.sleep(0.02)
+
+
+# --- what a run left -------------------------------------------------------------------------
+
+
+def md5_file(path: Path) -> str:
+    """MD5 of a file's bytes, as DVC names its objects and records outputs in dvc.lock."""
+    import hashlib
+
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+def model_weights(path: Path) -> dict[str, Any]:
+    """The state dict of a model file the train stages write (weights only)."""
+    import torch
+
+    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
+
+
+def same_weights(a: Path, b: Path) -> bool:
+    """Two model files hold bit-identical weights under the same names."""
+    import torch
+
+    wa, wb = model_weights(a), model_weights(b)
+    return wa.keys() == wb.keys() and all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def live_curves(repo: Path, name: str) -> dict[str, list[list[str]]]:
+    """Every DVCLive curve of model `name`, timestamps dropped (they differ run to run)."""
+    out = {}
+    for tsv in sorted((repo / "dvclive" / name / "plots").rglob("*.tsv")):
+        rows = [line.split("\t") for line in tsv.read_text().splitlines()]
+        keep = [i for i, h in enumerate(rows[0]) if h != "timestamp"]
+        out[str(tsv.relative_to(repo))] = [[r[i] for i in keep] for r in rows]
+    return out
+
+
 # --- shards of VOC-layout pairs, without the data stages ----------------------------------
 
 
@@ -216,23 +389,26 @@ def write_voc_shards(voc: Path, ids: list[str], out: Path, side: int | None, squ
     return out
 
 
-def scores_on(model: Any, directory: Path) -> tuple[Any, list[Any]]:
+def scores_on(model: Any, directory: Path) -> Any:
     """The confusion matrix (rows: ground truth) of `model` over every record of a shard dir
-    at its stored resolution, and the per-image argmax maps."""
+    at its stored resolution, scored by the pipeline's own `evaluate_model` (CPU, fp32)."""
+    from pipeline.data.datasets import SegmentationShards
+    from pipeline.data.transforms import eval_transform
+    from pipeline.evaluation.score import evaluate_model
+
+    data = SegmentationShards(directory, transform=eval_transform())
+    return evaluate_model(
+        model, data, device="cpu", precision="fp32", channels_last=False, progress=False
+    )
+
+
+def predictions_on(model: Any, directory: Path) -> list[Any]:
+    """The argmax label map (uint8 [H, W]) of `model` for every record of a shard dir."""
     import torch
 
     from pipeline.data.datasets import SegmentationShards
-    from pipeline.data.transforms import eval_transform
-    from pipeline.evaluation.metrics import confusion_matrix
+    from pipeline.inference.predict import predict_labels
 
-    data = SegmentationShards(directory, transform=eval_transform())
-    hist = torch.zeros(21, 21, dtype=torch.int64)
-    preds = []
+    data = SegmentationShards(directory)
     model.eval()
-    with torch.no_grad():
-        for i in range(len(data)):
-            image, mask = data[i]
-            pred = model(image.unsqueeze(0)).argmax(1)[0]
-            hist += confusion_matrix(pred, mask)
-            preds.append(pred)
-    return hist, preds
+    return [predict_labels(model, torch.as_tensor(data[i][0])[None])[0] for i in range(len(data))]

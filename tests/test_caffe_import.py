@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from pipeline.data.transforms import normalize
 from pipeline.inference.predict import predict_labels
-from pipeline.models import MODELS, FCN8sAtOnce, load_model, save_model
+from pipeline.models import NET_CLASSES, FCN8sAtOnce, load_model, save_model
 from pipeline.models.caffe_import import fcn_from_caffe, read_caffemodel, write_caffemodel
 from pipeline.models.fcn import CAFFE_MEAN_BGR, CaffeInput, build_model
 
@@ -416,7 +416,7 @@ def test_cli_help_and_errors(tmp_path, capsys) -> None:
     from pipeline.config import ARCHITECTURES
     from pipeline.models.caffe_import import main
 
-    assert sorted(ARCHITECTURES) == sorted(MODELS)  # --model's choices
+    assert sorted(ARCHITECTURES) == sorted(NET_CLASSES)  # --model's choices
     with pytest.raises(SystemExit) as e:
         main(["--help"])
     assert e.value.code == 0 and "fcn8s-atonce" in capsys.readouterr().out

@@ -15,7 +15,7 @@ import yaml
 from PIL import Image
 
 from pipeline.classes import NUM_CLASSES, VOC_CLASSES
-from pipeline.config import MODEL_NAMES
+from pipeline.config import CASCADE
 from pipeline.data.transforms import normalize
 from pipeline.evaluation.evaluate import (
     ReportSettings,
@@ -119,7 +119,7 @@ def labelled_pixels(val_dir: Path) -> int:
 
 
 def check_outputs(out: Path, results: dict, n_qualitative: int, labelled: int) -> None:
-    for name in MODEL_NAMES:
+    for name in CASCADE:
         m = json.loads((out / "metrics" / f"{name}.json").read_text())
         assert list(m) == [
             "pixel_accuracy",
@@ -150,7 +150,7 @@ def check_outputs(out: Path, results: dict, n_qualitative: int, labelled: int) -
                 if png != "confusion.png":
                     assert im.height > 150 * n_qualitative
     summary = (out / "reports" / "summary.md").read_text()
-    for name, label in zip(MODEL_NAMES, ("FCN-32s", "FCN-16s", "FCN-8s"), strict=True):
+    for name, label in zip(CASCADE, ("FCN-32s", "FCN-16s", "FCN-8s"), strict=True):
         assert f"| {label} | {100 * results[name]['pixel_accuracy']:.1f} |" in summary
     assert "| pixel acc. | mean acc. | mean IU | f.w. IU | mean Dice (F1) |" in summary
     assert "## Dice (F1) per class (%)" in summary
@@ -158,16 +158,16 @@ def check_outputs(out: Path, results: dict, n_qualitative: int, labelled: int) -
 
 
 def test_evaluate_all_writes_every_output(tmp_path: Path, small_val_dir: Path, capsys):
-    seeds = {name: k for k, name in enumerate(MODEL_NAMES)}
+    seeds = {name: k for k, name in enumerate(CASCADE)}
     results = evaluate_all(
         lambda name: TinyFCN(seeds[name]),
-        MODEL_NAMES,
+        CASCADE,
         ValSet(small_val_dir),
         tmp_path,
         RunSettings(device="cpu", precision="fp32", progress=False),
         ReportSettings(qualitative_images=2),
     )
-    assert list(results) == list(MODEL_NAMES)
+    assert list(results) == list(CASCADE)
     check_outputs(tmp_path, results, 2, labelled_pixels(small_val_dir))
     printed = capsys.readouterr().out
     assert summary_table(results) in printed  # the table is printed at the end
@@ -189,7 +189,7 @@ def test_stage_end_to_end_with_real_models(tmp_path: Path, small_val_dir: Path):
     params["sample"]["evaluate"].update(precision="fp32", qualitative_images=1)  # quick
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     models = tmp_path / "models"
-    for name in MODEL_NAMES:
+    for name in CASCADE:
         torch.manual_seed(0)
         fcn.save_model(
             models / f"{name}.pt", fcn.build_model(name, num_classes=NUM_CLASSES, width=1 / 32)
@@ -199,7 +199,7 @@ def test_stage_end_to_end_with_real_models(tmp_path: Path, small_val_dir: Path):
     args = ["--params", tmp_path / "params.yaml", "--models", models, "--data", small_val_dir]
     rc = stage.main([str(a) for a in [*args, "--out", out, "--workers", 0, "--no-progress"]])
     assert rc == 0
-    results = {n: json.loads((out / "metrics" / f"{n}.json").read_text()) for n in MODEL_NAMES}
+    results = {n: json.loads((out / "metrics" / f"{n}.json").read_text()) for n in CASCADE}
     for r in results.values():
         r["per_class_iou"] = list(r["per_class_iou"].values())
     check_outputs(out, results, 1, labelled_pixels(small_val_dir))

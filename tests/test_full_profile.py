@@ -22,13 +22,13 @@ from typing import Any
 import pytest
 import torch
 
+from pipeline.config import CASCADE
 from pipeline.models.surgery import random_vgg16_state_dict
 from tests.helpers import FileServer
 from tests.repo_utils import ALL_STAGES, FOUR, copy_repo, run, stages_run
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("fcn32s", "fcn16s", "fcn8s")
 WIDTH = 0.0625  # CPU-sized VGG16; the served weights must have the model's width
 TRAIN_IMAGES, VAL_IMAGES = 32, 12  # of the sample's 76 VOC train and 32 val images
 VGG_SEED = 1234  # not the sample profile's seed: the served file is not what `generate` makes
@@ -44,7 +44,7 @@ TINY: dict[str, Any] = {
     # a per-pixel mean loss at lr 0.01 with momentum 0.9: learns in one short epoch
     "full.train.loss": "mean",
     "full.train.momentum": 0.9,
-    **{f"full.train.{m}.{k}": v for m in MODELS for k, v in (("epochs", 1), ("lr", 0.01))},
+    **{f"full.train.{m}.{k}": v for m in CASCADE for k, v in (("epochs", 1), ("lr", 0.01))},
     "full.evaluate.qualitative_images": 2,
     "full.inference.warmup": 0,
     "full.inference.repeats": 1,
@@ -267,7 +267,7 @@ def test_fcn32s_started_from_the_served_vgg16(full_run):
 
 def test_metrics_of_the_three_models(full_run):
     repo, _, _, _ = full_run
-    for name in MODELS:
+    for name in CASCADE:
         metrics = json.loads((repo / "metrics" / f"{name}.json").read_text())
         for key in FOUR:
             assert 0.0 <= metrics[key] <= 1.0, (name, key, metrics)
@@ -367,7 +367,7 @@ def test_paper_profile_trains_on_sbd_alone_and_scores_seg11valid(paper_run):
     assert pre["params"]["sbd"] == "train"
     summary = (repo / "reports" / "summary.md").read_text()
     assert "seg11valid" in summary and "subset" in summary, summary
-    for name in MODELS:
+    for name in CASCADE:
         per_image = (repo / "plots" / name / "per_image.csv").read_text().splitlines()
         assert sorted(line.split(",")[0] for line in per_image[1:]) == sorted(
             f"voc/{i}" for i in scored
@@ -381,7 +381,7 @@ def test_paper_profile_budgets_are_iterations_with_validation_inside(paper_run):
     import yaml
 
     budget = yaml.safe_load((repo / "params.yaml").read_text())["paper"]["train"]
-    for name in MODELS:
+    for name in CASCADE:
         live = json.loads((repo / "dvclive" / name / "metrics.json").read_text())
         assert live["iteration"] == budget[name]["max_iter"], (name, live)
         assert math.isfinite(live["train"]["loss"]), (name, live)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import yaml
 
-from pipeline.config import MODEL_NAMES, validate_params
+from pipeline.config import CASCADE, validate_params
 from pipeline.inference import export, speed
 from pipeline.models import fcn
 from pipeline.reports.model_card import model_card
@@ -230,7 +230,7 @@ def _stage_repo(tmp_path: Path, val_dir: Path) -> Path:
     params["sample"]["export"]["val_images"] = 1
     params["sample"]["evaluate"]["device"] = "cpu"
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
-    for name in MODEL_NAMES:
+    for name in CASCADE:
         fcn.save_model(tmp_path / "models" / f"{name}.pt", tiny(name))
         metrics = {"pixel_accuracy": 0.5, "mean_class_accuracy": 0.25, "mean_iou": 0.125}
         (tmp_path / "metrics").mkdir(exist_ok=True)
@@ -277,7 +277,7 @@ def test_export_onnx_stage_end_to_end(tmp_path, generated_val_dir):
     assert export_onnx.main(args) == 0
     report = json.loads((root / "metrics" / "onnx.json").read_text())
     assert report["exporter"].startswith("torch.onnx.export") and report["opset"] == 18
-    for name in MODEL_NAMES:
+    for name in CASCADE:
         assert (root / "onnx" / f"{name}.onnx").stat().st_size > 10_000
         assert report[name]["min_argmax_agreement"] >= 0.999
         assert len(report[name]["checks"]) == 3  # two random sizes + one val image

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pipeline.models import (
-    MODELS,
+    NET_CLASSES,
     FCN8s,
     FCN8sAtOnce,
     ModelFileError,
@@ -28,7 +28,7 @@ from pipeline.models.surgery import (
 )
 from tests.helpers import PlantedCode
 
-ARCHS = list(MODELS)
+ARCHS = list(NET_CLASSES)
 SMALL = 1 / 16  # conv channels 4..32, fc6/fc7 256: fast on 2 cores
 
 

@@ -12,8 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.config import load_params
-from tests.repo_utils import ALL_STAGES, FOUR, run, set_params, stages_run
+from tests.repo_utils import ALL_STAGES, FOUR, TINY_SAMPLE, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
@@ -58,7 +57,7 @@ def test_models_are_loadable_with_weights_only(sample_run):
 
 def test_fcn8s_param_change_reruns_only_fcn8s_and_its_downstream(run_copy):
     repo = run_copy
-    lr = load_params(repo / "params.yaml")["train"]["fcn8s"]["lr"]
+    lr = TINY_SAMPLE["sample.train.fcn8s.lr"]
     set_params(repo, {"sample.train.fcn8s.lr": lr / 2})  # any other value
     out = run(["dvc", "repro"], repo)
     downstream = ["evaluate", "inference_report", "export_onnx"]  # all read models/fcn8s.pt
@@ -82,13 +81,19 @@ def test_fcn8s_param_change_reruns_only_fcn8s_and_its_downstream(run_copy):
 
 def test_experiments_show_params_and_metrics(run_copy):
     repo = run_copy
-    run(["dvc", "exp", "run", "-n", "lr-low", "-S", "sample.train.fcn8s.lr=0.0005"], repo)
+    # only train_fcn8s is targeted: a new experiment's params and results all the same, without
+    # re-running evaluate, inference_report and export_onnx for each one
+    out = run(
+        ["dvc", "exp", "run", "-n", "lr-low", "-S", "sample.train.fcn8s.lr=0.0005", "train_fcn8s"],
+        repo,
+    )
+    assert stages_run(out.stdout) == ["train_fcn8s"], out.stdout
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     header, *rows = shown.splitlines()
     assert "lr-low" in shown
     assert "mean_iou" in header and "sample.train.fcn8s.lr" in header, header
     # queue another one and run the queue; then branch off the first one
-    run(["dvc", "exp", "run", "--queue", "-S", "sample.train.fcn8s.lr=0.004"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", "sample.train.fcn8s.lr=0.004", "train_fcn8s"], repo)
     assert "Queued" in run(["dvc", "queue", "status"], repo).stdout
     run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], repo, timeout=1200)
     table = run(["dvc", "exp", "show", "--csv"], repo).stdout

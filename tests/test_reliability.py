@@ -11,15 +11,12 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import hashlib
 import json
 import os
 import resource
-import shutil
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -28,73 +25,48 @@ import torch
 import yaml
 
 from pipeline.atomic import atomic_write_bytes
+from pipeline.config import CASCADE
 from pipeline.data.shards import ShardReader, ShardWriter
-from pipeline.training.train import build_initial_model, load_checkpoint, save_checkpoint
+from pipeline.training.resume import load_checkpoint, save_checkpoint
+from pipeline.training.start import build_initial_model
+from tests.helpers import PlantedCode
 from tests.repo_utils import (
     AFTER_EVALUATE,
-    FAST_SAMPLE,
     REPO,
-    copy_repo,
+    before_its_run,
     env,
+    kill_group,
+    live_members,
+    md5_file,
     run,
-    set_params,
+    same_weights,
     stages_run,
+    start_dvc,
     wait_for,
+    write_tiny_params,
 )
 
 # --- kill -9 during `dvc repro` ------------------------------------------------------------------
 
-# Deterministic on CPU (fp32, no loader workers), a little smaller than FAST_SAMPLE (two runs
-# share the machine), and a checkpoint mid-epoch: the kill lands between two checkpoints of the
-# first epoch (4 iterations), so the resumed run has to skip half an epoch.
-KILL_PARAMS = {
-    **FAST_SAMPLE,
-    "sample.download.sample.voc_train": 8,
-    "sample.download.sample.voc_val": 4,
-    "sample.download.sample.coco_train": 4,
-    "sample.train.precision": "fp32",
-    "sample.evaluate.precision": "fp32",
-    "sample.train.checkpoint_every": 2,
-}
-MODELS = ("fcn32s", "fcn16s", "fcn8s")
-POLL_S = 0.02
+# The test profile (repo_utils.TINY_SAMPLE): deterministic on CPU (fp32, no loader workers), and
+# a checkpoint mid-epoch: the kill lands between two checkpoints of the first epoch (4
+# iterations), so the resumed run has to skip half an epoch. The session's sample run of the
+# same profile is the uninterrupted run it must end equal to.
 STAGE_TIMEOUT_S = 300
+DOWNLOADS = ("download_voc", "download_coco", "download_sbd", "download_vgg16")
 
 
 def _start_repro(repo: Path, log: Path, started: list[subprocess.Popen]) -> subprocess.Popen:
     """`dvc repro` in a session of its own: killpg reaches dvc and the stage it runs."""
-    with open(log, "w") as f:
-        proc = subprocess.Popen(
-            ["dvc", "repro"],
-            cwd=repo,
-            env=env(),
-            stdout=f,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
+    proc = start_dvc(["dvc", "repro"], repo, log)
     started.append(proc)
     return proc
 
 
-def _live_members(pgid: int) -> list[int]:
-    """Processes of group `pgid` that are not zombies (PID 1 of a container may never reap)."""
-    alive = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[2]) == pgid and fields[0] != "Z":
-                alive.append(int(stat.parent.name))
-    return alive
-
-
 def _kill_9(proc: subprocess.Popen) -> None:
     """SIGKILL to dvc and every stage process: nothing gets to clean up after itself."""
-    os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while _live_members(proc.pid):
-        assert time.monotonic() < deadline, f"processes survived SIGKILL: {_live_members(proc.pid)}"
-        time.sleep(POLL_S)
+    assert live_members(proc.pid), "the run ended before the kill"
+    kill_group(proc)
 
 
 @pytest.fixture
@@ -104,7 +76,7 @@ def started() -> Iterator[list[subprocess.Popen]]:
     yield procs
     for proc in procs:
         if proc.poll() is None:
-            _kill_9(proc)
+            kill_group(proc)
 
 
 def _new_temporary(parent: Path, name: str, before: set[Path]) -> Callable[[], bool]:
@@ -125,14 +97,6 @@ def _changed_stages(repo: Path) -> set[str]:
     return set(json.loads(run(["dvc", "status", "--json"], repo).stdout or "{}"))
 
 
-def _md5(path: Path) -> str:
-    h = hashlib.md5()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 def _verified_objects(store: Path) -> dict[str, Path]:
     """Every object of a DVC 3 cache or local remote hashes to its name, and every directory
     manifest's files are present; returns {object name: path}."""
@@ -141,7 +105,7 @@ def _verified_objects(store: Path) -> dict[str, Path]:
     for p in root.rglob("*"):
         if p.is_file():
             name = p.parent.name + p.name
-            assert _md5(p) == name.removesuffix(".dir"), f"corrupt object {p}"
+            assert md5_file(p) == name.removesuffix(".dir"), f"corrupt object {p}"
             objects[name] = p
     for name, p in objects.items():
         if name.endswith(".dir"):
@@ -178,19 +142,13 @@ def _lock_outs(repo: Path) -> dict[str, str]:
     return {o["path"]: o["md5"] for stage in lock["stages"].values() for o in stage.get("outs", [])}
 
 
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
 @pytest.mark.slow
-def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, started):
-    repo = copy_repo(tmp_path / "killed")
-    set_params(repo, KILL_PARAMS)
-    run(["git", "commit", "-qam", "deterministic small sample"], repo)
-    reference = tmp_path / "reference"
-    shutil.copytree(repo, reference, symlinks=True)
-    # the uninterrupted run, meanwhile (on the second core when there is one)
-    ref_proc = _start_repro(reference, tmp_path / "reference.log", started)
+def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(
+    sample_run, tmp_path, started
+):
+    reference = sample_run[0]  # the uninterrupted run (read-only)
+    # the same commit before its run; the downloads (no kill point among them) restored
+    repo = before_its_run(reference, tmp_path / "killed", DOWNLOADS)
     logs = tmp_path / "logs"
     logs.mkdir()
     data = repo / "data"
@@ -252,16 +210,11 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     assert not list(data.glob(".*.tmp")), "a killed run's temporaries survived"
 
     # ...with the results of the uninterrupted run
-    assert ref_proc.wait(timeout=STAGE_TIMEOUT_S) == 0, (tmp_path / "reference.log").read_text()
-    for name in MODELS:
+    for name in CASCADE:
         got = json.loads((repo / "metrics" / f"{name}.json").read_text())
         assert got == json.loads((reference / "metrics" / f"{name}.json").read_text()), name
-        ours, theirs = (
-            _state_dict(repo / "models" / f"{name}.pt"),
-            _state_dict(reference / "models" / f"{name}.pt"),
-        )
-        assert ours.keys() == theirs.keys()
-        assert all(torch.equal(ours[k], theirs[k]) for k in ours), f"{name} weights differ"
+        model = f"models/{name}.pt"
+        assert same_weights(repo / model, reference / model), f"{name} weights differ"
         got = json.loads((repo / "dvclive" / name / "metrics.json").read_text())
         assert got == json.loads((reference / "dvclive" / name / "metrics.json").read_text())
     assert (repo / "reports" / "summary.md").read_text() == (
@@ -295,7 +248,7 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(tmp_path, 
     # 8 data outputs, 3 models, their 3 ONNX exports
     assert len(cached_outs) == 14 and set(cached_outs.values()) <= pushed.keys(), cached_outs
     in_git = {
-        _md5(p)
+        md5_file(p)
         for d in ("metrics", "plots", "dvclive")
         for p in (repo / d).rglob("*")
         if p.is_file()
@@ -419,11 +372,8 @@ def test_preprocess_stage_on_a_full_disk_fails_and_leaves_nothing(small_disk, tm
 
     tar = tmp_path / "VOCtrainval_11-May-2012.tar"
     make_voc_sample(tar, seed=0, n_train=12, n_val=6, min_side=120, max_side=200)
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "sample"
-    params["sample"]["preprocess"]["use_coco"] = False
-    params["sample"]["preprocess"]["workers"] = 1
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    overrides = {"sample.preprocess.use_coco": False, "sample.preprocess.workers": 1}
+    write_tiny_params(tmp_path / "params.yaml", overrides)
     out = small_disk.path / "preprocessed"
     small_disk.leave_free(32 << 10)
     args = ["--params", str(tmp_path / "params.yaml"), "--voc-tar", str(tar), "--no-progress"]
@@ -444,21 +394,11 @@ def test_preprocess_stage_on_a_full_disk_fails_and_leaves_nothing(small_disk, tm
 # --- checkpoints and weights that pickle code ----------------------------------------------------
 
 
-class _Payload:
-    """Unpickling this calls open(marker, "w"): the marker file shows the code ran."""
-
-    def __init__(self, marker: Path) -> None:
-        self.marker = str(marker)
-
-    def __reduce__(self):
-        return (open, (self.marker, "w"))
-
-
 def test_pickle_bearing_checkpoint_is_refused_never_run(tmp_path, capsys):
     marker = tmp_path / "pwned"
     ckpt = tmp_path / "checkpoints" / "fcn32s" / "last.pt"
     ckpt.parent.mkdir(parents=True)
-    torch.save({"fingerprint": "fp", "model": {}, "epoch": _Payload(marker)}, ckpt)
+    torch.save({"fingerprint": "fp", "model": {}, "epoch": PlantedCode(marker)}, ckpt)
     assert load_checkpoint(ckpt, "fp") is None  # training starts from scratch
     assert not marker.exists()
     out = capsys.readouterr().out
@@ -480,7 +420,7 @@ def test_torn_checkpoint_is_ignored(tmp_path, capsys):
 def test_pickle_bearing_vgg16_weights_are_refused_never_run(tmp_path):
     marker = tmp_path / "pwned"
     weights = tmp_path / "vgg16.pth"
-    torch.save({"features.0.weight": torch.zeros(1), "x": _Payload(marker)}, weights)
+    torch.save({"features.0.weight": torch.zeros(1), "x": PlantedCode(marker)}, weights)
     with pytest.raises(ValueError, match=f"{weights}: not a loadable VGG16 state dict"):
         build_initial_model(
             "fcn32s",

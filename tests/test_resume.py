@@ -16,15 +16,13 @@ The slow tests drive the real `dvc` and `git` CLIs in copies of the repository.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import json
 import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -35,97 +33,46 @@ import yaml
 
 from pipeline.config import load_params
 from pipeline.data.shards import INDEX_NAME
-from pipeline.training.train import (
+from pipeline.training.distributed import StageBusyError, exclusive_lock
+from pipeline.training.resume import (
     CheckpointCadence,
     ResumeStore,
     RunInputs,
-    StageBusyError,
     declared_params,
-    exclusive_lock,
     resume_root,
 )
 from tests.repo_utils import (
     AFTER_EVALUATE,
-    FAST_SAMPLE,
     REPO,
-    copy_repo,
+    TINY_SAMPLE,
+    before_its_run,
     env,
+    kill_group,
+    live_curves,
+    md5_file,
     run,
+    same_weights,
     set_params,
     stages_run,
+    start_dvc,
+    tiny_params,
     wait_for,
 )
 
-# Deterministic on CPU (fp32, no loader workers) and small: FCN-32s trains 2 epochs of 4 steps
-# with a checkpoint every 2 steps, so a kill at the first checkpoint lands mid-epoch.
-PARAMS = {
-    **FAST_SAMPLE,
-    "sample.download.sample.voc_train": 8,
-    "sample.download.sample.voc_val": 4,
-    "sample.download.sample.coco_train": 4,
-    "sample.train.precision": "fp32",
-    "sample.evaluate.precision": "fp32",
-    "sample.train.checkpoint_every": 2,
-}
+# The session's sample run (conftest `sample_run`) is the test profile reproduced without an
+# interruption: the reference every interrupted run must end equal to. Its FCN-32s trains 2
+# epochs of 4 steps with a checkpoint every 2 steps (TINY_SAMPLE).
 MODELS = ("fcn32s", "fcn16s", "fcn8s")
 TIMEOUT_S = 300
-POLL_S = 0.02
-
-
-# --- helpers -------------------------------------------------------------------------------
+LR = TINY_SAMPLE["sample.train.fcn32s.lr"]
 
 
 def _checkpoints(repo: Path, name: str = "fcn32s") -> list[Path]:
     return sorted((repo / ".fcn-resume" / name).glob("*/last.pt"))
 
 
-def _start(args: list[str], repo: Path, log: Path, shell: str | None = None) -> subprocess.Popen:
-    """A dvc command in a session of its own (killpg reaches it and every stage process);
-    `shell` sets $SHELL, which dvc runs stage commands with."""
-    e = env() if shell is None else {**env(), "SHELL": shell}
-    with open(log, "w") as f:
-        return subprocess.Popen(
-            args, cwd=repo, env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True
-        )
-
-
-def _kill_group(proc: subprocess.Popen) -> None:
-    """SIGKILL to the command and every process of its group: nobody cleans up."""
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-    proc.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while [p for p in psutil.process_iter(["status"]) if _in_group(p, proc.pid)]:
-        assert time.monotonic() < deadline, "processes survived SIGKILL"
-        time.sleep(POLL_S)
-
-
-def _in_group(p: psutil.Process, pgid: int) -> bool:
-    with contextlib.suppress(psutil.Error):
-        return os.getpgid(p.pid) == pgid and p.info["status"] != psutil.STATUS_ZOMBIE
-    return False
-
-
 def _iteration(ckpt: Path) -> int:
     return torch.load(ckpt, map_location="cpu", weights_only=True)["iteration"]
-
-
-def _state_dict(path: Path) -> dict[str, torch.Tensor]:
-    return torch.load(path, map_location="cpu", weights_only=True)["state_dict"]
-
-
-def _md5(path: Path) -> str:
-    return hashlib.md5(path.read_bytes()).hexdigest()
-
-
-def _curves(repo: Path, name: str) -> dict[str, list[list[str]]]:
-    """Every DVCLive curve of `name`, timestamps dropped (they differ run to run)."""
-    out = {}
-    for tsv in sorted((repo / "dvclive" / name / "plots").rglob("*.tsv")):
-        rows = [line.split("\t") for line in tsv.read_text().splitlines()]
-        keep = [i for i, h in enumerate(rows[0]) if h != "timestamp"]
-        out[str(tsv.relative_to(repo))] = [[r[i] for i in keep] for r in rows]
-    return out
 
 
 def _clone(src: Path, dst: Path) -> Path:
@@ -134,36 +81,17 @@ def _clone(src: Path, dst: Path) -> Path:
 
 
 @pytest.fixture(scope="module")
-def prepared(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A committed copy of the project with PARAMS and its data stages already run."""
-    repo = copy_repo(tmp_path_factory.mktemp("resume") / "prepared")
-    set_params(repo, PARAMS)
-    run(["dvc", "repro", "preprocess", "download_vgg16"], repo, timeout=TIMEOUT_S)
-    run(["git", "add", "-A"], repo)
-    run(["git", "commit", "-qm", "small deterministic sample, data stages run"], repo)
-    return repo
-
-
-class Reference:
-    """An uninterrupted `dvc repro` of PARAMS, started in the background on first use."""
-
-    def __init__(self, repo: Path):
-        self.repo = repo
-        self.log = repo.parent / f"{repo.name}.log"
-        self.proc = _start(["dvc", "repro"], repo, self.log)
-
-    def done(self) -> Path:
-        rc = self.proc.wait(timeout=3 * TIMEOUT_S)
-        assert rc == 0, self.log.read_text()
-        return self.repo
+def prepared(sample_run, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The sample run's repo before its run, with its data stages (and the VGG16 weights)
+    restored and committed: what a kill mid-training finds."""
+    dst = tmp_path_factory.mktemp("resume") / "prepared"
+    return before_its_run(sample_run[0], dst, ("preprocess", "download_vgg16"))
 
 
 @pytest.fixture(scope="module")
-def reference(prepared: Path) -> Iterator[Reference]:
-    ref = Reference(_clone(prepared, prepared.parent / "reference"))
-    yield ref
-    if ref.proc.poll() is None:
-        _kill_group(ref.proc)
+def reference(sample_run) -> Path:
+    """The uninterrupted run of the same params and data (read-only)."""
+    return sample_run[0]
 
 
 # --- the acceptance runs (real dvc/git) --------------------------------------------------------
@@ -173,11 +101,11 @@ def reference(prepared: Path) -> Iterator[Reference]:
 def test_kill_9_under_exp_run_then_the_same_exp_run_resumes(prepared, reference, tmp_path):
     repo = _clone(prepared, tmp_path / "killed")
     log = tmp_path / "killed.log"
-    proc = _start(["dvc", "exp", "run", "train_fcn32s"], repo, log)
+    proc = start_dvc(["dvc", "exp", "run", "train_fcn32s"], repo, log)
     try:
         wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     assert not (repo / "models" / "fcn32s.pt").exists()
     (ckpt,) = _checkpoints(repo)
     at = _iteration(ckpt)
@@ -187,13 +115,10 @@ def test_kill_9_under_exp_run_then_the_same_exp_run_resumes(prepared, reference,
     assert f"[train] fcn32s: resuming from {ckpt} at iteration {at}" in out, out
     assert not _checkpoints(repo), "a completed run keeps no resume state"
 
-    ref = reference.done()
-    ours = _state_dict(repo / "models" / "fcn32s.pt")
-    theirs = _state_dict(ref / "models" / "fcn32s.pt")
-    assert ours.keys() == theirs.keys()
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours), "weights differ"
-    curves = _curves(repo, "fcn32s")
-    assert curves == _curves(ref, "fcn32s")
+    ref = reference
+    assert same_weights(repo / "models" / "fcn32s.pt", ref / "models" / "fcn32s.pt")
+    curves = live_curves(repo, "fcn32s")
+    assert curves == live_curves(ref, "fcn32s")
     for path, rows in curves.items():  # one row per epoch, none twice
         steps = [r[0] for r in rows[1:]]
         assert len(steps) == len(set(steps)) == 2, (path, rows)
@@ -201,10 +126,10 @@ def test_kill_9_under_exp_run_then_the_same_exp_run_resumes(prepared, reference,
 
 @pytest.mark.slow
 def test_params_a_b_a_restores_every_train_stage_from_the_run_cache(reference, tmp_path):
-    repo = _clone(reference.done(), tmp_path / "aba")
-    first = {name: _md5(repo / "models" / f"{name}.pt") for name in MODELS}
-    crop = load_params(repo / "params.yaml")["train"]["crop_size"]
-    set_params(repo, {"sample.train.crop_size": 32})  # declared by all three; a quick b
+    repo = _clone(reference, tmp_path / "aba")
+    first = {name: md5_file(repo / "models" / f"{name}.pt") for name in MODELS}
+    crop = TINY_SAMPLE["sample.train.crop_size"]
+    set_params(repo, {"sample.train.crop_size": crop // 2})  # declared by all three; a quick b
     out = run(["dvc", "repro"], repo, timeout=3 * TIMEOUT_S).stdout
     # the model cards (inference_report) state the crop size; export_onnx reads the models
     after = [f"train_{m}" for m in MODELS] + ["evaluate", *AFTER_EVALUATE]
@@ -215,7 +140,7 @@ def test_params_a_b_a_restores_every_train_stage_from_the_run_cache(reference, t
     for stage in after:
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
     assert stages_run(out) == [], out
-    assert {name: _md5(repo / "models" / f"{name}.pt") for name in MODELS} == first
+    assert {name: md5_file(repo / "models" / f"{name}.pt") for name in MODELS} == first
 
 
 @pytest.mark.slow
@@ -225,7 +150,7 @@ def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, t
     log = tmp_path / "orphan.log"
     # dvc runs stage commands with $SHELL -c; dash (Debian's /bin/sh) forks rather than execs
     # the last command, the case where a trainer could outlive dvc under an orphaned shell
-    proc = _start(["dvc", "repro", "train_fcn32s"], repo, log, shell="/bin/sh")
+    proc = start_dvc(["dvc", "repro", "train_fcn32s"], repo, log, shell="/bin/sh")
     try:
         wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
         tree = psutil.Process(proc.pid).children(recursive=True)
@@ -239,7 +164,7 @@ def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, t
         _, alive = psutil.wait_procs(tree, timeout=30)
         assert not alive, f"outlived dvc: {[(p.pid, p.cmdline()) for p in alive]}"
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     (ckpt,) = _checkpoints(repo)
     at = _iteration(ckpt)
     out = run(["dvc", "repro", "train_fcn32s"], repo, timeout=TIMEOUT_S).stdout
@@ -251,14 +176,14 @@ def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, t
 def test_only_fcn32s_own_inputs_decide_whether_it_resumes(prepared, tmp_path):
     repo = _clone(prepared, tmp_path / "edits")
     log = tmp_path / "edits.log"
-    proc = _start(["dvc", "repro", "train_fcn32s"], repo, log)
+    proc = start_dvc(["dvc", "repro", "train_fcn32s"], repo, log)
     try:
         wait_for(proc, log, lambda: _checkpoints(repo), "the first FCN-32s checkpoint")
     finally:
-        _kill_group(proc)
+        kill_group(proc)
     (ckpt,) = _checkpoints(repo)
     at = _iteration(ckpt)
-    lr = load_params(repo / "params.yaml")["train"]["fcn32s"]["lr"]
+    lr = LR
 
     # its own lr: starts over, says which key changed, keeps the interrupted state
     out = run(
@@ -326,13 +251,9 @@ def test_stop_between_last_checkpoint_and_model_file_finishes_without_training(
     assert f"{done} iterations (0 in this run)" in out and "epoch 1/2" not in out, out
     assert "val mean IoU" in out, out  # the saved scores, no KeyError
     assert not _checkpoints(repo)
-    ref = reference.done()
-    ours, theirs = (
-        _state_dict(repo / "models" / "fcn32s.pt"),
-        _state_dict(ref / "models" / "fcn32s.pt"),
-    )
-    assert all(torch.equal(ours[k], theirs[k]) for k in ours)
-    assert _curves(repo, "fcn32s") == _curves(ref, "fcn32s")
+    ref = reference
+    assert same_weights(repo / "models" / "fcn32s.pt", ref / "models" / "fcn32s.pt")
+    assert live_curves(repo, "fcn32s") == live_curves(ref, "fcn32s")
 
 
 @pytest.mark.slow
@@ -372,7 +293,7 @@ def test_resume_root_is_the_main_repository_even_from_a_queued_copy(tmp_path):
 
 
 def _inputs(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None) -> RunInputs:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    params = tiny_params()
     if edit is not None:
         edit(params)
     path = tmp_path / "params.yaml"
@@ -395,7 +316,7 @@ def test_fingerprint_is_the_stage_declared_params_plus_init_and_data(tmp_path):
     keys = declared_params("train_fcn32s")
     assert "${profile}.train.fcn32s" in keys and "${profile}.train.workers" not in keys
     base = _inputs(tmp_path)
-    lr = load_params(REPO / "params.yaml")["train"]["fcn32s"]["lr"]
+    lr = LR
     assert (
         base.params["sample.train.fcn32s.lr"] == lr and "sample.train.fcn8s.lr" not in base.params
     )
@@ -436,7 +357,7 @@ def test_lock_names_its_holder_and_frees_when_it_dies(tmp_path):
         [
             sys.executable,
             "-c",
-            "import sys, time; from pathlib import Path; from pipeline.training.train import exclusive_lock\n"
+            "import sys, time; from pathlib import Path; from pipeline.training.distributed import exclusive_lock\n"
             "with exclusive_lock(Path(sys.argv[1]), 'x'):\n"
             "    print('held', flush=True); time.sleep(600)",
             str(lock),

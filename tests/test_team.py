@@ -24,11 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
+from pipeline.config import CASCADE
 from tests.repo_utils import ALL_STAGES, REPO, run, set_params, stages_run
 
 pytestmark = pytest.mark.slow
 
-MODELS = ("fcn32s", "fcn16s", "fcn8s")
 REVIEW_SCRIPT = REPO / "scripts" / "review_report.sh"
 
 
@@ -103,7 +103,7 @@ def cache_objects(repo: Path) -> int:
 
 def assert_has_the_models_of(repo: Path, lock_repo: Path) -> None:
     """`repo` holds the three models, byte for byte those that `lock_repo`'s dvc.lock names."""
-    for model in MODELS:
+    for model in CASCADE:
         out = f"models/{model}.pt"
         assert md5(repo / out) == locked_md5(lock_repo, out), out
 
@@ -115,10 +115,10 @@ def test_artifacts_are_declared_with_type_desc_and_labels(team: Team) -> None:
     from dvc.repo import Repo
 
     declared = yaml.safe_load((team.repo / "dvc.yaml").read_text())["artifacts"]
-    assert sorted(declared) == sorted(MODELS)
+    assert sorted(declared) == sorted(CASCADE)
     with Repo(str(team.repo)) as repo:
         artifacts = repo.artifacts.read()["dvc.yaml"]
-    for model in MODELS:
+    for model in CASCADE:
         art = artifacts[model]
         assert art.path == f"models/{model}.pt" and art.type == "model", art
         assert art.desc, art
@@ -329,12 +329,12 @@ def test_repro_pull_allow_missing_pulls_only_what_a_running_stage_needs(
     present = data_files(carol)
     print("downloaded by `dvc repro --pull --allow-missing`:", *present, sep="\n  ")
     pulled_models = [f for f in present if f.startswith("models/")]
-    assert sorted(f"models/{m}.pt" for m in MODELS) == pulled_models, present
+    assert sorted(f"models/{m}.pt" for m in CASCADE) == pulled_models, present
     assert all(f.startswith(("data/preprocessed/", "models/")) for f in present), present
     for absent in ("data/raw", "data/coco_voc", "checkpoints"):
         assert not any(f.startswith(absent) for f in present), (absent, present)
     assert any(f.startswith("data/preprocessed/val/") for f in present), present
-    for model in MODELS:  # the models pulled are main's, not retrained
+    for model in CASCADE:  # the models pulled are main's, not retrained
         assert md5(carol / f"models/{model}.pt") == locked_md5(team.repo, f"models/{model}.pt")
 
 

@@ -4,7 +4,7 @@
 """
 
 from pipeline.models.fcn import (
-    MODELS,
+    NET_CLASSES,
     FCN8s,
     FCN8sAtOnce,
     FCN16s,
@@ -16,7 +16,7 @@ from pipeline.models.fcn import (
 )
 
 __all__ = [
-    "MODELS",
+    "NET_CLASSES",
     "FCN8s",
     "FCN8sAtOnce",
     "FCN16s",

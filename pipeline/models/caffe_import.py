@@ -53,7 +53,7 @@ from torch import nn
 
 from pipeline.config import ARCHITECTURES, load_params
 from pipeline.inputs import stage_main
-from pipeline.models.fcn import CAFFE_MEAN_BGR, MODELS, CaffeInput, build_model, save_model
+from pipeline.models.fcn import CAFFE_MEAN_BGR, NET_CLASSES, CaffeInput, build_model, save_model
 from pipeline.models.surgery import VGG16_CFG, VGG16_CONV_INDICES
 
 # The at-once release's Scale layers, named after the pool they scale (FCN8sAtOnce.skip_scales)
@@ -340,10 +340,10 @@ def fcn_from_caffe(
     or a staged FCN-8s file imported as "fcn8s_atonce"; and for a layer with weights that the
     model has no place for.
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
+    if name not in NET_CLASSES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NET_CLASSES)}")
     atonce = [n for n in ATONCE_LAYERS if n in blobs]
-    if atonce and not MODELS[name].skip_scales:
+    if atonce and not NET_CLASSES[name].skip_scales:
         raise ValueError(
             f"{name}: the caffemodel has the Scale layers {atonce} (fixed scales 0.01 on pool4 "
             "and 0.0001 on pool3 before the skip scores): it is the FCN-8s at-once release "

@@ -305,7 +305,7 @@ class FCN8sAtOnce(FCN8s):
         return f"{super().extra_repr()}, skip_scales={dict(self.skip_scales)}"
 
 
-MODELS: dict[str, type[_FCN]] = {
+NET_CLASSES: dict[str, type[_FCN]] = {
     "fcn32s": FCN32s,
     "fcn16s": FCN16s,
     "fcn8s": FCN8s,
@@ -319,9 +319,9 @@ def build_model(name: str, num_classes: int = 21, width: float = 1.0) -> nn.Modu
     Follow with `surgery.load_vgg16_backbone` (ImageNet init), `surgery.init_random` (from
     scratch) or `surgery.transplant` (from the previous stage).
     """
-    if name not in MODELS:
-        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(MODELS)}")
-    return MODELS[name](num_classes=num_classes, width=width)
+    if name not in NET_CLASSES:
+        raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NET_CLASSES)}")
+    return NET_CLASSES[name](num_classes=num_classes, width=width)
 
 
 # --- model files -----------------------------------------------------------------------------
@@ -425,8 +425,8 @@ def load_model(path: str | os.PathLike, map_location: Any = "cpu") -> nn.Module:
     if missing:
         raise ModelFileError(f"{path}: not a model file of this pipeline (missing {missing})")
     arch, num_classes, width = payload["arch"], payload["num_classes"], payload["width"]
-    if arch not in MODELS:
-        raise ModelFileError(f"{path}: unknown arch {arch!r}; valid: {', '.join(MODELS)}")
+    if arch not in NET_CLASSES:
+        raise ModelFileError(f"{path}: unknown arch {arch!r}; valid: {', '.join(NET_CLASSES)}")
     adapter = None
     if payload["normalization"] != NORMALIZATION:
         try:

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pipeline.config import ATONCE, MODEL_NAMES, checked_section
+from pipeline.config import ATONCE, CASCADE, checked_section
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ class TrainConfig:
     checkpoint_minutes: float | None
     val_every: int
     val_every_iter: int | None
-    stages: Mapping[str, StageRecipe]  # by stage name, MODEL_NAMES
+    stages: Mapping[str, StageRecipe]  # by stage name, CASCADE
 
     @property
     def processes(self) -> int:
@@ -91,7 +91,7 @@ def train_config(cfg: Mapping[str, Any]) -> TrainConfig:
             max_iter=t[m]["max_iter"],
             at_once=t[m].get("at_once", False),  # only fcn8s has the key
         )
-        for m in MODEL_NAMES
+        for m in CASCADE
     }
     plain = {f.name: t[f.name] for f in fields(TrainConfig) if f.name != "stages"}
     plain["scale_range"] = tuple(plain["scale_range"])
