@@ -342,7 +342,7 @@ def test_validation_due_every_n_iterations_inside_epochs_only() -> None:
 
 def test_validation_scores_through_evaluate_model_and_leaves_mode_and_rng_alone() -> None:
     """Training-time validation is the evaluate stage's scoring (the same matrix), restores the
-    model's mode, and draws nothing from the global RNG (its loader's seed draw is undone), so
+    model's mode, and draws nothing from the global RNG (its loader has a generator of its own), so
     dropout after a validation is what it would have been without one."""
     from pipeline.evaluation.score import evaluate_model
     from pipeline.training.validation import validate

@@ -162,6 +162,9 @@ def evaluate_model(
         num_workers=workers,
         pin_memory=dev.type == "cuda",
         collate_fn=_identity,
+        # its own generator: the loader's base-seed draw must not move the caller's global RNG
+        # (training validates mid-run; its dropout masks and a resumed run's RNG go on after)
+        generator=torch.Generator(),
     )
     acc = _Accumulator(model, dataset, dev, amp, channels_last, num_classes, per_image)
     with tqdm(

@@ -43,8 +43,8 @@ def validate(
 
     Rank r scores images r, r + world, ... (`evaluate_model` over a `Subset`); the (C, C)
     int64 confusion matrices are summed with `all_reduce` on `device`, the process group's
-    device (NCCL takes CUDA tensors only). The model's train/eval mode and the CPU RNG state
-    are restored after; cuDNN benchmark mode is off meanwhile (nearly every image is a new
+    device (NCCL takes CUDA tensors only). The model's train/eval mode is restored after and
+    the global RNG is not drawn from (`evaluate_model`'s loader has its own generator); cuDNN benchmark mode is off meanwhile (nearly every image is a new
     shape to time).
     """
     from torch.utils.data import Subset
@@ -53,9 +53,7 @@ def validate(
     from pipeline.evaluation.score import evaluate_model
 
     was_training = model.training
-    # evaluate_model's DataLoader draws its base seed from the global RNG: training must go on
-    # with the state it had (dropout masks, a resumed run's RNG), so the draw is undone
-    with cudnn_benchmark(False), torch.random.fork_rng(devices=[]):
+    with cudnn_benchmark(False):
         hist = evaluate_model(
             model,
             Subset(dataset, range(rank, len(dataset), world)),
