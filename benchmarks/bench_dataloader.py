@@ -10,7 +10,7 @@ The full profile's augmentation: crop 320, scale 0.5-2.0, mirror, no colour jitt
 profile's max_size 512 (so: original JPEGs, mode-L label PNGs), re-used to fill an epoch.
 
     project   pipeline.data.datasets.SegmentationShards + pipeline.data.transforms.train_transform:
-              torchvision decode_jpeg/decode_png, v2 transforms on uint8 tv_tensors
+              simplejpeg and Pillow decoders, v2 transforms on uint8 tv_tensors
     baseline  the same records through PIL, torchvision references/segmentation style: PIL decode,
               PIL resize (bilinear image, nearest mask), pad, crop, flip, to float, normalise
 

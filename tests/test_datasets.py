@@ -17,7 +17,6 @@ from pipeline.data.shards import ShardWriter
 from pipeline.data.transforms import train_transform
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]
 

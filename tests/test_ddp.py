@@ -32,8 +32,6 @@ from tests.helpers import base_cfg, state_dict
 
 # `shards` (conftest): 8 + 4 real VOC images at 64 px
 
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
-
 WORLD = 2
 # The device the guarded runs are told to train on: an explicitly indexed CPU device, the stand-in
 # for `cuda:<LOCAL_RANK>`. It computes on the CPU like the tensors made without a device, but

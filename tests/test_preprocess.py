@@ -32,7 +32,6 @@ from pipeline.data.preprocess_inputs import PreprocessError
 from pipeline.data.shards import ShardReader, ShardWriter
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
     pytest.mark.usefixtures("one_thread"),
 ]

@@ -19,7 +19,6 @@ from pipeline.data.transforms import (
 )
 
 pytestmark = [
-    pytest.mark.filterwarnings("ignore:The image decoding:DeprecationWarning"),
     pytest.mark.usefixtures("one_thread"),
 ]
 

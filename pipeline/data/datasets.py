@@ -1,8 +1,9 @@
 """Datasets over preprocessed shards: decode JPEG/PNG records into tv_tensors, seeded per sample.
 
 A record of `data/preprocessed/{train,val}` holds `{"image": JPEG, "label": PNG}`. The image is
-decoded by torchvision (libjpeg-turbo, about twice as fast as PIL on these machines) straight
-to RGB, so a grayscale or CMYK JPEG still gives 3 channels. The label PNG holds class indices:
+decoded by simplejpeg (libjpeg-turbo, accurate DCT and fancy upsampling: the pixels
+torchvision.io gave, about twice as fast as PIL on these machines) straight to RGB, so a grayscale
+or CMYK JPEG still gives 3 channels; PNGs are read by Pillow. The label PNG holds class indices:
 mode L (written by preprocess) or the original VOC palette PNG (val), whose palette indices *are*
 the class ids - it is decoded to indices, never to colours.
 
@@ -20,40 +21,22 @@ import hashlib
 import io
 import os
 import struct
-import warnings
 from collections.abc import Callable
 
 import numpy as np
+import simplejpeg
 import torch
 from PIL import Image
 from torch import Tensor
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
-from torchvision.io import ImageReadMode, decode_jpeg, decode_png
 
 from pipeline.data.shards import ShardReader
-
-# torchvision 0.29 (pinned) deprecates its image codecs in favour of TorchCodec and warns on every
-# call; they are what this project measured and uses, so silence exactly that message.
-warnings.filterwarnings(
-    "ignore",
-    message="The image decoding and encoding capabilities of TorchVision",
-    category=DeprecationWarning,
-)
 
 _JPEG_MAGIC = b"\xff\xd8\xff"
 _PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 _PNG_GRAY, _PNG_PALETTE = 0, 3  # IHDR colour types whose single channel is a class index
-
-
-def _as_tensor(data: bytes) -> Tensor:
-    # bytearray: a writable copy (torch warns on read-only buffers); ~10 us for 100 KB
-    return torch.frombuffer(bytearray(data), dtype=torch.uint8)
-
-
-def _tv_reason(e: Exception) -> str:
-    # torchvision prefixes "decode_jpeg, /path/to/decode_jpeg.cpp:171, "; keep libjpeg's words
-    return str(e).rsplit(".cpp:", 1)[-1].split(", ", 1)[-1].strip() or type(e).__name__
+_JPEG_EOF = "Premature end of JPEG file"  # libjpeg's warning when the data runs out
 
 
 # --- the image-reading policy, shared by training/preprocess decoding and predict ---------------
@@ -90,82 +73,105 @@ def pil_to_rgb8(img: Image.Image, name: str) -> np.ndarray:
     return np.asarray(img.convert("RGB"))
 
 
-def _png_bit_depth(data: bytes) -> int:
-    return data[24] if len(data) > 25 and data[12:16] == b"IHDR" else 8
-
-
 def decode_image_rgb(data: bytes, name: str) -> Tensor:
     """Decode JPEG or PNG bytes to a uint8 RGB tensor [3, H, W] (grayscale and CMYK included).
 
+    JPEG: simplejpeg (libjpeg-turbo with its defaults, accurate integer DCT and fancy
+    upsampling), the pixels torchvision.io.decode_jpeg gave; the result is a [3, H, W] view of
+    an [H, W, 3] array, the layout torchvision returned. CMYK/YCCK JPEGs are decoded to their
+    stored (Adobe-inverted) CMYK and turned into RGB as torchvision did: round(c * k / 255). A
+    JPEG that libjpeg decodes only with warnings (e.g. extraneous bytes) is accepted, as it was,
+    unless it is incomplete; one whose header TurboJPEG cannot classify (unusual chroma
+    subsampling) is read by Pillow (libjpeg-turbo too, the same pixels). PNG: Pillow, under
+    the shared policy (`pil_to_rgb8`: 16-bit -> value >> 8); alpha is dropped, never
+    composited (a palette PNG keeps its palette colours).
     EXIF orientation is not applied: VOC and COCO annotations are drawn on the stored pixels.
-    A 16-bit PNG is read by PIL under the shared policy (`pil_to_rgb8`: value >> 8), as
-    predict reads it. Raises ValueError naming `name` for data that is not a JPEG/PNG or does
-    not decode fully.
+    Raises ValueError naming `name` for data that is not a JPEG/PNG or does not decode fully
+    (a truncated file says "truncated").
     """
-    if data[:8] == _PNG_MAGIC and _png_bit_depth(data) == 16:
-        img = _pil_open(data, name)
-        array = pil_to_rgb8(img, name)
-        return torch.from_numpy(np.ascontiguousarray(array)).permute(2, 0, 1).contiguous()
     if data[:3] == _JPEG_MAGIC:
-        decode = decode_jpeg
-    elif data[:8] == _PNG_MAGIC:
-        decode = decode_png
-    else:
+        return _decode_jpeg_rgb(data, name)
+    if data[:8] != _PNG_MAGIC:
         raise ValueError(f"{name}: not a JPEG or PNG image (starts with {bytes(data[:8])!r})")
+    return _pil_rgb(data, name, "PNG")
+
+
+def _pil_rgb(data: bytes, name: str, fmt: str) -> Tensor:
+    img = _pil_open(data, name, fmt)
+    if img.mode == "P" and "transparency" in img.info:
+        # the palette colours, alpha dropped below (libpng's RGB read); Pillow's direct P -> RGB
+        # warns about the tRNS chunk
+        img = img.convert("RGBA")
+    array = pil_to_rgb8(img, name)
+    if not array.flags.writeable:  # np.asarray of a PIL image is read-only: torch would warn
+        array = array.copy()
+    return torch.from_numpy(array).permute(2, 0, 1)
+
+
+def _decode_jpeg_rgb(data: bytes, name: str) -> Tensor:
     try:
-        image = decode(_as_tensor(data), mode=ImageReadMode.RGB)
-    except RuntimeError as e:
-        raise ValueError(f"{name}: corrupt image ({_tv_reason(e)})") from None
-    if image.ndim != 3 or image.shape[0] != 3 or image.dtype != torch.uint8:
-        raise ValueError(f"{name}: decoded to {tuple(image.shape)} {image.dtype}, not 8-bit RGB")
-    return image
+        colorspace = simplejpeg.decode_jpeg_header(data)[2]
+    except ValueError:
+        # TurboJPEG refuses a header it cannot classify (chroma subsampling other than its six,
+        # which libjpeg decodes; or a cut or broken header): Pillow's libjpeg-turbo decides
+        return _pil_rgb(data, name, "JPEG")
+    cmyk = colorspace in ("CMYK", "YCCK")  # libjpeg-turbo gives these as CMYK only
+    out = "CMYK" if cmyk else "RGB"
+    try:
+        array = simplejpeg.decode_jpeg(data, colorspace=out)  # strict: any libjpeg warning fails
+    except ValueError as e:
+        if str(e) == _JPEG_EOF:
+            raise ValueError(f"{name}: corrupt image (truncated: {e})") from None
+        try:  # a warning (decodes without strict) or an error (fails without strict too)?
+            array = simplejpeg.decode_jpeg(data, colorspace=out, strict=False)
+        except ValueError as fatal:
+            raise ValueError(f"{name}: corrupt image ({fatal})") from None
+        # only warnings, but the data may still run out after the first: Pillow refuses a JPEG
+        # whose decoder wants more bytes than there are, as torchvision did
+        _pil_open(data, name, "JPEG")
+    if cmyk:
+        cmy, k = array[..., :3].astype(np.uint16), array[..., 3:]
+        array = ((cmy * k + 127) // 255).astype(np.uint8)
+    return torch.from_numpy(array).permute(2, 0, 1)
 
 
 def decode_label(data: bytes, name: str) -> Tensor:
     """Decode a label PNG (palette of any bit depth, or 8-bit grayscale) to class indices,
     uint8 [H, W].
 
-    Palette PNGs carry indices whatever their bit depth: Pillow saves a palette image of <= 16
-    colours as a 1-, 2- or 4-bit PNG. Those are read by PIL (mode P, `np.asarray` gives the
-    indices exactly as PIL reads them; torchvision returns their packed bytes). Refused,
-    with a ValueError naming `name`: grayscale below 8 bits (ambiguous: PIL and libpng scale
-    the samples to 0..255, 1-bit to 0/255, 4-bit x17, so the stored index is not what a reader
-    sees; save such maps as 8-bit or palette), 16-bit, and colour PNGs (colours, not class ids).
+    Read by Pillow (mode P or L): `np.asarray` gives the stored indices, whatever the palette's
+    bit depth (Pillow saves a palette image of <= 16 colours as a 1-, 2- or 4-bit PNG) and
+    whatever its colours or transparency. Refused, with a ValueError naming `name`: grayscale
+    below 8 bits (ambiguous: PIL and libpng scale the samples to 0..255, 1-bit to 0/255, 4-bit
+    x17, so the stored index is not what a reader sees; save such maps as 8-bit or palette),
+    16-bit, colour PNGs (colours, not class ids), and data that is not a PNG or does not decode
+    fully ("corrupt PNG").
     """
     if data[:8] != _PNG_MAGIC or data[12:16] != b"IHDR" or len(data) < 33:
         raise ValueError(f"{name}: not a PNG file (starts with {bytes(data[:8])!r})")
     bit_depth, colour_type = data[24], data[25]
-    if colour_type == _PNG_PALETTE and bit_depth in (1, 2, 4):
-        return _decode_low_bit_palette(data, name)
-    if bit_depth != 8 or colour_type not in (_PNG_GRAY, _PNG_PALETTE):
+    palette = colour_type == _PNG_PALETTE and bit_depth in (1, 2, 4, 8)
+    if not palette and (bit_depth != 8 or colour_type != _PNG_GRAY):
         raise ValueError(
             f"{name}: label PNG must be a palette PNG (any bit depth) or 8-bit grayscale "
             f"(class indices), got bit depth {bit_depth}, colour type {colour_type}"
         )
-    try:
-        label = decode_png(_as_tensor(data), mode=ImageReadMode.UNCHANGED)
-    except RuntimeError as e:
-        raise ValueError(f"{name}: corrupt PNG ({_tv_reason(e)})") from None
-    if label.ndim != 3 or label.shape[0] != 1:  # e.g. a palette PNG expanded by tRNS
-        raise ValueError(f"{name}: label decoded to {tuple(label.shape)}, expected one channel")
-    return label[0]
+    img = _pil_open(data, name, "PNG", what="PNG")
+    expected = "P" if palette else "L"
+    if img.mode != expected:
+        raise ValueError(f"{name}: label PNG decoded to mode {img.mode!r}, expected {expected!r}")
+    return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
-def _pil_open(data: bytes, name: str) -> Image.Image:
-    """PIL image of `data`, fully decoded; ValueError naming `name` if it does not decode."""
+def _pil_open(data: bytes, name: str, fmt: str, what: str = "image") -> Image.Image:
+    """PIL image of `data` read as `fmt` only, fully decoded; ValueError naming `name` (and
+    saying "corrupt <what>") if it does not decode."""
     try:
-        img = Image.open(io.BytesIO(data))
+        img = Image.open(io.BytesIO(data), formats=[fmt])
         img.load()
     except Exception as e:  # PIL raises many types for corrupt data
-        raise ValueError(f"{name}: corrupt image ({type(e).__name__}: {e})") from None
+        raise ValueError(f"{name}: corrupt {what} ({type(e).__name__}: {e})") from None
     return img
-
-
-def _decode_low_bit_palette(data: bytes, name: str) -> Tensor:
-    img = _pil_open(data, name)
-    if img.mode != "P":
-        raise ValueError(f"{name}: palette PNG decoded to mode {img.mode!r}, expected 'P'")
-    return torch.from_numpy(np.array(img, dtype=np.uint8))
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:
