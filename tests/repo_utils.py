@@ -275,10 +275,19 @@ def before_its_run(reproduced: Path, dst: Path, restore: tuple[str, ...] = ()) -
 # --- processes that are killed -----------------------------------------------------------------
 
 
-def start_dvc(args: list[str], repo: Path, log: Path, shell: str | None = None) -> subprocess.Popen:
+def start_dvc(
+    args: list[str],
+    repo: Path,
+    log: Path,
+    shell: str | None = None,
+    extra_env: dict[str, str] | None = None,
+) -> subprocess.Popen:
     """A dvc command in a session of its own (killpg reaches it and every stage process), its
-    output in `log`; `shell` sets $SHELL, which dvc runs stage commands with."""
-    e = env() if shell is None else {**env(), "SHELL": shell}
+    output in `log`; `shell` sets $SHELL, which dvc runs stage commands with; `extra_env` is
+    added to the environment of dvc and every stage."""
+    e = {**env(), **(extra_env or {})}
+    if shell is not None:
+        e["SHELL"] = shell
     with open(log, "w") as f:
         return subprocess.Popen(
             args, cwd=repo, env=e, stdout=f, stderr=subprocess.STDOUT, start_new_session=True

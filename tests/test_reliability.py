@@ -56,9 +56,40 @@ STAGE_TIMEOUT_S = 300
 DOWNLOADS = ("download_voc", "download_coco", "download_sbd", "download_vgg16")
 
 
-def _start_repro(repo: Path, log: Path, started: list[subprocess.Popen]) -> subprocess.Popen:
-    """`dvc repro` in a session of its own: killpg reaches dvc and the stage it runs."""
-    proc = start_dvc(["dvc", "repro"], repo, log)
+# Put on PYTHONPATH as sitecustomize.py: every Python process of the run (dvc and the stages)
+# loads it. The sample's COCO conversion and preprocessing take milliseconds, less than the
+# test's polling can catch; a stage that creates the atomic temporary of an output named in
+# FCN_FREEZE_AT stops itself right after, so the kill finds it mid-write whatever its speed.
+FREEZE_AT_TEMPORARY = """
+import os, signal, tempfile
+
+_names = set(filter(None, os.environ.get("FCN_FREEZE_AT", "").split(",")))
+if _names:
+    _mkdtemp = tempfile.mkdtemp
+
+    def mkdtemp(suffix=None, prefix=None, dir=None):
+        path = _mkdtemp(suffix, prefix, dir)
+        if prefix and prefix.strip(".") in _names:  # pipeline.atomic: prefix ".<name>."
+            os.kill(os.getpid(), signal.SIGSTOP)
+        return path
+
+    tempfile.mkdtemp = mkdtemp
+"""
+
+
+def _start_repro(
+    repo: Path, log: Path, started: list[subprocess.Popen], freeze_at: str | None = None
+) -> subprocess.Popen:
+    """`dvc repro` in a session of its own: killpg reaches dvc and the stage it runs. With
+    `freeze_at` (an output directory's name), the stage writing it stops once its atomic
+    temporary exists (FREEZE_AT_TEMPORARY)."""
+    extra = None
+    if freeze_at:
+        hook = log.parent / "freeze-hook"
+        hook.mkdir(exist_ok=True)
+        (hook / "sitecustomize.py").write_text(FREEZE_AT_TEMPORARY)
+        extra = {"PYTHONPATH": str(hook), "FCN_FREEZE_AT": freeze_at}
+    proc = start_dvc(["dvc", "repro"], repo, log, extra_env=extra)
     started.append(proc)
     return proc
 
@@ -154,7 +185,7 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(
     data = repo / "data"
 
     # 1. mid-conversion: the COCO->VOC stage is writing its shard directory
-    proc = _start_repro(repo, log := logs / "1.log", started)
+    proc = _start_repro(repo, log := logs / "1.log", started, freeze_at="coco_voc")
     wait_for(proc, log, _new_temporary(data, "coco_voc", set()), "coco_to_voc writes")
     _kill_9(proc)
     assert not (data / "coco_voc").exists()
@@ -164,7 +195,7 @@ def test_kill_9_at_every_stage_then_repro_equals_an_uninterrupted_run(
 
     # 2. mid-shard-write: preprocess is writing data/preprocessed (coco_to_voc reruns first)
     before = set(data.glob(".preprocessed.*.tmp"))
-    proc = _start_repro(repo, log := logs / "2.log", started)
+    proc = _start_repro(repo, log := logs / "2.log", started, freeze_at="preprocessed")
     wait_for(proc, log, _new_temporary(data, "preprocessed", before), "preprocess writes")
     _kill_9(proc)
     assert stages_run(log.read_text()) == ["coco_to_voc", "preprocess"], log.read_text()

@@ -50,8 +50,6 @@ from tests.repo_utils import (
 )
 
 REPO = Path(__file__).resolve().parents[1]
-# torchvision 0.29 warns on every decode_jpeg call (pipeline.data.datasets silences it outside pytest)
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
 
 @pytest.fixture(autouse=True)
@@ -440,11 +438,14 @@ def test_transplant_of_trained_fcn32s_predicts_the_same(voc_sample, tmp_path) ->
     0.2-1% at full size, where it is measured here. Unseen images, which a net trained on 8
     images fragments into more class regions, sit closest to the bound: 99.0-99.5% over seeds
     0-3 in bf16 and fp32 (seed 0, the params' seed: 99.3% bf16, 99.4% fp32).
+
+    Trained in fp32: at this width bf16 autocast on one CPU thread is 4.4x slower per epoch
+    than fp32 (26.1 vs 5.9 s, AVX-512 bf16 machine), and fp32 gives the same net everywhere.
     """
     # at width 1/8 the net fragments unseen images more (more class boundaries): ~99.0% there
     width = 0.25
     cfg = base_cfg(
-        precision="auto",
+        precision="fp32",
         crop_size=320,  # random 320 px windows of the full-size images
         scale_range=[1.0, 1.0],
         hflip=False,
