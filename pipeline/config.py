@@ -267,7 +267,7 @@ SCHEMA: dict[str, Any] = {
         # seg11valid with only some of its 736 images in the val shards: score those (the
         # summary says how many) instead of refusing; for tests and dry runs, never for figures
         "allow_partial_split": _bool(default=False),
-        # test-time augmentation, scored as separate metrics (metrics/tta/<model>.json)
+        # test-time augmentation, scored apart from Table 2 (reports/tta/<model>.json)
         "tta": {
             "flip": _bool(default=False),
             "scales": Spec(

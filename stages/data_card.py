@@ -3,7 +3,8 @@
 Writes reports/data_card.md (images and labelled pixels per source and split, class pixel
 shares, what coco_to_voc and preprocess dropped and why, the COCO -> VOC rules next to
 torchvision's reference, the terms of each source), plots/data/class_pixels.csv
-(source,split,class,pixels,share) and metrics/data.json. Byte-identical on every run of the
+(source,split,class,pixels,share), reports/data_counts.json (images and labelled pixels per
+source and split) and metrics/data.json (images per split: the DVC metrics). Byte-identical on every run of the
 same inputs. Reads `download.generate_sample` of the active params profile (whether the data
 is the generated sample or the real data sets).
 """
@@ -21,7 +22,7 @@ from pipeline.data.label_counts import DataCardError  # noqa: E402
 from pipeline.inputs import require_inputs, stage_main, stage_parser  # noqa: E402
 from pipeline.reports.data_card import (  # noqa: E402
     CARD,
-    metrics_json,
+    counts_json,
     write_data_card,
 )
 
@@ -67,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         generate_sample=params["download"]["generate_sample"],
         workers=args.workers,
     )
-    for source, splits in metrics_json(counts).items():
+    for source, splits in counts_json(counts).items():
         shown = ", ".join(
             f"{split} {m['images']} images / {m['labelled_pixels']} labelled pixels"
             for split, m in splits.items()

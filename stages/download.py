@@ -40,10 +40,11 @@ COCO_FILES = {  # params key -> file name
 }
 SBD_TGZ = RAW / "sbd" / "benchmark.tgz"
 VGG16 = RAW / "vgg16" / "vgg16.pth"
-BACKBONE_METRICS = Path("metrics/vgg16.json")
+# what the backbone is, in either profile: a plain output of download_vgg16, not a DVC metric
+BACKBONE_REPORT = Path("reports/vgg16.json")
 # torchvision's published accuracy of VGG16_Weights.IMAGENET1K_V1 (the file the full profile
-# fetches), so that `dvc metrics show` states what the backbone is in either profile
-IMAGENET_VGG16_METRICS = {
+# fetches), so that reports/vgg16.json states what the backbone is in either profile
+IMAGENET_VGG16_REPORT = {
     "source": "torchvision VGG16_Weights.IMAGENET1K_V1",
     "classes": 1000,
     "val_top1": 0.71592,
@@ -81,8 +82,8 @@ def download(target: str, cfg: dict[str, Any], progress: bool = True) -> list[Pa
         return [_fetch_source(cfg, k, COCO_DIR / n, progress) for k, n in COCO_FILES.items()]
     if target == "vgg16":
         path = _fetch_source(cfg, "vgg16", VGG16, progress)
-        atomic_write_json(BACKBONE_METRICS, IMAGENET_VGG16_METRICS)
-        return [path, BACKBONE_METRICS]
+        atomic_write_json(BACKBONE_REPORT, IMAGENET_VGG16_REPORT)
+        return [path, BACKBONE_REPORT]
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 
 
@@ -112,8 +113,8 @@ def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
             width=cfg["model"]["width"], seed=s["seed"], **cfg["download"]["vgg16"]["pretrain"]
         )
         save_state_dict(VGG16, state)
-        atomic_write_json(BACKBONE_METRICS, report)
-        return [VGG16, BACKBONE_METRICS]
+        atomic_write_json(BACKBONE_REPORT, report)
+        return [VGG16, BACKBONE_REPORT]
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
         help="voc: data/raw/voc/VOCtrainval_11-May-2012.tar\n"
         "coco: data/raw/coco/{train2017,val2017,annotations_trainval2017}.zip\n"
         "sbd: data/raw/sbd/benchmark.tgz (SBD: img/, cls/*.mat, train.txt, val.txt)\n"
-        "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict) + metrics/vgg16.json",
+        "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict) + reports/vgg16.json",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)

@@ -1,6 +1,7 @@
 """DVC stage `evaluate`: score FCN-32s, FCN-16s and FCN-8s on VOC 2012 val (original resolution).
 
-Reads models/<name>.pt and data/preprocessed/val; writes metrics/<name>.json, metrics/tta/,
+Reads models/<name>.pt and data/preprocessed/val; writes metrics/<name>.json (the DVC metrics:
+pixel acc., mean acc., mean IU, f.w. IU, mean Dice), reports/tta/<name>.json,
 plots/<name>/{per_class_iou.csv,confusion.png,qualitative.png} and reports/summary.md
 (Table 2 of the paper: pixel acc., mean acc., mean IU, f.w. IU). Settings come from the
 `evaluate` section of the active params profile: device, precision, batch_size,

@@ -4,8 +4,9 @@ Each ONNX file takes "image" float32 [1,3,H,W] (RGB 0..1, ImageNet-normalised) a
 "logits" float32 [1,21,H,W], H and W dynamic. Before a file is kept, onnxruntime (CPU) and
 PyTorch run the same inputs: seeded noise at 97x131 and 203x157 and the first val images,
 cropped to odd sizes. The max |logit difference| and argmax pixel agreement of each go to
-metrics/onnx.json; the stage fails, naming the input, when an agreement is below
-`export.min_agreement` of the active params profile (opset and val images are there too).
+reports/onnx_check.json (a plain output, not a DVC metric); the stage fails, naming the input,
+when an agreement is below `export.min_agreement` of the active params profile (opset and val
+images are there too).
 """
 
 from __future__ import annotations
@@ -31,7 +32,11 @@ def main(argv: list[str] | None = None) -> int:
         "--onnx", default="models/onnx", help="where <name>.onnx go (default: %(default)s)"
     )
     ap.add_argument(
-        "--metrics", default="metrics/onnx.json", help="the check's report (default: %(default)s)"
+        "--report",
+        "--metrics",  # its former name
+        dest="report",
+        default="reports/onnx_check.json",
+        help="the check's report (default: %(default)s)",
     )
     ap.add_argument("--only", nargs="+", choices=CASCADE, default=list(CASCADE),
                     help="export only these models (default: all three)")  # fmt: skip
@@ -60,7 +65,7 @@ def main(argv: list[str] | None = None) -> int:
         opset=cfg["opset"],
         min_agreement=cfg["min_agreement"],
     )
-    atomic_write_json(args.metrics, report)  # only when every model passed its check
+    atomic_write_json(args.report, report)  # only when every model passed its check
     return 0
 
 

@@ -1,8 +1,9 @@
 """DVC stage `inference_report`: speed, memory and size of each model, and its model card.
 
 Reads models/<name>.pt, data/preprocessed/val and metrics/<name>.json (the `evaluate` stage's);
-writes metrics/inference/<name>.json (img/s, p50/p95 latency at 500x500 and at the val images'
-own sizes, peak memory, parameters, GFLOPs, the machine) and reports/model_cards/<name>.md.
+writes reports/inference/<name>.json (img/s, p50/p95 latency at 500x500 and at the val images'
+own sizes, peak memory, parameters, GFLOPs, the machine), reports/model_cards/<name>.md and the
+DVC metrics metrics/inference.json (images/s at 500x500 per model).
 fp32, batch 1, on `evaluate.device`; warm-up, repeats and the number of val images come from
 the `inference` section of the active params profile. Timings differ from run to run: they
 live in this stage alone, so every other stage's outputs stay byte-identical.

@@ -19,17 +19,17 @@ from pipeline.data.shards import ShardWriter
 from pipeline.reports.data_card import (
     CARD,
     CLASS_PIXELS_CSV,
+    COUNTS_JSON,
     METRICS_JSON,
     card_markdown,
     class_pixels_csv,
+    counts_json,
     metrics_json,
     write_data_card,
 )
 from stages import data_card as stage
 
 REPO = Path(__file__).resolve().parents[1]
-# torchvision 0.29 warns on every decode_png call (pipeline.data.datasets silences it outside pytest)
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
 
 def png_l(label: np.ndarray) -> bytes:
@@ -158,11 +158,16 @@ def test_counts_do_not_depend_on_workers(dataset, monkeypatch):
 def test_metrics_and_csv_hold_the_recomputed_numbers(dataset):
     root, expected = dataset
     counts = count_dataset(root)
-    metrics = metrics_json(counts)
+    per_source = counts_json(counts)
     for source, splits in expected.items():
         for split, c in splits.items():
             labelled = sum(c["class_pixels"])
-            assert metrics[source][split] == {"images": c["images"], "labelled_pixels": labelled}
+            assert per_source[source][split] == {"images": c["images"], "labelled_pixels": labelled}
+    # the DVC metrics: images per split over all sources, flat
+    assert metrics_json(counts) == {
+        f"{split}_images": sum(s[split]["images"] for s in expected.values() if split in s)
+        for split in ("train", "val")
+    }
     rows = list(csv.DictReader(io.StringIO(class_pixels_csv(counts))))
     assert len(rows) == NUM_CLASSES * 4
     groups: dict[tuple[str, str], list[dict]] = {}
@@ -235,7 +240,7 @@ def test_outputs_are_byte_identical_on_a_second_run(dataset, tmp_path):
     root, _ = dataset
     coco = tmp_path / "coco_report.json"
     coco.write_text(json.dumps(COCO_REPORT))
-    outputs = (CARD, CLASS_PIXELS_CSV, METRICS_JSON)
+    outputs = (CARD, CLASS_PIXELS_CSV, COUNTS_JSON, METRICS_JSON)
     write_data_card(root, coco, tmp_path / "a", generate_sample=False)
     first = {p: (tmp_path / "a" / p).read_bytes() for p in outputs}
     write_data_card(root, coco, tmp_path / "a", generate_sample=False, workers=2)
@@ -270,8 +275,11 @@ def test_stage_writes_the_outputs(dataset, tmp_path, capsys):
     coco.write_text(json.dumps(COCO_REPORT))
     args = ["--params", str(REPO / "params.yaml"), "--data", str(root), "--coco-report", str(coco)]
     assert stage.main([*args, "--out", str(tmp_path), "--workers", "1"]) == 0
+    per_source = json.loads((tmp_path / COUNTS_JSON).read_text())
+    assert per_source["coco"]["train"]["images"] == expected["coco"]["train"]["images"]
     metrics = json.loads((tmp_path / METRICS_JSON).read_text())
-    assert metrics["coco"]["train"]["images"] == expected["coco"]["train"]["images"]
+    assert list(metrics) == ["train_images", "val_images"]
+    assert metrics["val_images"] == sum(s["val"]["images"] for s in expected.values() if "val" in s)
     assert "generated sample" in (tmp_path / CARD).read_text()  # params.yaml: the sample
     assert "data_card: voc: train" in capsys.readouterr().out
     # a missing input names the stage that makes it

@@ -423,5 +423,5 @@ def test_stage_generates_the_offline_sample(tmp_path, repo_root):
 
     state = torch.load(raw / "vgg16" / "vgg16.pth", weights_only=True)
     assert "features.0.weight" in state and "classifier.6.weight" in state
-    report = json.loads((tmp_path / "metrics" / "vgg16.json").read_text())
+    report = json.loads((tmp_path / "reports" / "vgg16.json").read_text())
     assert report["train_crops"] == 2 * 21 and 0.0 <= report["val_top1"] <= 1.0

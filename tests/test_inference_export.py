@@ -18,7 +18,6 @@ from pipeline.reports.model_card import model_card
 from tests.helpers import import_or_skip, write_val_shards
 
 REPO = Path(__file__).resolve().parents[1]
-pytestmark = pytest.mark.filterwarnings("ignore:The image decoding and encoding capabilities")
 
 
 def tiny(name: str, seed: int = 0) -> torch.nn.Module:
@@ -245,12 +244,18 @@ def test_inference_report_stage_writes_metrics_and_cards(tmp_path, generated_val
     args = ["--params", str(root / "params.yaml"), "--models", str(root / "models")]
     args += ["--data", str(generated_val_dir), "--out", str(root), "--only", "fcn32s", "fcn8s"]
     assert inference_report.main(args) == 0
+    # the DVC metrics: one number per model, images/s at 500x500; the details are a report
+    headline = json.loads((root / "metrics" / "inference.json").read_text())
+    assert list(headline) == ["fcn32s", "fcn8s"]
     for name in ("fcn32s", "fcn8s"):
-        r = json.loads((root / "metrics" / "inference" / f"{name}.json").read_text())
+        r = json.loads((root / "reports" / "inference" / f"{name}.json").read_text())
         assert r["at_500x500"]["images_per_s"] > 0 and r["at_val_sizes"]["images"] == 1
+        assert headline[name] == round(r["at_500x500"]["images_per_s"], 2)
         card = (root / "reports" / "model_cards" / f"{name}.md").read_text()
         assert "| 50.0 | 25.0 | 12.5 | 40.0 |" in card and "generated sample's val split" in card
-    assert not (root / "metrics" / "inference" / "fcn16s.json").exists()
+        assert f"reports/inference/{name}.json holds them" in card
+    assert not (root / "reports" / "inference" / "fcn16s.json").exists()
+    assert not (root / "metrics" / "inference").exists()
 
 
 def test_inference_report_stage_names_missing_metrics(tmp_path, generated_val_dir, capsys):
@@ -273,9 +278,9 @@ def test_export_onnx_stage_end_to_end(tmp_path, generated_val_dir):
     root = _stage_repo(tmp_path, generated_val_dir)
     args = ["--params", str(root / "params.yaml"), "--models", str(root / "models")]
     args += ["--data", str(generated_val_dir), "--onnx", str(root / "onnx")]
-    args += ["--metrics", str(root / "metrics" / "onnx.json")]
+    args += ["--report", str(root / "reports" / "onnx_check.json")]
     assert export_onnx.main(args) == 0
-    report = json.loads((root / "metrics" / "onnx.json").read_text())
+    report = json.loads((root / "reports" / "onnx_check.json").read_text())
     assert report["exporter"].startswith("torch.onnx.export") and report["opset"] == 18
     for name in CASCADE:
         assert (root / "onnx" / f"{name}.onnx").stat().st_size > 10_000

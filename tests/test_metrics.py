@@ -196,3 +196,22 @@ def test_empty_input_and_custom_class_count():
     target = torch.tensor([299, 7, 255])
     hist = confusion_matrix(pred, target, num_classes=300, ignore_index=-1)
     assert hist[299, 299] == 1 and hist[7, 5] == 1 and hist[255, 255] == 1 and hist.sum() == 3
+
+
+def test_the_dvc_metrics_file_holds_the_headline_only_and_per_class_goes_elsewhere():
+    import json
+
+    from pipeline.evaluation.summary import metrics_json, per_class_iou_csv, per_class_json
+
+    s = segmentation_scores(np.array([[4, 2, 0, 0], [1, 2, 0, 0], [0, 1, 0, 0], [0, 0, 0, 0]]))
+    m = metrics_json(s)  # metrics/<model>.json: a handful of flat numbers
+    assert list(m) == ["pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou", "mean_dice"]
+    assert all(isinstance(v, float) for v in m.values())
+    names = ["a", "b", "c", "d"]
+    per_class = json.loads(json.dumps(per_class_json(s, names)))  # JSON-safe: null for NaN
+    assert per_class["per_class_iou"] == {"a": 4 / 7, "b": 2 / 6, "c": 0.0, "d": None}
+    assert per_class["per_class_dice"]["d"] is None
+    rows = per_class_iou_csv(s, names).splitlines()  # the plot keeps IoU and Dice per class
+    assert rows[0] == "class,iou,dice" and rows[4] == "d,,"
+    with pytest.raises(ValueError):
+        per_class_json(s, names[:3])

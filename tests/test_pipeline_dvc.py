@@ -38,12 +38,20 @@ def test_metrics_show_lists_the_four_metrics_per_model(sample_run):
     repo, _ = sample_run
     shown = json.loads(run(["dvc", "metrics", "show", "--json"], repo).stdout)
     data = next(iter(shown.values()))["data"]
-    for model in ("fcn32s", "fcn16s", "fcn8s"):
+    # the headline numbers only: details are plots and plain outputs (reports/), not metrics
+    models = ("fcn32s", "fcn16s", "fcn8s")
+    headline = {*(f"metrics/{m}.json" for m in models), "metrics/inference.json"}
+    assert set(data) == {*headline, "metrics/data.json"}, sorted(data)
+    for model in models:
         metrics = data[f"metrics/{model}.json"]["data"]
-        for key in FOUR:
+        assert list(metrics) == [*FOUR, "mean_dice"], (model, metrics)
+        for key in metrics:
             assert 0.0 <= metrics[key] <= 1.0, (model, key, metrics)
+    assert list(data["metrics/inference.json"]["data"]) == list(models)
+    assert set(data["metrics/data.json"]["data"]) == {"train_images", "val_images"}
     table = run(["dvc", "metrics", "show"], repo).stdout
     assert "mean_iou" in table and "metrics/fcn8s.json" in table
+    assert max(len(line) for line in table.splitlines()) <= 160, table  # fits a terminal
 
 
 def test_models_are_loadable_with_weights_only(sample_run):
@@ -66,12 +74,15 @@ def test_fcn8s_param_change_reruns_only_fcn8s_and_its_downstream(run_copy):
     params = run(["dvc", "params", "diff"], repo).stdout
     assert "sample.train.fcn8s.lr" in params, params
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
-    # FCN-8s' training metrics changed; nothing upstream of it did. (Its val scores may not:
-    # this test-sized run is too short to leave the all-background optimum.)
-    assert "dvclive/fcn8s/metrics.json" in diff, diff
+    # FCN-8s' training summary changed (an output, not a metric); nothing upstream of it did.
+    # (Its val scores may not: this test-sized run is too short to leave the all-background
+    # optimum.)
+    changed = json.loads(run(["dvc", "diff", "--json"], repo).stdout)
+    modified = {entry["path"] for entry in changed["modified"]}
+    assert "dvclive/fcn8s/metrics.json" in modified, changed
     for unchanged in ("fcn32s", "fcn16s"):
         assert f"metrics/{unchanged}.json" not in diff, diff
-        assert f"dvclive/{unchanged}/metrics.json" not in diff, diff
+        assert f"dvclive/{unchanged}/metrics.json" not in modified, changed
     assert run(["dvc", "metrics", "diff"], repo).stdout.strip()  # readable table too
     html = repo / "plots_diff"
     run(["dvc", "plots", "diff", "HEAD", "-o", str(html)], repo)

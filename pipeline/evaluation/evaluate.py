@@ -5,8 +5,8 @@ share a size), one confusion matrix is accumulated over the whole set on the mod
 (`pipeline.evaluation.score`), and the four metrics come from it (`pipeline.evaluation.metrics`;
 formatted by `pipeline.evaluation.summary`). Outputs, all written atomically:
 
-    metrics/<model>.json                 DVC metrics: the four metrics, mean Dice (F1), and
-                                         IoU and Dice per class
+    metrics/<model>.json                 DVC metrics, the headline numbers only: the four
+                                         metrics and mean Dice (F1), flat
     plots/<model>/per_class_iou.csv      class,iou,dice (one row per class; a bar chart)
     plots/<model>/confusion.csv          actual,predicted,count: all C x C cells, for the
                                          `confusion_counts` template (`dvc plots diff`)
@@ -14,7 +14,8 @@ formatted by `pipeline.evaluation.summary`). Outputs, all written atomically:
     plots/<model>/per_image.csv          image,labelled_pixels,pixel_accuracy,mean_iou
     plots/<model>/qualitative.png        image | ground truth | prediction, first val keys
     plots/<model>/worst.png, best.png    the same for the lowest and highest per-image mean IU
-    metrics/tta/<model>.json             the same metrics with test-time augmentation, if on
+    reports/tta/<model>.json             the same metrics, and IoU and Dice per class, with
+                                         test-time augmentation, if on ({"tta": "none"} if off)
     reports/summary.md                   FCN-32s vs 16s vs 8s in %, like the paper's Table 2
 """
 
@@ -40,6 +41,7 @@ from pipeline.evaluation.summary import (
     display_name,
     metrics_json,
     per_class_iou_csv,
+    per_class_json,
     per_image_csv,
     percent,
     summary_markdown,
@@ -166,7 +168,8 @@ def write_model_report(
     class_names: Sequence[str] = VOC_CLASSES,
     per_image: Sequence[Mapping[str, Any]] = (),
 ) -> dict[str, Any]:
-    """Write metrics/<name>.json and plots/<name>/: per_class_iou.csv, confusion.csv,
+    """Write metrics/<name>.json (the headline numbers, `metrics_json`) and plots/<name>/:
+    per_class_iou.csv (IoU and Dice per class), confusion.csv,
     confusion.png, qualitative.png, and, given `per_image` rows (`evaluate_model`),
     per_image.csv, worst.png and best.png.
 
@@ -207,7 +210,7 @@ def write_model_report(
         worst, best = ranked_indices(per_image, qualitative_images)
         atomic_write_bytes(plots / "worst.png", sheet(worst, f"{label}: lowest image mean IU"))
         atomic_write_bytes(plots / "best.png", sheet(best, f"{label}: highest image mean IU"))
-    atomic_write_json(out_root / "metrics" / f"{name}.json", metrics_json(scores, class_names))
+    atomic_write_json(out_root / "metrics" / f"{name}.json", metrics_json(scores))
     return scores
 
 
@@ -257,7 +260,7 @@ def score_and_report(
     run: RunSettings,
     report: ReportSettings,
 ) -> tuple[dict[str, Any], dict[str, Any] | None]:
-    """Score one model on (eval set, raw set), write its report and metrics/tta/<name>.json;
+    """Score one model on (eval set, raw set), write its report and reports/tta/<name>.json;
     returns (its scores, its scores with test-time augmentation or None when that is off)."""
     from pipeline.evaluation.tta import TestTimeAugmentation, tta_enabled, tta_name
 
@@ -287,7 +290,8 @@ def score_and_report(
             _score(tta_model, eval_set, run, desc=f"evaluate {name} + TTA")
         )
         tta_json.update(metrics_json(tta_scores))
-    atomic_write_json(out_root / "metrics" / "tta" / f"{name}.json", tta_json)
+        tta_json.update(per_class_json(tta_scores))
+    atomic_write_json(out_root / "reports" / "tta" / f"{name}.json", tta_json)
     return scores, tta_scores
 
 
@@ -329,7 +333,7 @@ def evaluate_all(
     report: ReportSettings = ReportSettings(),
 ) -> dict[str, dict[str, Any]]:
     """Evaluate each named model (loaded one at a time by `load_model(name)`), write its
-    report (`write_model_report`, metrics/tta/<name>.json) and reports/summary.md; returns
+    report (`write_model_report`, reports/tta/<name>.json) and reports/summary.md; returns
     the scores (`segmentation_scores`) by model name.
 
     Raises:

@@ -1,5 +1,6 @@
-"""What the evaluate stage writes, formatted from the scores: the DVC metrics file, the CSVs
-behind the plots and reports/summary.md, this run's version of the paper's Table 2.
+"""What the evaluate stage writes, formatted from the scores: the DVC metrics file (the headline
+numbers), the CSVs behind the plots and reports/summary.md, this run's version of the paper's
+Table 2.
 
 The four metrics and their column names are those of Long, Shelhamer, Darrell, *Fully
 Convolutional Networks for Semantic Segmentation* (CVPR 2015 / PAMI 2016), section 5 and
@@ -69,15 +70,28 @@ def val_set_name(params: Mapping[str, Any]) -> str:
     return VOC2012_VAL
 
 
-def metrics_json(scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES) -> dict:
-    """The DVC metrics file: the four metrics, mean Dice, then IoU and Dice per class by class
-    name (null where the class is in neither ground truth nor prediction)."""
-    out: dict[str, Any] = {
-        key: json_safe(scores[key]) for key, _ in (*METRIC_COLUMNS, *EXTRA_COLUMNS)
+def metrics_json(scores: Mapping[str, Any]) -> dict[str, float | None]:
+    """The DVC metrics file metrics/<model>.json: the four Table 2 metrics and mean Dice, flat,
+    fractions in [0, 1] (None, JSON null, where undefined: an empty val set). The headline
+    numbers only, so that `dvc metrics show` / `dvc exp show` stay a few columns wide; IoU and
+    Dice per class are in `per_class_iou_csv` (plots/<model>/per_class_iou.csv)."""
+    return {key: json_safe(scores[key]) for key, _ in (*METRIC_COLUMNS, *EXTRA_COLUMNS)}
+
+
+def per_class_json(
+    scores: Mapping[str, Any], class_names: Sequence[str] = VOC_CLASSES
+) -> dict[str, dict[str, float | None]]:
+    """{"per_class_iou": {class: v}, "per_class_dice": {class: v}}: fractions in [0, 1] by
+    class name, null where the class is in neither ground truth nor prediction. For plain
+    reports (the test-time augmentation report), not for DVC metrics.
+
+    Raises:
+        ValueError: `class_names` and the per-class lists of `scores` differ in length.
+    """
+    return {
+        key: {name: json_safe(v) for name, v in zip(class_names, scores[key], strict=True)}
+        for key in ("per_class_iou", "per_class_dice")
     }
-    for key in ("per_class_iou", "per_class_dice"):
-        out[key] = {name: json_safe(v) for name, v in zip(class_names, scores[key], strict=True)}
-    return out
 
 
 def _cell(v: float | None) -> str:

@@ -229,7 +229,7 @@ def export_models(
 ) -> dict[str, Any]:
     """The export_onnx stage's work: `export_verified` of each named model (loaded one at a
     time by `load_model(name)`) into onnx_dir/<name>.onnx, checked on `check_inputs(*val_images)`
-    (normalised float [3, H, W] images and their keys); returns the metrics/onnx.json report.
+    (normalised float [3, H, W] images and their keys); returns the reports/onnx_check.json report.
 
     Raises:
         OnnxMismatchError: a model's ONNX file disagrees with it (that file is not written;

@@ -10,9 +10,11 @@ Per model, in fp32 on one device, batch 1:
 * parameter count and GFLOPs at 500x500, counted by `torch.utils.flop_counter.FlopCounterMode`
   (one multiply-add = 2 FLOPs) on a meta-device copy, so no arithmetic is run.
 
-Timings differ from run to run, so the DVC stage `inference_report` writes them on its own
-(metrics/inference/<model>.json, `cache: false`): `dvc metrics diff` then shows a speed
-regression, and no other stage's output depends on the clock.
+Timings differ from run to run, so the DVC stage `inference_report` writes them on its own:
+the whole report per model in reports/inference/<model>.json (a cached output), and one
+headline number per model, its images per second at 500x500 (`speed_metrics`), in the DVC
+metrics file metrics/inference.json: `dvc metrics diff` then shows a speed regression, and no
+other stage's output depends on the clock.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ import os
 import platform
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -245,7 +247,7 @@ def benchmark_model(
     size: tuple[int, int] = DEFAULT_SIZE,
     channels_last: bool = True,
 ) -> dict[str, Any]:
-    """The inference report of one model: the metrics/inference/<name>.json dict.
+    """The inference report of one model: the reports/inference/<name>.json dict.
 
     `val_images`: normalised float [3,H,W] images (their own sizes, batch 1); may be empty, then
     "at_val_sizes" is None. The model is moved to `device` ("auto" resolves as the stages do),
@@ -291,6 +293,21 @@ def benchmark_model(
         "peak_memory_mib": memory,
         "peak_memory_method": method,
     }
+
+
+def speed_metrics(
+    reports: Mapping[str, Mapping[str, Any]], size: tuple[int, int] = DEFAULT_SIZE
+) -> dict[str, float]:
+    """The DVC metrics of the inference_report stage (metrics/inference.json): {model name:
+    images per second at `size` (height, width)}, rounded to 2 decimals (run-to-run noise is
+    larger), from `benchmark_model` reports by model name. One short key per model keeps
+    `dvc metrics show` narrow; everything else stays in the reports.
+
+    Raises:
+        KeyError: a report has no timing at `size`.
+    """
+    key = f"at_{size[0]}x{size[1]}"
+    return {name: round(float(r[key]["images_per_s"]), 2) for name, r in reports.items()}
 
 
 def load_val_images(val_dir: str | os.PathLike, n: int) -> tuple[list[torch.Tensor], list[str]]:

@@ -9,7 +9,10 @@ same inputs (no timestamps, no paths of the machine, fixed orders):
                                   each source
     plots/data/class_pixels.csv   source,split,class,pixels,share (share of the labelled pixels
                                   of that source and split; a grouped bar chart)
-    metrics/data.json             {source: {split: {"images", "labelled_pixels"}}}
+    reports/data_counts.json      {source: {split: {"images", "labelled_pixels"}}}
+    metrics/data.json             {"train_images", "val_images"}: the DVC metrics, images per
+                                  split over all sources (the counts that change results;
+                                  flat and short so `dvc metrics show` stays narrow)
 
 Counts (`pipeline.data.label_counts`) come from the label maps in `data/preprocessed/{train,val}` (what training and
 evaluation read), not from the reports: a labelled pixel is one whose label is not 255. The
@@ -44,6 +47,7 @@ SOURCE_NAMES = {
 CARD = Path("reports/data_card.md")
 CLASS_PIXELS_CSV = Path("plots/data/class_pixels.csv")
 METRICS_JSON = Path("metrics/data.json")
+COUNTS_JSON = Path("reports/data_counts.json")
 _MAX_EXAMPLES = 10  # skipped preprocess inputs quoted in the card
 
 # torchvision's reference converter, compared with pipeline/data/coco_voc.py in the card
@@ -90,14 +94,26 @@ TERMS: tuple[tuple[str, str, str, str], ...] = (
 # --- the plot and the metrics -----------------------------------------------------------------
 
 
-def metrics_json(counts: Mapping[str, Mapping[str, Mapping]]) -> dict:
-    """{source: {split: {"images": n, "labelled_pixels": n}}}: the DVC metrics of the data."""
+def counts_json(counts: Mapping[str, Mapping[str, Mapping]]) -> dict[str, dict[str, dict]]:
+    """{source: {split: {"images": n, "labelled_pixels": n}}} (ints), in `count_dataset`'s
+    order: reports/data_counts.json, the per-source numbers of the card."""
     out: dict[str, dict] = {}
     for source, split, c in count_groups(counts):
         out.setdefault(source, {})[split] = {
             "images": c["images"],
             "labelled_pixels": labelled_pixels(c),
         }
+    return out
+
+
+def metrics_json(counts: Mapping[str, Mapping[str, Mapping]]) -> dict[str, int]:
+    """The DVC metrics of the data, metrics/data.json: {"train_images": n, "val_images": n},
+    the images of each split summed over the sources (0 for a split with none). Per-source
+    counts and labelled pixels are in `counts_json` and the card."""
+    out = {f"{split}_images": 0 for split in SPLITS}
+    for _, split, c in count_groups(counts):
+        key = f"{split}_images"
+        out[key] = out.get(key, 0) + c["images"]
     return out
 
 
@@ -382,7 +398,8 @@ def card_markdown(
         "",
         "Written by the `data_card` stage (`pipeline/reports/data_card.py`) from `data/preprocessed` "
         "and the reports of `coco_to_voc` and `preprocess`; the same numbers are in "
-        f"`{METRICS_JSON.as_posix()}` and `{CLASS_PIXELS_CSV.as_posix()}`.",
+        f"`{COUNTS_JSON.as_posix()}` and `{CLASS_PIXELS_CSV.as_posix()}` (images per split: "
+        f"`{METRICS_JSON.as_posix()}`).",
         "",
         *_counts_section(counts),
         *_class_section(counts),
@@ -411,8 +428,9 @@ def write_data_card(
     generate_sample: bool,
     workers: int = 1,
 ) -> dict[str, dict[str, dict]]:
-    """Count `preprocessed` and write the card, the class-pixel CSV and the metrics under
-    `out_root` (each atomically); returns the counts (`count_dataset`).
+    """Count `preprocessed` and write the card, the class-pixel CSV, the per-source counts
+    (`counts_json`) and the metrics (`metrics_json`) under `out_root` (each atomically);
+    returns the counts (`count_dataset`).
 
     `coco_report` is coco_to_voc's report.json (None or a missing file: that section says so);
     preprocess's is `preprocessed/report.json`.
@@ -426,6 +444,7 @@ def write_data_card(
         generate_sample=generate_sample,
     )
     atomic_write_text(out_root / CLASS_PIXELS_CSV, class_pixels_csv(counts))
+    atomic_write_json(out_root / COUNTS_JSON, counts_json(counts))
     atomic_write_json(out_root / METRICS_JSON, metrics_json(counts))
     atomic_write_text(out_root / CARD, card)
     return counts

@@ -144,8 +144,9 @@ def inference_section(name: str, inference: Mapping[str, Any]) -> str:
             if mem is not None
             else ""
         )
-        + f"Figures vary between runs and machines: metrics/inference/{name}.json holds them, "
-        "`dvc metrics diff` compares two commits.\n"
+        + f"Figures vary between runs and machines: reports/inference/{name}.json holds them; "
+        "`dvc metrics diff` compares the images/s at 500x500 of two commits "
+        "(metrics/inference.json).\n"
     )
 
 
@@ -225,9 +226,10 @@ def write_inference_reports(
 ) -> None:
     """The inference_report stage's work, per model of `names`: `benchmark_model` on
     `evaluate.device` (warm-up, repeats and val images from the `inference` section of the
-    active profile `params`) into out_root/metrics/inference/<name>.json, and its model card
+    active profile `params`) into out_root/reports/inference/<name>.json, and its model card
     (from out_root/metrics/<name>.json, the evaluate stage's) into
-    out_root/reports/model_cards/<name>.md.
+    out_root/reports/model_cards/<name>.md; then the DVC metrics of the models of `names`,
+    their images/s at 500x500 (`speed_metrics`), into out_root/metrics/inference.json.
 
     Raises:
         FileNotFoundError: a model file, metrics file or the val shards are missing (the stage
@@ -235,11 +237,12 @@ def write_inference_reports(
     """
     from pipeline.atomic import atomic_write_json, atomic_write_text
     from pipeline.evaluation.summary import val_set_name
-    from pipeline.inference.speed import benchmark_model, load_val_images
+    from pipeline.inference.speed import benchmark_model, load_val_images, speed_metrics
     from pipeline.models.fcn import load_model
 
     cfg, out = params["inference"], Path(out_root)
     images, _ = load_val_images(val_dir, cfg["val_images"])
+    reports: dict[str, dict[str, Any]] = {}
     for name in names:
         model = load_model(Path(models_dir) / f"{name}.pt", map_location="cpu")
         device = params["evaluate"]["device"]
@@ -247,7 +250,8 @@ def write_inference_reports(
             model, images, device=device, warmup=cfg["warmup"], repeats=cfg["repeats"]
         )
         metrics = json.loads((out / "metrics" / f"{name}.json").read_text())
-        atomic_write_json(out / "metrics" / "inference" / f"{name}.json", report)
+        reports[name] = report
+        atomic_write_json(out / "reports" / "inference" / f"{name}.json", report)
         card = model_card(name, params, metrics, report, val_set_name(params))
         atomic_write_text(out / "reports" / "model_cards" / f"{name}.md", card)
         at = report["at_500x500"]
@@ -257,3 +261,4 @@ def write_inference_reports(
             f"({report['machine']})",
             flush=True,
         )
+    atomic_write_json(out / "metrics" / "inference.json", speed_metrics(reports))

@@ -2,7 +2,10 @@
 
 The points are kept in the resume state's `history`: a resumed run replays them into a fresh
 DVCLive logger (`open_live`) and then logs on, so its `dvclive/<model>/` ends up the same as an
-uninterrupted run's.
+uninterrupted run's. In dvc.yaml, `dvclive/<model>/plots` are the stage's plots (the training
+curves) and `dvclive/<model>/metrics.json` (the last point: train loss, lr, epoch, step) a cached
+output, not a DVC metric: `dvc metrics show` keeps to the headline numbers. `dvcyaml=None`, so
+DVCLive declares nothing itself.
 """
 
 from __future__ import annotations
