@@ -24,14 +24,16 @@ from pipeline.training.train import train
 from tests.repo_utils import scores_on, tiny_cfg, voc_ids, write_voc_shards
 
 # the sample recipe's settings (at the time this test was written) with about a third of its
-# segmentation training: 32 instead of 88 training images, 12 / 4 / 8 epochs; the backbone's
-# pretraining as the sample's
+# segmentation training: 32 instead of 88 training images, 12 / 4 / 8 epochs; the backbone
+# pretrained on two thirds of the sample's crops (32 instead of 48 per class: 0.45x the time;
+# held-out top-1 0.71 instead of 0.82, mean IU 4.4-5.5x the all-background floor instead of
+# 5.4-5.8x, seed 0, 2-core AVX-512 machine)
 RECIPE = {
     "images": {"voc_train": 32, "voc_val": 12, "min_side": 120, "max_side": 240},
     "side": 160,  # preprocess.max_size: the longer side of the training images
     "pretrain": {
-        "train_per_class": 48,
-        "val_per_class": 8,
+        "train_per_class": 32,
+        "val_per_class": 4,
         "epochs": 4,
         "batch_size": 16,
         "lr": 0.001,
