@@ -34,6 +34,7 @@ QUICK_REAL_DATA = {
     rf"{NUMBER} img/s, ratio {NUMBER}x",
     "bench_dataloader.py": rf"ratio project / baseline: {NUMBER}x img/s",
     "bench_recipe.py": rf"loss first window {NUMBER}(?:e[-+]\d+)? -> last",
+    "bench_decode.py": rf"project: decode_image_rgb \(simplejpeg\)\s+{NUMBER} img/s wall",
 }
 
 
