@@ -238,6 +238,9 @@ SCHEMA: dict[str, Any] = {
         "weight_decay": _float(min=0),
         # lr factor of the zero-initialised score layers (the paper: 1)
         "score_lr_mult": _float(gt=0, default=1.0),
+        # false: every upsampling layer stays bilinear (the release's lr_mult 0); true: the 2x
+        # upsamplings of FCN-16s/8s learn (the paper's text)
+        "learn_upsampling": _bool(default=True),
         "checkpoint_every": _int(min=1),
         "checkpoint_minutes": _float(gt=0, nullable=True),
         "val_every": _int(min=1),  # epochs

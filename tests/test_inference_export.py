@@ -197,6 +197,10 @@ def test_model_card_names_the_val_set_and_holds_the_metrics():
     card = model_card("fcn32s", full, metrics, report, val_set_name(full))
     assert "## Metrics in % on PASCAL VOC 2012 val\n" in card and "Dice" not in card
     assert "ImageNet VGG16" in card and "generated" not in card
+    assert "| upsampling | bilinear 32x, fixed |" in card
+    paper = {"profile": "paper", **yaml.safe_load((REPO / "params.yaml").read_text())["paper"]}
+    card = model_card("fcn8s", paper, metrics, report, val_set_name(paper))
+    assert "| upsampling | every layer fixed at bilinear (the release's lr_mult 0) |" in card
 
 
 # --- params and stages -----------------------------------------------------------------------

@@ -14,6 +14,7 @@ from pipeline.models import build_model
 from pipeline.models.surgery import (
     VGG16_CONV_INDICES,
     bilinear_kernel,
+    fix_upsampling,
     init_random,
     load_vgg16_backbone,
     random_vgg16_state_dict,
@@ -302,3 +303,27 @@ def test_transplant_refuses_shape_mismatch_and_unrelated_models() -> None:
     assert all(torch.equal(before[k], v) for k, v in dst.state_dict().items())
     with pytest.raises(ValueError, match="no parameter names in common"):
         transplant(nn.Linear(2, 2), nn.Sequential(nn.Linear(2, 2)))
+
+
+# --- the release's fixed upsampling ---------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "arch, layers",
+    [
+        ("fcn32s", ["upscore"]),
+        ("fcn16s", ["upscore2", "upscore16"]),
+        ("fcn8s", ["upscore2", "upscore_pool4", "upscore8"]),
+    ],
+)
+def test_fix_upsampling_freezes_every_upsampling_layer_and_nothing_else(arch, layers) -> None:
+    from pipeline.training.solver import param_groups
+
+    model = build_model(arch, 21, SMALL)
+    learned = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert fix_upsampling(model) == layers
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
+    assert frozen == {f"{name}.weight" for name in layers}
+    assert learned - frozen == {n for n, p in model.named_parameters() if p.requires_grad}
+    in_optimiser = {id(p) for g in param_groups(model, 5e-4) for p in g["params"]}
+    assert all(id(p) not in in_optimiser for n, p in model.named_parameters() if n in frozen)

@@ -504,6 +504,24 @@ def test_transplant_of_trained_fcn32s_predicts_the_same(voc_sample, tmp_path) ->
     assert found["unseen"]["agreement"] >= 0.98, found
 
 
+@pytest.mark.parametrize("learn", [False, True])
+def test_learn_upsampling_false_keeps_every_upsampling_bilinear(shards, tmp_path, learn) -> None:
+    """train.learn_upsampling: false is the release (every Deconvolution at lr_mult 0): after
+    training FCN-8s the upsampling layers are still exactly bilinear while the rest learned;
+    true (the paper's text) moves its 2x layers, and the final 8x stays fixed either way."""
+    from pipeline.models.surgery import bilinear_kernel
+
+    cfg = base_cfg(learn_upsampling=learn, fcn8s={"epochs": 1, "lr": 0.01}, val_every=1000)
+    run_train("fcn8s", cfg, shards["small"], shards["val"], tmp_path)
+    weights = state_dict(tmp_path / "fcn8s.pt")
+    moved = {}
+    for name in ("upscore2", "upscore_pool4", "upscore8"):
+        w = weights[f"{name}.weight"]
+        moved[name] = not torch.equal(w, bilinear_kernel(w.shape[0], w.shape[1], w.shape[2]))
+    assert moved == {"upscore2": learn, "upscore_pool4": learn, "upscore8": False}, moved
+    assert weights["score_fr.weight"].any()  # the rest trained: score_fr starts at zero
+
+
 # --- 6. checkpoints that must not be resumed --------------------------------------------------
 
 

@@ -97,6 +97,25 @@ def init_upsampling(model: nn.Module) -> list[str]:
     return names
 
 
+def fix_upsampling(model: nn.Module) -> list[str]:
+    """Keep every upsampling layer (`nn.ConvTranspose2d`: `upscore`, `upscore2`,
+    `upscore_pool4`, `upscore16`, `upscore8`) at the weights it has: `requires_grad` off, so
+    the optimiser (`pipeline.training.solver.param_groups`) leaves them out. Returns their names.
+
+    The FCN release creates every `Deconvolution` of voc-fcn{32,16,8}s/net.py with
+    `param=[dict(lr_mult=0)]`: `surgery.interp` sets them to bilinear and nothing trains them
+    (pytorch-fcn freezes them too). Without this the paper's text is followed instead: the 2x
+    upsamplings of FCN-16s/8s learn, initialised bilinear (Long et al., section 3.3).
+    """
+    names = []
+    for name, m in model.named_modules():
+        if isinstance(m, nn.ConvTranspose2d):
+            for p in m.parameters():
+                p.requires_grad_(False)
+            names.append(name)
+    return names
+
+
 def is_score_layer(name: str) -> bool:
     """Whether module `name` (or a parameter's module path) is a class-score layer: `score_fr`,
     `score_pool4`, `score_pool3` (the Caffe names), the layers the paper zero-initialises."""

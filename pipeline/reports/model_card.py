@@ -49,6 +49,17 @@ def budget(stage: Mapping[str, Any]) -> tuple[str, str]:
     return "epochs", str(stage["epochs"])
 
 
+def upsampling(name: str, learned: bool) -> str:
+    """How `name` upsamples its scores, as `train.learn_upsampling` trained it: the final
+    upsampling is fixed bilinear in every net; the 2x ones of FCN-16s/8s learn (the paper's
+    text) or stay bilinear (the release: `lr_mult: 0` on every Deconvolution)."""
+    if name == "fcn32s":
+        return "bilinear 32x, fixed"
+    if learned:
+        return "2x layers learned from bilinear (the paper's text), final one fixed bilinear"
+    return "every layer fixed at bilinear (the release's lr_mult 0)"
+
+
 def recipe_table(name: str, params: Mapping[str, Any]) -> str:
     """Markdown: the training settings of `name` from the active params profile."""
     t, m = params["train"], params["model"]
@@ -66,6 +77,7 @@ def recipe_table(name: str, params: Mapping[str, Any]) -> str:
         ),
         ("loss", f"cross-entropy, {t['loss']} over pixels, 255 ignored"),
         ("optimiser", f"SGD, momentum {t['momentum']:g}, weight decay {t['weight_decay']:g}"),
+        ("upsampling", upsampling(name, t.get("learn_upsampling", True))),
         ("crops", f"{t['crop_size']} px, scale {t['scale_range']}, hflip {t['hflip']}"),
         ("precision", t["precision"]),
     ]

@@ -55,6 +55,7 @@ class TrainConfig:
     momentum: float
     weight_decay: float
     score_lr_mult: float
+    learn_upsampling: bool
     checkpoint_every: int
     checkpoint_minutes: float | None
     val_every: int

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from pipeline.classes import NUM_CLASSES
+from pipeline.models.surgery import fix_upsampling
 from pipeline.training.distributed import dist_info
 from pipeline.training.recipe import ModelConfig, StageRecipe, TrainConfig
 from pipeline.training.resume import ResumeState, ResumeStore, check_same_start, set_rng_state
@@ -97,6 +98,8 @@ def start_or_resume(
         seed=tc.seed,
     )
     set_dropout(model, mc.dropout)
+    if not tc.learn_upsampling:
+        fix_upsampling(model)  # before the optimiser: it leaves frozen parameters out
     model.to(device)
     if tc.channels_last:
         model.to(memory_format=torch.channels_last)
