@@ -77,22 +77,30 @@ class PlantedCode:
 # --- training in-process, shard dirs --------------------------------------------------------
 
 
+# Training from scratch at a test's size: width 1/16, random init, fp32 on the CPU, batch 2 of
+# 48 px crops. base_cfg (in-process training) and the stage tests' params.yaml use both.
+FROM_SCRATCH_MODEL: dict[str, Any] = {"width": 0.0625, "backbone_init": "random", "dropout": 0.0}
+FROM_SCRATCH_TRAIN: dict[str, Any] = {
+    "device": "cpu",
+    "precision": "fp32",
+    "batch_size": 2,
+    "workers": 0,
+    "crop_size": 48,
+    "checkpoint_every": 1000,
+    "val_every": 1,
+}
+
+
 def base_cfg(**train_overrides: Any) -> dict[str, Any]:
-    """The test profile (`repo_utils.tiny_cfg`) for in-process training from scratch: width 1/16,
-    random init, fp32 on the CPU, batch 2 of 48 px crops; `train_overrides` replace train keys."""
+    """The test profile (`repo_utils.tiny_cfg`) for in-process training from scratch
+    (FROM_SCRATCH_MODEL / FROM_SCRATCH_TRAIN); `train_overrides` replace train keys."""
     from tests.repo_utils import tiny_cfg
 
     cfg = tiny_cfg()
-    cfg["model"].update(width=0.0625, backbone_init="random", dropout=0.0)
+    cfg["model"].update(FROM_SCRATCH_MODEL)
     cfg["train"].update(
-        device="cpu",
-        precision="fp32",
-        batch_size=2,
+        FROM_SCRATCH_TRAIN,
         accumulate=1,
-        workers=0,
-        crop_size=48,
-        checkpoint_every=1000,
-        val_every=1,
         score_lr_mult=1.0,  # the release's rates: what the from-scratch tests measured
     )
     for key, value in train_overrides.items():

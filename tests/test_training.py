@@ -40,7 +40,7 @@ from pipeline.training.solver import iteration_budget, lr_factor, make_optimizer
 from pipeline.training.start import build_initial_model
 from pipeline.training.train import train
 from pipeline.training.validation import validation_due
-from tests.helpers import PlantedCode, base_cfg, state_dict
+from tests.helpers import FROM_SCRATCH_MODEL, FROM_SCRATCH_TRAIN, PlantedCode, base_cfg, state_dict
 from tests.repo_utils import (
     predictions_on,
     scores_on,
@@ -109,23 +109,9 @@ def test_fcn8s_from_scratch_overfits_eight_real_images(shards, tmp_path) -> None
 
 def make_repo(root: Path, shards: dict[str, Path], **train_overrides: Any) -> Path:
     """A directory the stage runs in: params.yaml (the test profile, changed) + preprocessed data."""
-    train_cfg = dict(
-        device="cpu",
-        precision="fp32",
-        batch_size=2,
-        workers=0,
-        crop_size=48,
-        val_every=1,
-        checkpoint_every=1000,
-    )
-    overrides = {f"sample.train.{k}": v for k, v in {**train_cfg, **train_overrides}.items()}
-    overrides.update(
-        {
-            "sample.model.width": 0.0625,
-            "sample.model.backbone_init": "random",
-            "sample.model.dropout": 0.0,
-        }
-    )
+    train = {**FROM_SCRATCH_TRAIN, **train_overrides}
+    overrides = {f"sample.train.{k}": v for k, v in train.items()}
+    overrides.update({f"sample.model.{k}": v for k, v in FROM_SCRATCH_MODEL.items()})
     root.mkdir(parents=True)
     write_tiny_params(root / "params.yaml", overrides)
     shutil.copytree(shards["small"], root / "data" / "preprocessed" / "train")
