@@ -33,8 +33,6 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--report",
-        "--metrics",  # its former name
-        dest="report",
         default="reports/onnx_check.json",
         help="the check's report (default: %(default)s)",
     )

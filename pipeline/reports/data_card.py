@@ -112,8 +112,7 @@ def metrics_json(counts: Mapping[str, Mapping[str, Mapping]]) -> dict[str, int]:
     counts and labelled pixels are in `counts_json` and the card."""
     out = {f"{split}_images": 0 for split in SPLITS}
     for _, split, c in count_groups(counts):
-        key = f"{split}_images"
-        out[key] = out.get(key, 0) + c["images"]
+        out[f"{split}_images"] += c["images"]
     return out
 
 

@@ -77,7 +77,7 @@ def recipe_table(name: str, params: Mapping[str, Any]) -> str:
         ),
         ("loss", f"cross-entropy, {t['loss']} over pixels, 255 ignored"),
         ("optimiser", f"SGD, momentum {t['momentum']:g}, weight decay {t['weight_decay']:g}"),
-        ("upsampling", upsampling(name, t.get("learn_upsampling", True))),
+        ("upsampling", upsampling(name, t["learn_upsampling"])),
         ("crops", f"{t['crop_size']} px, scale {t['scale_range']}, hflip {t['hflip']}"),
         ("precision", t["precision"]),
     ]
