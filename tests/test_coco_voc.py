@@ -17,7 +17,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import yaml
 from PIL import Image
 from pycocotools import mask as mask_utils
 from pycocotools.coco import COCO
@@ -28,6 +27,7 @@ from pipeline.data import coco_json as cj
 from pipeline.data import coco_paint as cp
 from pipeline.data import coco_voc as cv
 from pipeline.data.shards import ShardReader
+from tests.repo_utils import write_tiny_params
 
 SPLIT = "val2017"
 MEMBER = f"annotations/instances_{SPLIT}.json"
@@ -566,16 +566,16 @@ def _stage(repo_root: Path, tmp: Path, *args: str) -> subprocess.CompletedProces
 
 @pytest.mark.slow
 def test_stage_writes_both_splits_and_report_atomically(tmp_path, repo_root, instances, images_dir):
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["profile"] = "sample"
-    params["sample"]["coco_to_voc"] = {
+    coco_to_voc = {
         "splits": ["train2017", "val2017"],
         "min_pixels": 200,
         "workers": 2,
         "shard_size": 16,
         "max_rejected_fraction": 0.01,
     }
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_tiny_params(
+        tmp_path / "params.yaml", {f"sample.coco_to_voc.{k}": v for k, v in coco_to_voc.items()}
+    )
     raw, out = tmp_path / "raw", tmp_path / "coco_voc"
     for split in ("train2017", "val2017"):  # the real val sample stands in for both splits
         make_zips(raw, instances, images_dir, split=split)

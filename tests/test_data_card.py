@@ -28,8 +28,7 @@ from pipeline.reports.data_card import (
     write_data_card,
 )
 from stages import data_card as stage
-
-REPO = Path(__file__).resolve().parents[1]
+from tests.repo_utils import write_tiny_params
 
 
 def png_l(label: np.ndarray) -> bytes:
@@ -273,7 +272,8 @@ def test_stage_writes_the_outputs(dataset, tmp_path, capsys):
     root, expected = dataset
     coco = tmp_path / "report.json"
     coco.write_text(json.dumps(COCO_REPORT))
-    args = ["--params", str(REPO / "params.yaml"), "--data", str(root), "--coco-report", str(coco)]
+    params = write_tiny_params(tmp_path / "params.yaml")  # the test suite's sample profile
+    args = ["--params", str(params), "--data", str(root), "--coco-report", str(coco)]
     assert stage.main([*args, "--out", str(tmp_path), "--workers", "1"]) == 0
     per_source = json.loads((tmp_path / COUNTS_JSON).read_text())
     assert per_source["coco"]["train"]["images"] == expected["coco"]["train"]["images"]

@@ -25,6 +25,7 @@ import yaml
 
 from pipeline.data.download import fetch
 from pipeline.data.download_verify import DownloadError
+from tests.repo_utils import write_tiny_params
 
 
 def _closed_port_url() -> str:
@@ -402,12 +403,15 @@ def test_stage_reports_failures_with_the_params_key(tmp_path, repo_root):
 @pytest.mark.slow
 def test_stage_generates_the_offline_sample(tmp_path, repo_root):
     """`generate_sample: true` (the sample profile): archives in the real layout, no network."""
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    # the backbone's pretraining, shortened: this test is about the stage and its outputs
-    params["sample"]["download"]["vgg16"]["pretrain"].update(
-        train_per_class=2, val_per_class=1, epochs=1
+    # the test suite's sample, its backbone's pretraining shortened further: this test is about
+    # the stage and its outputs
+    write_tiny_params(
+        tmp_path / "params.yaml",
+        {
+            "sample.download.vgg16.pretrain.train_per_class": 2,
+            "sample.download.vgg16.pretrain.val_per_class": 1,
+        },
     )
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
     for target in ("voc", "coco", "vgg16"):
         proc = _stage(tmp_path, target)
         _, err = proc.communicate(timeout=300)
