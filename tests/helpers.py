@@ -1,10 +1,11 @@
 """Test helpers shared by several modules: CI strictness, a stand-in FCN, a pickle that runs
-code, in-process training configs, val shard dirs, an HTTP file server."""
+code, in-process training configs, val shard dirs, an HTTP file server, a Caffe VGG16 file."""
 
 from __future__ import annotations
 
 import hashlib
 import importlib
+import math
 import os
 import re
 import threading
@@ -14,6 +15,7 @@ from types import ModuleType
 from typing import Any, NoReturn
 from urllib.parse import urlparse
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -250,3 +252,127 @@ class FileServer:
         self.release.set()
         self.httpd.shutdown()
         self.httpd.server_close()
+
+
+# --- a Caffe VGG16 file, written independently of the project's Caffe reader ---------------------
+
+
+# VGG_ILSVRC_16_layers_deploy.prototxt, in order: (name, type, num_output); "M": max pool
+DEPLOY: tuple[tuple[str, str, int | None], ...] = (
+    ("conv1_1", "Convolution", 64), ("relu1_1", "ReLU", None),
+    ("conv1_2", "Convolution", 64), ("relu1_2", "ReLU", None), ("pool1", "Pooling", None),
+    ("conv2_1", "Convolution", 128), ("relu2_1", "ReLU", None),
+    ("conv2_2", "Convolution", 128), ("relu2_2", "ReLU", None), ("pool2", "Pooling", None),
+    ("conv3_1", "Convolution", 256), ("relu3_1", "ReLU", None),
+    ("conv3_2", "Convolution", 256), ("relu3_2", "ReLU", None),
+    ("conv3_3", "Convolution", 256), ("relu3_3", "ReLU", None), ("pool3", "Pooling", None),
+    ("conv4_1", "Convolution", 512), ("relu4_1", "ReLU", None),
+    ("conv4_2", "Convolution", 512), ("relu4_2", "ReLU", None),
+    ("conv4_3", "Convolution", 512), ("relu4_3", "ReLU", None), ("pool4", "Pooling", None),
+    ("conv5_1", "Convolution", 512), ("relu5_1", "ReLU", None),
+    ("conv5_2", "Convolution", 512), ("relu5_2", "ReLU", None),
+    ("conv5_3", "Convolution", 512), ("relu5_3", "ReLU", None), ("pool5", "Pooling", None),
+    ("fc6", "InnerProduct", 4096), ("relu6", "ReLU", None), ("drop6", "Dropout", None),
+    ("fc7", "InnerProduct", 4096), ("relu7", "ReLU", None), ("drop7", "Dropout", None),
+    ("fc8", "InnerProduct", 1000), ("prob", "Softmax", None),
+)  # fmt: skip
+# caffe.proto, V1LayerParameter.LayerType
+V1_TYPES = {
+    "Convolution": 4, "Dropout": 6, "InnerProduct": 14, "Pooling": 17, "ReLU": 18, "Softmax": 20,
+}  # fmt: skip
+
+
+def caffe_channels(c: int, width: float) -> int:
+    return c if c == 1000 else max(1, int(math.floor(c * width + 0.5)))
+
+
+def deploy_shapes(width: float = 1.0) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:
+    """{layer: (weight, bias) shape} from DEPLOY: conv [out, in, 3, 3], InnerProduct [out, in]
+    with fc6's `in` = pool5's C * 7 * 7 (224 / 2**5 = 7)."""
+    shapes, in_c, spatial = {}, 3, 224
+    for name, kind, n in DEPLOY:
+        if kind == "Pooling":
+            spatial //= 2
+        elif kind == "Convolution":
+            shapes[name] = ((caffe_channels(n, width), in_c, 3, 3), (caffe_channels(n, width),))
+            in_c = caffe_channels(n, width)
+        elif kind == "InnerProduct":
+            shapes[name] = (
+                (caffe_channels(n, width), in_c * spatial * spatial),
+                (caffe_channels(n, width),),
+            )
+            in_c, spatial = caffe_channels(n, width), 1
+    return shapes
+
+
+def caffe_vgg16_blobs(seed: int = 0, width: float = 1 / 16) -> dict[str, list[np.ndarray]]:
+    """Random blobs in DEPLOY's order (He-scaled weights, small biases); [] for no weights."""
+    rng = np.random.default_rng(seed)
+    shapes = deploy_shapes(width)
+    blobs: dict[str, list[np.ndarray]] = {}
+    for name, _, _ in DEPLOY:
+        if name not in shapes:
+            blobs[name] = []
+            continue
+        w, b = shapes[name]
+        fan_in = int(np.prod(w[1:]))
+        blobs[name] = [
+            rng.normal(0, math.sqrt(2 / fan_in), w).astype(np.float32),
+            rng.normal(0, 0.1, b).astype(np.float32),
+        ]
+    return blobs
+
+
+# --- the test's own protobuf encoder (caffe.proto field numbers) ------------------------------
+
+
+def proto_varint(n: int) -> bytes:
+    """A protobuf base-128 varint."""
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def proto_field(number: int, payload: bytes | int) -> bytes:
+    """A protobuf field: an int as a varint (wire type 0), bytes length-delimited (type 2)."""
+    if isinstance(payload, int):
+        return proto_varint(number << 3) + proto_varint(payload)
+    return proto_varint(number << 3 | 2) + proto_varint(len(payload)) + payload
+
+
+def _blob(a: np.ndarray, v1: bool) -> bytes:
+    """BlobProto: data = 5 (packed little-endian float32); V1 files give the legacy 4-D shape
+    num 1, channels 2, height 3, width 4 (leading 1s), current ones shape = 7 (BlobShape,
+    dim = 1, packed int64)."""
+    data = proto_field(5, np.ascontiguousarray(a, dtype="<f4").tobytes())
+    if v1:
+        dims = (1,) * (4 - a.ndim) + a.shape
+        return b"".join(proto_field(i, d) for i, d in enumerate(dims, start=1)) + data
+    return proto_field(7, proto_field(1, b"".join(proto_varint(d) for d in a.shape))) + data
+
+
+def _layer(name: str, kind: str, bottom: str, blobs: list[np.ndarray], v1: bool) -> bytes:
+    """V1LayerParameter (bottom 2, top 3, name 4, type 5 enum, blobs 6) or LayerParameter
+    (name 1, type 2 string, bottom 3, top 4, blobs 7). bottom/top are fields the reader skips."""
+    top = name if kind != "ReLU" else bottom  # ReLU runs in place, as in the prototxt
+    if v1:
+        head = proto_field(2, bottom.encode()) + proto_field(3, top.encode())
+        head += proto_field(4, name.encode()) + proto_field(5, V1_TYPES[kind])
+        return head + b"".join(proto_field(6, _blob(b, True)) for b in blobs)
+    head = proto_field(1, name.encode()) + proto_field(2, kind.encode())
+    head += proto_field(3, bottom.encode()) + proto_field(4, top.encode())
+    return head + b"".join(proto_field(7, _blob(b, False)) for b in blobs)
+
+
+def encode_caffe_vgg16(blobs: dict[str, list[np.ndarray]], v1: bool) -> bytes:
+    """NetParameter: name = 1, then each layer as layers = 2 (V1) or layer = 100."""
+    kinds = {name: kind for name, kind, _ in DEPLOY}
+    out, bottom = [proto_field(1, b"VGG_ILSVRC_16_layers")], "data"
+    for name, arrays in blobs.items():
+        kind = kinds.get(name, "Convolution")
+        out.append(proto_field(2 if v1 else 100, _layer(name, kind, bottom, arrays, v1)))
+        bottom = bottom if kind == "ReLU" else name
+    return b"".join(out)

@@ -21,8 +21,10 @@ import torch.nn.functional as F
 from pipeline.data.transforms import normalize
 from pipeline.inference.predict import predict_labels
 from pipeline.models import NET_CLASSES, FCN8sAtOnce, load_model, save_model
-from pipeline.models.caffe_import import fcn_from_caffe, read_caffemodel, write_caffemodel
+from pipeline.models.caffe_import import ClassCountError, fcn_from_caffe, import_caffemodel
+from pipeline.models.caffe_proto import read_caffemodel, write_caffemodel
 from pipeline.models.fcn import CAFFE_MEAN_BGR, CaffeInput, build_model
+from tests.helpers import proto_field, proto_varint
 
 SMALL = 1 / 16
 C = 21
@@ -155,32 +157,25 @@ def _assert_matches_caffe(logits: torch.Tensor, ref: torch.Tensor) -> None:
 # --- the byte format -------------------------------------------------------------------------
 
 
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b, n = n & 0x7F, n >> 7
-        out.append(b | (0x80 if n else 0))
-        if not n:
-            return bytes(out)
-
-
-def _field(number: int, payload: bytes | int) -> bytes:
-    if isinstance(payload, int):
-        return _varint(number << 3) + _varint(payload)
-    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
-
-
 def test_reads_hand_encoded_bytes_with_caffe_proto_field_numbers(tmp_path) -> None:
     """Bytes spelled out from caffe.proto's field numbers, not from the module's schema: the
     current `layer` (100) with `shape`, and the V1 `layers` (2) with the legacy 4-D shape."""
     floats = struct.pack("<6f", *range(6))
-    shape = _field(1, b"".join(_varint(d) for d in (2, 3)))  # BlobShape.dim, packed
-    blob = _field(7, shape) + _field(5, floats)  # BlobProto.shape, .data (packed)
-    layer = _field(1, b"conv") + _field(2, b"Convolution") + _field(7, blob)
-    legacy = _field(1, 1) + _field(2, 1) + _field(3, 2) + _field(4, 3) + _field(5, floats)
-    v1 = _field(4, b"old") + _field(5, 4) + _field(6, legacy)  # name, type CONVOLUTION, blobs
+    shape = proto_field(1, b"".join(proto_varint(d) for d in (2, 3)))  # BlobShape.dim, packed
+    blob = proto_field(7, shape) + proto_field(5, floats)  # BlobProto.shape, .data (packed)
+    layer = proto_field(1, b"conv") + proto_field(2, b"Convolution") + proto_field(7, blob)
+    legacy = (
+        proto_field(1, 1)
+        + proto_field(2, 1)
+        + proto_field(3, 2)
+        + proto_field(4, 3)
+        + proto_field(5, floats)
+    )
+    v1 = (
+        proto_field(4, b"old") + proto_field(5, 4) + proto_field(6, legacy)
+    )  # name, type CONVOLUTION, blobs
     path = tmp_path / "hand.caffemodel"
-    path.write_bytes(_field(1, b"net") + _field(2, v1) + _field(100, layer))
+    path.write_bytes(proto_field(1, b"net") + proto_field(2, v1) + proto_field(100, layer))
     got = read_caffemodel(path)
     assert list(got) == ["conv", "old"]
     np.testing.assert_array_equal(got["conv"][0], np.arange(6, dtype=np.float32).reshape(2, 3))
@@ -194,6 +189,74 @@ def test_read_refuses_foreign_bytes(tmp_path) -> None:
         read_caffemodel(path)
     with pytest.raises(FileNotFoundError, match="absent"):
         read_caffemodel(tmp_path / "absent.caffemodel")
+
+
+def test_truncated_file_names_itself_its_size_and_the_likely_cause(tmp_path) -> None:
+    """Cut inside a layer (protobuf refuses it) or right after one (it parses: only the last
+    layers are missing); either way the file is named, with its size, as looking truncated."""
+    blobs = caffe_blobs("fcn8s")
+    src = tmp_path / "full.caffemodel"
+    write_caffemodel(src, blobs)
+    full = src.read_bytes()
+    cut = tmp_path / "fcn8s-heavy-pascal.caffemodel"
+    for n in (len(full) // 2, len(full) - 1, 3):
+        cut.write_bytes(full[:n])
+        with pytest.raises(ValueError, match=r"looks incomplete \(a truncated download\?\)") as e:
+            read_caffemodel(cut)
+        assert f"{cut} ({n} bytes)" in str(e.value)
+        with pytest.raises(
+            ValueError, match=rf"\({n} bytes, expected {len(full)}\): the file looks"
+        ):
+            read_caffemodel(cut, expected_size=len(full))  # refused before parsing
+    for keep in (7, 20):  # ends with conv2_1; with relu4_1 (a layer without blobs)
+        write_caffemodel(cut, dict(list(blobs.items())[:keep]))
+        assert full.startswith(cut.read_bytes())
+        last = [k for k in list(blobs)[:keep] if blobs[k]][-1]
+        with pytest.raises(
+            ValueError, match=rf"{cut} \(\d+ bytes\): .*missing.*'upscore8'.*after '{last}'"
+        ) as e:
+            import_caffemodel(cut, "fcn8s", tmp_path / "m.pt")
+        assert "it looks truncated (an incomplete download?)" in str(e.value)
+    assert not (tmp_path / "m.pt").exists()
+    cut.write_bytes(b"")
+    with pytest.raises(ValueError, match=r"\(0 bytes\): the file is empty: it looks incomplete"):
+        read_caffemodel(cut)
+    cut.write_bytes(b"<html><head><title>404 Not Found</title></head></html>\n")
+    with pytest.raises(ValueError, match=r"not a Caffe NetParameter protobuf") as e:
+        read_caffemodel(cut)
+    assert "incomplete" not in str(e.value) and f"{cut} (" in str(e.value)
+
+
+def _with_classes(blobs: dict[str, list[np.ndarray]], n: int) -> dict[str, list[np.ndarray]]:
+    """The same net scoring `n` classes: score layers and upsamplings resized."""
+    out = {}
+    for k, v in blobs.items():
+        if k.startswith("score") and v:
+            out[k] = [np.zeros((n, *v[0].shape[1:]), np.float32), np.zeros(n, np.float32)]
+        elif k.startswith("upscore"):
+            out[k] = [np.zeros((n, n, *v[0].shape[2:]), np.float32)]
+        else:
+            out[k] = v
+    return out
+
+
+def test_other_class_count_is_refused_before_evaluate_and_stated_without(tmp_path, capsys) -> None:
+    """The PASCAL-Context FCN-8s scores 60 classes: --evaluate (which scores VOC's 21) refuses
+    it before building or writing anything; importing alone writes it and says so."""
+    from pipeline.models.caffe_import import main
+
+    src = tmp_path / "pascalcontext-fcn8s.caffemodel"
+    write_caffemodel(src, _with_classes(caffe_blobs("fcn8s"), 60))
+    with pytest.raises(ClassCountError, match=r"scores 60 classes .*not 21"):
+        fcn_from_caffe("fcn8s", read_caffemodel(src), num_classes=21)
+    out = tmp_path / "imported" / "fcn8s.pt"
+    assert main([str(src), "--model", "fcn8s", "--out", str(out), "--evaluate"]) == 1
+    err = capsys.readouterr().err
+    assert str(src) in err and "60 classes" in err and "--evaluate scores the 21" in err
+    assert not out.exists()
+    assert main([str(src), "--model", "fcn8s", "--out", str(out)]) == 0
+    assert "note: 60 classes, not the 21 PASCAL VOC classes" in capsys.readouterr().out
+    assert load_model(out).num_classes == 60
 
 
 # --- the import ------------------------------------------------------------------------------
@@ -247,9 +310,11 @@ def test_wrong_shape_missing_blob_or_layer_name_the_layer() -> None:
         ValueError, match=r"missing.*: 'conv3_2' \(expected blobs \[\(16, 16, 3, 3\), \(16,\)\]\)$"
     ):
         fcn_from_caffe("fcn8s", blobs)
-    # FCN-16s weights are not FCN-8s: score_pool3 and upscore_pool4 are missing
-    with pytest.raises(ValueError, match="missing.*'upscore_pool4'.*; 'score_pool3'"):
+    # FCN-16s weights are not FCN-8s: score_pool3 and upscore_pool4 are missing (and its
+    # layers are FCN-8s's first ones, but upscore16 follows them: not a truncated file)
+    with pytest.raises(ValueError, match="missing.*'upscore_pool4'.*; 'score_pool3'") as e:
         fcn_from_caffe("fcn8s", caffe_blobs("fcn16s"))
+    assert "truncated" not in str(e.value)
     # ... and weights with no place in the model are not dropped silently
     blobs = caffe_blobs("fcn16s")
     blobs["score_pool3"] = caffe_blobs("fcn8s")["score_pool3"]

@@ -4,19 +4,8 @@
     model = fcn_from_caffe("fcn8s", blobs)                      # pipeline.models.FCN8s
     atonce = fcn_from_caffe("fcn8s_atonce", read_caffemodel("fcn8s-atonce-pascal.caffemodel"))
 
-A `.caffemodel` is a binary protobuf `caffe.NetParameter`. This module declares the few fields it
-reads (`caffe_schema`), built at import time with `descriptor_pb2` + `message_factory` in a
-private descriptor pool: no protoc step, no generated file, no clash with a real `caffe` package.
-Field numbers are those of BVLC Caffe's src/caffe/proto/caffe.proto:
-
-    NetParameter      name = 1, layers = 2 (V1LayerParameter, old files), layer = 100
-    LayerParameter    name = 1, type = 2, blobs = 7
-    V1LayerParameter  name = 4, type = 5 (an enum there; the same varint on the wire), blobs = 6
-    BlobProto         num = 1, channels = 2, height = 3, width = 4 (legacy 4-D shape),
-                      data = 5 (packed float), shape = 7, double_data = 8 (packed double)
-    BlobShape         dim = 1 (packed int64)
-
-Every other field of the real schema is skipped by the parser as an unknown field.
+The byte format (schema, reading, writing, the checks for truncated files) is
+`pipeline.models.caffe_proto`.
 
 The layer names of the releases are those of this project's models (conv1_1 ... conv5_3, fc6,
 fc7, score_fr, upscore, upscore2, score_pool4, upscore16, upscore_pool4, score_pool3, upscore8),
@@ -39,185 +28,34 @@ as "fcn8s" (whose forward would skip the scales) and a staged (heavy) FCN-8s fil
 from __future__ import annotations
 
 import argparse
-import hashlib
 import os
 import sys
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import torch
-from google.protobuf import descriptor_pb2, descriptor_pool, message_factory
-from google.protobuf.message import DecodeError
 from torch import nn
 
+from pipeline.classes import NUM_CLASSES
 from pipeline.config import ARCHITECTURES, load_params
 from pipeline.inputs import stage_main
+from pipeline.models.caffe_proto import (
+    blob_fits,
+    caffe_layer_names,
+    file_label,
+    file_sha256,
+    read_caffemodel,
+    truncation_hint,
+)
 from pipeline.models.fcn import CAFFE_MEAN_BGR, NET_CLASSES, CaffeInput, build_model, save_model
-from pipeline.models.surgery import VGG16_CFG, VGG16_CONV_INDICES
+from pipeline.models.surgery import VGG16_CFG
 
 # The at-once release's Scale layers, named after the pool they scale (FCN8sAtOnce.skip_scales)
 ATONCE_LAYERS = ("scale_pool4", "scale_pool3")
 # Relative tolerance on a Scale blob's constant: a few float32 ulps (eps 1.2e-7)
 SCALE_RTOL = 1e-6
 
-# --- the schema ------------------------------------------------------------------------------
-
-_F = descriptor_pb2.FieldDescriptorProto
-_PACKAGE = "fcn_pipeline.caffe_min"
-# (message, [(field name, number, type, label, message type or None, packed)])
-_MESSAGES: list[tuple[str, list[tuple[str, int, int, int, str | None, bool]]]] = [
-    ("BlobShape", [("dim", 1, _F.TYPE_INT64, _F.LABEL_REPEATED, None, True)]),
-    (
-        "BlobProto",
-        [
-            ("num", 1, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
-            ("channels", 2, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
-            ("height", 3, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
-            ("width", 4, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
-            ("data", 5, _F.TYPE_FLOAT, _F.LABEL_REPEATED, None, True),
-            ("shape", 7, _F.TYPE_MESSAGE, _F.LABEL_OPTIONAL, "BlobShape", False),
-            ("double_data", 8, _F.TYPE_DOUBLE, _F.LABEL_REPEATED, None, True),
-        ],
-    ),
-    (
-        "LayerParameter",
-        [
-            ("name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
-            ("type", 2, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
-            ("blobs", 7, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "BlobProto", False),
-        ],
-    ),
-    (
-        "V1LayerParameter",
-        [
-            ("name", 4, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
-            ("type", 5, _F.TYPE_INT32, _F.LABEL_OPTIONAL, None, False),
-            ("blobs", 6, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "BlobProto", False),
-        ],
-    ),
-    (
-        "NetParameter",
-        [
-            ("name", 1, _F.TYPE_STRING, _F.LABEL_OPTIONAL, None, False),
-            ("layers", 2, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "V1LayerParameter", False),
-            ("layer", 100, _F.TYPE_MESSAGE, _F.LABEL_REPEATED, "LayerParameter", False),
-        ],
-    ),
-]
-
-
-def _build_schema() -> dict[str, type]:
-    fdp = descriptor_pb2.FileDescriptorProto(
-        name="fcn_pipeline_caffe_min.proto", package=_PACKAGE, syntax="proto2"
-    )
-    for msg_name, fields in _MESSAGES:
-        msg = fdp.message_type.add(name=msg_name)
-        for name, number, ftype, label, type_name, packed in fields:
-            f = msg.field.add(name=name, number=number, type=ftype, label=label)
-            if type_name:
-                f.type_name = f".{_PACKAGE}.{type_name}"
-            if packed:
-                f.options.packed = True
-    pool = descriptor_pool.DescriptorPool()
-    pool.Add(fdp)
-    return {
-        name: message_factory.GetMessageClass(pool.FindMessageTypeByName(f"{_PACKAGE}.{name}"))
-        for name, _ in _MESSAGES
-    }
-
-
-caffe_schema: dict[str, type] = _build_schema()
-NetParameter = caffe_schema["NetParameter"]
-
-
-# --- reading ---------------------------------------------------------------------------------
-
-
-def _blob_array(blob: Any, where: str) -> np.ndarray:
-    if blob.HasField("shape"):
-        shape = tuple(int(d) for d in blob.shape.dim)
-    else:  # legacy files: always 4-D, e.g. a bias as (1, 1, 1, N)
-        shape = (blob.num, blob.channels, blob.height, blob.width)
-    if len(blob.data) and len(blob.double_data):
-        raise ValueError(f"{where}: both float and double data")
-    data = blob.data if len(blob.data) else blob.double_data
-    arr = np.asarray(data, dtype=np.float32)
-    if arr.size != int(np.prod(shape, dtype=np.int64)):
-        raise ValueError(
-            f"{where}: shape {shape} needs {int(np.prod(shape))} values, found {arr.size}"
-        )
-    return arr.reshape(shape)
-
-
-def read_caffemodel(path: str | os.PathLike) -> dict[str, list[np.ndarray]]:
-    """{layer name: its blobs, in Caffe's order (weight, then bias)} of a `.caffemodel`.
-
-    Arrays are float32 in the blob's own shape (legacy 4-D files: (num, channels, height,
-    width)). Layers without blobs (ReLU, Pooling, Crop, ...) map to []. Reads both `layer`
-    (field 100) and the older V1 `layers` (field 2). Raises FileNotFoundError, or ValueError
-    naming the path for bytes that are not a NetParameter, a layer named twice, or a blob whose
-    data does not fill its shape.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: caffemodel not found")
-    net = NetParameter()
-    try:
-        net.ParseFromString(path.read_bytes())
-    except DecodeError as e:
-        raise ValueError(f"{path}: not a Caffe NetParameter protobuf ({e})") from None
-    layers = list(net.layer) + list(net.layers)
-    if not layers:
-        raise ValueError(f"{path}: no layers (neither `layer` nor V1 `layers`): not a caffemodel?")
-    out: dict[str, list[np.ndarray]] = {}
-    for layer in layers:
-        if layer.name in out:
-            raise ValueError(f"{path}: layer {layer.name!r} appears twice")
-        out[layer.name] = [
-            _blob_array(b, f"{path}: layer {layer.name!r} blob {i}")
-            for i, b in enumerate(layer.blobs)
-        ]
-    return out
-
-
-def write_caffemodel(
-    path: str | os.PathLike, blobs: dict[str, list[np.ndarray]], *, v1: bool = False
-) -> None:
-    """Write `blobs` as a `.caffemodel` (the inverse of `read_caffemodel`), with this schema.
-
-    `v1=True` uses the V1 `layers` field and legacy 4-D blob shapes, as pre-2015 Caffe did.
-    For tests and for re-exporting; not atomic.
-    """
-    net = NetParameter(name="fcn")
-    for name, arrays in blobs.items():
-        layer = net.layers.add(name=name) if v1 else net.layer.add(name=name)
-        for a in arrays:
-            a = np.asarray(a, dtype=np.float32)
-            blob = layer.blobs.add()
-            if v1:
-                if a.ndim > 4:
-                    raise ValueError(f"{name}: a legacy blob has at most 4 axes, got {a.shape}")
-                blob.num, blob.channels, blob.height, blob.width = (1,) * (4 - a.ndim) + a.shape
-            else:
-                blob.shape.dim.extend(a.shape)
-            blob.data.extend(a.ravel().tolist())
-    Path(path).write_bytes(net.SerializeToString())
-
-
 # --- into the model --------------------------------------------------------------------------
-
-
-def caffe_layer_names() -> dict[str, str]:
-    """{Caffe layer name: module name} of the VGG16 convs: conv1_1 -> features.0, ..."""
-    names, block, i = [], 1, 1
-    for v in VGG16_CFG:
-        if v == "M":
-            block, i = block + 1, 1
-        else:
-            names.append(f"conv{block}_{i}")
-            i += 1
-    return {n: f"features.{idx}" for n, idx in zip(names, VGG16_CONV_INDICES, strict=True)}
 
 
 def _layer_plan(model: nn.Module) -> dict[str, nn.Module]:
@@ -230,13 +68,6 @@ def _layer_plan(model: nn.Module) -> dict[str, nn.Module]:
     return plan
 
 
-def _fits(found: tuple[int, ...], want: tuple[int, ...]) -> bool:
-    # A legacy blob is 4-D with leading 1s: Caffe's own loader accepts (1, 1, 1, N) for (N,).
-    return found == want or (
-        len(found) == 4 and len(want) < 4 and found == (1,) * (4 - len(want)) + want
-    )
-
-
 def _infer_size(blobs: dict[str, list[np.ndarray]]) -> tuple[int, float]:
     """(num_classes, width) from score_fr's and conv1_1's weights (VGG16: conv1_1 has 64)."""
     for layer in ("conv1_1", "score_fr"):
@@ -244,6 +75,38 @@ def _infer_size(blobs: dict[str, list[np.ndarray]]) -> tuple[int, float]:
             raise ValueError(f"layer {layer!r} missing from the caffemodel (or has no blobs)")
     # both are 4-D conv weights [out, in, kh, kw], in legacy files too
     return int(blobs["score_fr"][0].shape[0]), blobs["conv1_1"][0].shape[0] / VGG16_CFG[0]
+
+
+class ClassCountError(ValueError):
+    """A caffemodel that scores another number of classes than asked for (names both)."""
+
+
+def _refuse_early(
+    name: str, blobs: dict[str, list[np.ndarray]], num_classes: int | None, where: str
+) -> None:
+    """The refusals about the file as a whole, before any model is built (`where` names it): an
+    FCN-8s at-once file for another net; a file cut after a complete layer (`truncation_hint`
+    over the net's weight layers in the release's order, which is `_layer_plan`'s); a score_fr
+    with another class count than `num_classes` (ClassCountError)."""
+    atonce = [n for n in ATONCE_LAYERS if n in blobs]
+    if atonce and not NET_CLASSES[name].skip_scales:
+        raise ValueError(
+            f"{where}: the caffemodel has the Scale layers {atonce} (fixed scales 0.01 on pool4 "
+            "and 0.0001 on pool3 before the skip scores): it is the FCN-8s at-once release "
+            "(fcn8s-atonce-pascal); import it as 'fcn8s_atonce'"
+        )
+    with torch.device("meta"):  # the layer order only: no weights made
+        order = list(_layer_plan(build_model(name)))
+    hint = truncation_hint(blobs, order) if any(n not in blobs for n in order) else None
+    if hint:
+        missing = [n for n in order if n not in blobs]
+        raise ValueError(f"{where}: layers missing from the caffemodel: {missing}; {hint}")
+    found = _infer_size(blobs)[0] if num_classes is not None else None
+    if found is not None and found != num_classes:
+        raise ClassCountError(
+            f"{where}: the caffemodel scores {found} classes (score_fr has {found} outputs), "
+            f"not {num_classes}: refused before importing"
+        )
 
 
 def _check_scale_blobs(
@@ -273,7 +136,7 @@ def _check_scale_blobs(
                 f"{name}: layer {layer!r} has {len(found)} blobs {found}, expected the scale "
                 f"{want} alone (or no blob)"
             )
-        if not _fits(found[0], want):
+        if not blob_fits(found[0], want):
             raise ValueError(
                 f"{name}: layer {layer!r} scale blob has shape {found[0]}, expected {want}"
             )
@@ -305,7 +168,7 @@ def _checked_copies(
             f"{len(want)} ({', '.join(k for k, _ in params)}) {want}"
         )
     for (kind, _), w, f, b in zip(params, want, found, blobs[layer], strict=True):
-        if not _fits(f, w):
+        if not blob_fits(f, w):
             raise ValueError(
                 f"{name}: layer {layer!r} {kind} blob has shape {f}, expected {w} ({where})"
             )
@@ -321,6 +184,7 @@ def fcn_from_caffe(
     *,
     num_classes: int | None = None,
     width: float | None = None,
+    source: str | None = None,
 ) -> nn.Module:
     """`build_model(name, num_classes, width)` holding the Caffe blobs, with a `CaffeInput` adapter.
 
@@ -334,6 +198,10 @@ def fcn_from_caffe(
     "fcn8s_atonce" wants the file's `scale_pool4`/`scale_pool3` layers; their blobs, if present,
     must hold the model's fixed scales (0.01, 0.0001), which are not copied (class constants).
 
+    `source` (e.g. `file_label(path)`) names the file in the errors. Before any model is built:
+    ClassCountError (a ValueError) for a score_fr of another `num_classes` than given;
+    ValueError for a file holding only the net's first weight layers, in order ("truncated").
+
     Raises ValueError naming the layer for a missing layer, a missing or extra blob, a blob of
     the wrong shape (expected and found shapes), non-finite values or a Scale blob that is not
     the at-once constant; naming the model to use for an at-once file imported as another model
@@ -342,13 +210,8 @@ def fcn_from_caffe(
     """
     if name not in NET_CLASSES:
         raise ValueError(f"unknown model {name!r}; valid names: {', '.join(NET_CLASSES)}")
-    atonce = [n for n in ATONCE_LAYERS if n in blobs]
-    if atonce and not NET_CLASSES[name].skip_scales:
-        raise ValueError(
-            f"{name}: the caffemodel has the Scale layers {atonce} (fixed scales 0.01 on pool4 "
-            "and 0.0001 on pool3 before the skip scores): it is the FCN-8s at-once release "
-            "(fcn8s-atonce-pascal); import it as 'fcn8s_atonce'"
-        )
+    label = f"{name}: {source}" if source else name
+    _refuse_early(name, blobs, num_classes, label)
     inferred = _infer_size(blobs) if num_classes is None or width is None else (0, 0.0)
     num_classes = inferred[0] if num_classes is None else num_classes
     width = inferred[1] if width is None else width
@@ -360,7 +223,7 @@ def fcn_from_caffe(
         if layer not in blobs
     ]
     if missing:
-        raise ValueError(f"{name}: layers missing from the caffemodel: {'; '.join(missing)}")
+        raise ValueError(f"{label}: layers missing from the caffemodel: {'; '.join(missing)}")
     scale_layers = _check_scale_blobs(name, model, blobs) if model.skip_scales else []
     where = f"width {width}, {num_classes} classes"
     copies = [c for layer, m in plan.items() for c in _checked_copies(name, layer, m, blobs, where)]
@@ -375,20 +238,26 @@ def fcn_from_caffe(
     return model.eval()
 
 
-def import_caffemodel(src: str | os.PathLike, name: str, out: str | os.PathLike) -> nn.Module:
+def import_caffemodel(
+    src: str | os.PathLike,
+    name: str,
+    out: str | os.PathLike,
+    *,
+    num_classes: int | None = None,
+    expected_size: int | None = None,
+) -> nn.Module:
     """Read `src`, build `name` from it (`fcn_from_caffe`) and `save_model` it to `out`.
 
     The file records where the weights came from: `imported_from` (file name) and
-    `source_sha256` of the caffemodel. Atomic (save_model). Returns the model.
+    `source_sha256` of the caffemodel. Atomic (save_model). Returns the model. `num_classes`:
+    refuse (ClassCountError, nothing written) a net scoring another number of classes;
+    `expected_size`: the caffemodel's size in bytes, when known (see `read_caffemodel`).
     """
     src = Path(src)
-    blobs = read_caffemodel(src)
-    model = fcn_from_caffe(name, blobs)
-    digest = hashlib.sha256()
-    with open(src, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            digest.update(chunk)
-    save_model(out, model, imported_from=src.name, source_sha256=digest.hexdigest())
+    blobs = read_caffemodel(src, expected_size=expected_size)
+    source = file_label(src, expected_size)
+    model = fcn_from_caffe(name, blobs, num_classes=num_classes, source=source)
+    save_model(out, model, imported_from=src.name, source_sha256=file_sha256(src))
     return model
 
 
@@ -412,7 +281,9 @@ takes the pipeline's input (RGB 0..1, ImageNet-normalised) and converts it to th
 0..255 minus the mean as its first op (its `normalization` field says so). fcn8s-atonce-pascal
 is FCN-8s trained at once, with fixed scales on pool4/pool3 before the skip scores: import it
 with --model fcn8s_atonce (the two FCN-8s files are told apart by its Scale layers, and the
-wrong --model for either is refused with the right one named).
+wrong --model for either is refused with the right one named). A net of other classes than
+VOC's 21 (the PASCAL-Context release: 60) is refused by --evaluate and imported, with a note,
+without it. A truncated download is named as such, with the file's size.
 """
 
 
@@ -453,8 +324,17 @@ def main(argv: list[str] | None = None) -> int:
     if args.evaluate and out.name != f"{args.model}.pt":
         print(f"error: --evaluate reads <dir>/{args.model}.pt; --out {out} is named otherwise")
         return 2
+    # --evaluate scores the VOC classes: a net of other classes is refused before any work
+    want = NUM_CLASSES if args.evaluate else None
     try:
-        model = import_caffemodel(args.src, args.model, out)
+        model = import_caffemodel(args.src, args.model, out, num_classes=want)
+    except ClassCountError as e:
+        print(
+            f"error: {e}; --evaluate scores the {NUM_CLASSES} PASCAL VOC classes (import "
+            "without --evaluate to get the model file alone)",
+            file=sys.stderr,
+        )
+        return 1
     except (FileNotFoundError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1
@@ -462,6 +342,11 @@ def main(argv: list[str] | None = None) -> int:
         f"[import_caffe] {args.src} -> {out}: {args.model}, {model.num_classes} classes, "
         f"width {model.width}, input {model.weights_normalization}"
     )
+    if model.num_classes != NUM_CLASSES:
+        print(
+            f"[import_caffe] note: {model.num_classes} classes, not the {NUM_CLASSES} PASCAL VOC "
+            "classes: this pipeline's evaluate and predict cannot score the file written"
+        )
     if args.evaluate:
         from pipeline.evaluation.evaluate import evaluate_from_params
 
