@@ -167,7 +167,12 @@ SCHEMA: dict[str, Any] = {
         "coco_annotations": _source(),
         "sbd": _source(),  # SBD benchmark.tgz (Hariharan et al. 2011): the paper's train set
         "vgg16": {
+            # torchvision: a VGG16 state dict (RGB 0..1, ImageNet mean/std), torchvision's file;
+            # caffe: VGG_ILSVRC_16_layers.caffemodel (BGR 0..255 minus the mean), the FCN
+            # release's backbone, converted on download (pipeline.models.caffe_vgg16)
+            "format": _str(choices=("torchvision", "caffe"), default="torchvision"),
             "urls": Spec("list[str]", _check_urls),
+            "md5": Spec("str", _hex(32), nullable=True, default=None),
             "sha256_prefix": Spec("str", _hex(None), nullable=True),
             "size": _int(nullable=True, min=1),
             # the sample's stand-in for ImageNet: a VGG16 classifier trained on object crops

@@ -50,6 +50,15 @@ IMAGENET_VGG16_REPORT = {
     "val_top1": 0.71592,
     "val_top5": 0.90382,
 }
+# The FCN release's backbone (`download.vgg16.format: caffe`): the file is fetched into
+# data/partial/ (kept there, so a re-run converts without fetching 528 MB again) and converted
+# into VGG16 with its input convention recorded (pipeline.models.caffe_vgg16)
+CAFFE_VGG16 = PARTIAL / "VGG_ILSVRC_16_layers.caffemodel"  # caffe_vgg16.VGG16_CAFFEMODEL
+CAFFE_VGG16_REPORT = {
+    "source": "Caffe VGG_ILSVRC_16_layers (Simonyan and Zisserman), the FCN release's VGG16",
+    "classes": 1000,
+    "input": "BGR 0..255 minus the mean (104.00699, 116.66877, 122.67892)",
+}
 TARGETS = ("voc", "coco", "sbd", "vgg16")
 
 
@@ -80,6 +89,13 @@ def download(target: str, cfg: dict[str, Any], progress: bool = True) -> list[Pa
         return [_fetch_source(cfg, "sbd", SBD_TGZ, progress)]
     if target == "coco":
         return [_fetch_source(cfg, k, COCO_DIR / n, progress) for k, n in COCO_FILES.items()]
+    if target == "vgg16" and cfg["download"]["vgg16"]["format"] == "caffe":
+        from pipeline.models.caffe_vgg16 import convert_caffe_vgg16
+
+        caffemodel = _fetch_source(cfg, "vgg16", CAFFE_VGG16, progress)
+        convert_caffe_vgg16(caffemodel, VGG16)
+        atomic_write_json(BACKBONE_REPORT, CAFFE_VGG16_REPORT)
+        return [VGG16, BACKBONE_REPORT]
     if target == "vgg16":
         path = _fetch_source(cfg, "vgg16", VGG16, progress)
         atomic_write_json(BACKBONE_REPORT, IMAGENET_VGG16_REPORT)
@@ -127,7 +143,8 @@ def main(argv: list[str] | None = None) -> int:
         help="voc: data/raw/voc/VOCtrainval_11-May-2012.tar\n"
         "coco: data/raw/coco/{train2017,val2017,annotations_trainval2017}.zip\n"
         "sbd: data/raw/sbd/benchmark.tgz (SBD: img/, cls/*.mat, train.txt, val.txt)\n"
-        "vgg16: data/raw/vgg16/vgg16.pth (torchvision VGG16 state dict) + reports/vgg16.json",
+        "vgg16: data/raw/vgg16/vgg16.pth (VGG16 state dict; format caffe: converted from the\n"
+        "  Caffe VGG_ILSVRC_16_layers.caffemodel, its input convention recorded) + reports/vgg16.json",
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)

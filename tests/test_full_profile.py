@@ -24,7 +24,7 @@ import torch
 
 from pipeline.config import CASCADE
 from pipeline.models.surgery import random_vgg16_state_dict
-from tests.helpers import FileServer
+from tests.helpers import FileServer, caffe_vgg16_blobs, encode_caffe_vgg16
 from tests.repo_utils import ALL_STAGES, FOUR, copy_repo, run, stages_run
 
 pytestmark = pytest.mark.slow
@@ -161,11 +161,9 @@ def download_overrides(
         out[f"{profile}.download.{key}.urls"] = [server.url(f"/{name}")]
         out[f"{profile}.download.{key}.md5"] = _md5(data)
         out[f"{profile}.download.{key}.size"] = len(data)
-    (path,) = (p for p in served if p.endswith(".pth"))
+    (path,) = (p for p in served if p.endswith((".pth", ".caffemodel")))
     out[f"{profile}.download.vgg16.urls"] = [server.url(path)]
-    out[f"{profile}.download.vgg16.sha256_prefix"] = path.removeprefix("/vgg16-").removesuffix(
-        ".pth"
-    )
+    out[f"{profile}.download.vgg16.sha256_prefix"] = hashlib.sha256(served[path]).hexdigest()
     out[f"{profile}.download.vgg16.size"] = len(served[path])
     out[f"{profile}.download.retries"] = 1
     return out
@@ -280,7 +278,7 @@ def test_metrics_of_the_three_models(full_run):
     assert all(f"| FCN-{n} |" in summary for n in ("32s", "16s", "8s")), summary
 
 
-# --- the `paper` profile: SBD train, seg11valid, the release's solver --------------------------
+# --- the `paper` profile: SBD train, seg11valid, the release's solver and backbone -------------
 
 PAPER_SCORED = 8  # seg11valid images of the sample put in val.txt
 PAPER_TINY: dict[str, Any] = {
@@ -334,12 +332,14 @@ def paper_run(tmp_path_factory, voc_sample, coco_sample):
     others = [i for i in sample_ids if i not in seg11]
     sbd_train, voc_train = others[:TRAIN_IMAGES], others[TRAIN_IMAGES : TRAIN_IMAGES + 8]
     root = tmp_path_factory.mktemp("paper")
-    vgg = vgg16_pth(WIDTH, VGG_SEED)
+    # the release's backbone, as the paper profile fetches it: a Caffe VGG16 (V1 format, the
+    # model zoo file's) at the model's width, converted by download_vgg16
+    vgg = encode_caffe_vgg16(caffe_vgg16_blobs(seed=VGG_SEED, width=WIDTH), v1=True)
     served = {
         "/VOCtrainval_11-May-2012.tar": voc_tar_listing(voc_sample, voc_train, scored),
         **{f"/{name}": data for name, data in coco_zips(coco_sample).items()},
         "/benchmark.tgz": paper_sbd(voc_sample, sbd_train, scored, root / "benchmark.tgz"),
-        f"/vgg16-{hashlib.sha256(vgg).hexdigest()[:8]}.pth": vgg,
+        "/VGG_ILSVRC_16_layers.caffemodel": vgg,
     }
     server = FileServer(served, ranges=False)
     try:
@@ -388,3 +388,26 @@ def test_paper_profile_budgets_are_iterations_with_validation_inside(paper_run):
     # FCN-32s: 6 iterations over the 32 SBD images, scored at 3 and at the end
     curve = repo / "dvclive" / "fcn32s" / "plots" / "metrics" / "val" / "mean_iou.tsv"
     assert len(curve.read_text().splitlines()) == 1 + 2
+
+
+def test_paper_profile_trains_from_the_caffe_vgg16_on_its_input_with_fixed_upsampling(paper_run):
+    """download_vgg16 converted the served caffemodel (its convention recorded in vgg16.pth);
+    every stage's model takes Caffe's input through its adapter, and its file says so; every
+    upsampling is still the bilinear kernel it started as (train.learn_upsampling: false)."""
+    from pipeline.models.caffe_vgg16 import load_vgg16_weights
+    from pipeline.models.fcn import CAFFE_BGR, CaffeInput, load_model
+    from pipeline.models.surgery import bilinear_kernel
+
+    repo, out, _, _ = paper_run
+    _, backbone_input = load_vgg16_weights(repo / "data" / "raw" / "vgg16" / "vgg16.pth")
+    assert backbone_input == CaffeInput().spec()
+    for name in CASCADE:
+        payload = torch.load(repo / "models" / f"{name}.pt", weights_only=True)
+        assert payload["normalization"]["kind"] == CAFFE_BGR, (name, payload["normalization"])
+        model = load_model(repo / "models" / f"{name}.pt")
+        assert isinstance(model.input_adapter, CaffeInput), name
+        ups = [(k, m) for k, m in model.named_modules() if isinstance(m, torch.nn.ConvTranspose2d)]
+        assert ups, name
+        for key, m in ups:
+            expected = bilinear_kernel(m.in_channels, m.out_channels, m.kernel_size[0])
+            assert torch.equal(m.weight, expected), (name, key)

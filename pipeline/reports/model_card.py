@@ -38,6 +38,11 @@ def initialisation(name: str, params: Mapping[str, Any]) -> str:
             "the sample's stand-in VGG16 classifier (stage download_vgg16: a width-reduced VGG16 "
             "trained on crops of the generated sample, not ImageNet)"
         )
+    if params["download"]["vgg16"]["format"] == "caffe":
+        return (
+            "the Caffe model zoo's ImageNet VGG16 (VGG_ILSVRC_16_layers, the FCN release's), "
+            "fc6/fc7 reshaped to convolutions; input BGR 0..255 minus the mean"
+        )
     return "torchvision's ImageNet VGG16 (vgg16-397923af.pth), fc6/fc7 reshaped to convolutions"
 
 

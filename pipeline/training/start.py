@@ -42,7 +42,8 @@ def build_initial_model(
     Raises:
         ValueError: the VGG16 weights are missing or not a loadable state dict.
     """
-    from pipeline.models.fcn import build_model, load_model
+    from pipeline.models.caffe_vgg16 import load_vgg16_weights
+    from pipeline.models.fcn import NORMALIZATION, CaffeInput, build_model, load_model
     from pipeline.models.surgery import init_random, load_vgg16_backbone, transplant
 
     torch.manual_seed(seed)
@@ -50,17 +51,25 @@ def build_initial_model(
     if init_from is not None:  # FCN-16s from FCN-32s, FCN-8s from FCN-16s
         src = load_model(init_from, map_location="cpu")
         copied = transplant(src, model)
+        # the input convention travels with the weights: a Caffe-initialised FCN-32s makes
+        # Caffe-input FCN-16s/8s (no tensors in the adapter, so transplant cannot carry it)
+        model.input_adapter = src.input_adapter
         return model, [f"transplanted {len(copied)} tensors from {init_from}"]
     init_random(model, seed)
     if backbone_init == "vgg16":
         if vgg16_path is None:
             raise ValueError("backbone_init 'vgg16' needs the VGG16 weights file")
         try:
-            state = torch.load(vgg16_path, map_location="cpu", weights_only=True)
-        except Exception as e:
-            raise ValueError(f"{vgg16_path}: not a loadable VGG16 state dict ({e})") from None
+            state, normalization = load_vgg16_weights(vgg16_path)
+        except FileNotFoundError as e:
+            raise ValueError(str(e)) from None
         load_vgg16_backbone(model, state, source=str(vgg16_path))
-        return model, [f"VGG16 backbone from {vgg16_path}"]
+        if normalization == NORMALIZATION:
+            return model, [f"VGG16 backbone from {vgg16_path}"]
+        # weights made for another input (the Caffe VGG16: BGR 0..255 minus the mean): the
+        # model converts the pipeline's input into theirs, and its file records it
+        model.input_adapter = CaffeInput.from_spec(normalization)
+        return model, [f"VGG16 backbone from {vgg16_path}, input {normalization}"]
     return model, ["random initialisation"]
 
 

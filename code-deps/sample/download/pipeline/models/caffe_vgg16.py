@@ -1,0 +1,1 @@
+../../../../../pipeline/models/caffe_vgg16.py
