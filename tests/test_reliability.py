@@ -452,7 +452,9 @@ def test_pickle_bearing_vgg16_weights_are_refused_never_run(tmp_path):
     marker = tmp_path / "pwned"
     weights = tmp_path / "vgg16.pth"
     torch.save({"features.0.weight": torch.zeros(1), "x": PlantedCode(marker)}, weights)
-    with pytest.raises(ValueError, match=f"{weights}: not a loadable VGG16 state dict"):
+    with pytest.raises(
+        ValueError, match=f"{weights}: not a torch weights file that loads with weights_only=True"
+    ):
         build_initial_model(
             "fcn32s",
             width=0.125,
