@@ -35,6 +35,8 @@ QUICK_REAL_DATA = {
     "bench_dataloader.py": rf"ratio project / baseline: {NUMBER}x img/s",
     "bench_recipe.py": rf"loss first window {NUMBER}(?:e[-+]\d+)? -> last",
     "bench_decode.py": rf"project: decode_image_rgb \(simplejpeg\)\s+{NUMBER} img/s wall",
+    "bench_backbone_scale.py": rf"lr x lambda_max = {NUMBER}(?:e[-+]\d+)?, stable below lr "
+    rf"{NUMBER}(?:e[-+]\d+)?",
 }
 
 
