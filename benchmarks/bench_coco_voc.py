@@ -53,6 +53,7 @@ from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from pycocotools import mask as mask_utils  # noqa: E402
 
 from pipeline.classes import COCO_CATEGORIES  # noqa: E402
+from pipeline.config import compose_profile
 from pipeline.data.coco_paint import convert_task, label_map_from_rles, union_rle  # noqa: E402
 from pipeline.data.coco_voc import plan_split  # noqa: E402
 
@@ -198,9 +199,8 @@ def _tree_rss(proc: psutil.Process) -> tuple[int, int]:
 
 
 def run_stage(workdir: Path, workers: int, min_pixels: int) -> dict:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "sample"
-    params["sample"]["coco_to_voc"].update(
+    params = compose_profile("sample", REPO / "conf")
+    params["coco_to_voc"].update(
         {"splits": ["train2017"], "min_pixels": min_pixels, "workers": workers, "shard_size": 1000}
     )
     pfile = workdir / "params.yaml"

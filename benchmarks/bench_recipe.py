@@ -44,10 +44,9 @@ sys.path.insert(0, str(REPO))  # this checkout's `pipeline`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from machine import machine_line, shared_data  # noqa: E402  (benchmarks/machine.py)
 
-from pipeline.config import validate_params  # noqa: E402
+from pipeline.config import compose_profile, validate_params  # noqa: E402
 from pipeline.data.preprocess import preprocess_voc  # noqa: E402
 from pipeline.training.train import train  # noqa: E402
 
@@ -89,10 +88,8 @@ def voc_tar(voc: Path, out: Path, train_images: int, val_images: int) -> Path:
 
 
 def recipe_cfg(recipe: str, model: str, args: argparse.Namespace) -> dict:
-    """params.yaml's `full` section with the recipe and the size flags applied."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "full"
-    cfg = {"profile": "full", **copy.deepcopy(validate_params(params))}
+    """The `full` profile (conf/) with the recipe and the size flags applied."""
+    cfg = copy.deepcopy(validate_params(compose_profile("full", REPO / "conf")))
     t = cfg["train"]
     changes = dict(RECIPES[recipe])
     lr = changes.pop("lr", t[model]["lr"])

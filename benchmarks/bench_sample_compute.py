@@ -35,12 +35,11 @@ sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.classes import NUM_CLASSES  # noqa: E402
-from pipeline.config import CASCADE, architecture  # noqa: E402
+from pipeline.config import CASCADE, architecture, compose_profile  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
 from pipeline.training.pretrain import CROP_SIZE, vgg16_bn_classifier  # noqa: E402
 from pipeline.training.recipe import train_config  # noqa: E402
@@ -97,7 +96,7 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--quick", action="store_true", help="tiny inputs, 1 step: checks it runs")
     args = ap.parse_args(argv)
 
-    cfg = yaml.safe_load((REPO / "params.yaml").read_text())[args.profile]
+    cfg = compose_profile(args.profile, REPO / "conf")
     tcfg, width = cfg["train"], cfg["model"]["width"]
     steps, warmup = (1, 0) if args.quick else (args.steps, 2)
     print(

@@ -1,7 +1,8 @@
-"""params.yaml: load the active profile and reject every mistake before any work starts.
+"""params.yaml: load the profile Hydra composed from conf/ and reject every mistake before any
+work starts.
 
-Each error names the key's full path (`sample.train.fcn8s.lr`), what was found and what is
-allowed, so that a typo fails in a second instead of after an hour of preprocessing.
+Each error names the key's full path (`train.fcn8s.lr`), what was found and what is allowed, so
+that a typo fails in a second instead of after an hour of preprocessing.
 """
 
 from __future__ import annotations
@@ -331,19 +332,17 @@ def validate_tree(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
     return errors
 
 
-def _cross_checks(cfg: dict[str, Any], path: str) -> list[str]:
+def _cross_checks(cfg: dict[str, Any]) -> list[str]:
     errors = []
     s = cfg["download"]["sample"]
     if s["min_side"] > s["max_side"]:
-        errors.append(
-            f"{path}.download.sample.min_side: {s['min_side']} > max_side {s['max_side']}"
-        )
-    errors.extend(train_checks(cfg["train"], f"{path}.train"))
-    errors.extend(_training_data_checks(cfg, path))
+        errors.append(f"download.sample.min_side: {s['min_side']} > max_side {s['max_side']}")
+    errors.extend(train_checks(cfg["train"], "train"))
+    errors.extend(_training_data_checks(cfg))
     if not cfg["download"]["generate_sample"]:
         for name in ("voc", "coco_train", "coco_val", "coco_annotations", "sbd", "vgg16"):
             if not cfg["download"][name]["urls"]:
-                errors.append(f"{path}.download.{name}.urls: no source given for a real download")
+                errors.append(f"download.{name}.urls: no source given for a real download")
     return errors
 
 
@@ -363,7 +362,7 @@ def train_checks(t: Mapping[str, Any], path: str) -> list[str]:
     return errors
 
 
-def _training_data_checks(cfg: dict[str, Any], path: str) -> list[str]:
+def _training_data_checks(cfg: dict[str, Any]) -> list[str]:
     """What trains against what scores: at least one training source, and no scored image
     trained on. SBD re-annotates VOC 2011 images: its train set holds most of VOC 2012 val
     (hence seg11valid, VOC 2011 val minus SBD train, in the paper). VOC 2012 train, SBD
@@ -371,10 +370,10 @@ def _training_data_checks(cfg: dict[str, Any], path: str) -> list[str]:
     image ids again before scoring."""
     p = cfg["preprocess"]
     if not (p["voc_train"] or p["sbd"] or p["use_coco"]):
-        return [f"{path}.preprocess: no training source (voc_train, sbd and use_coco all off)"]
+        return ["preprocess: no training source (voc_train, sbd and use_coco all off)"]
     if p["sbd"] == "train" and cfg["evaluate"]["split"] == "voc2012_val":
         return [
-            f"{path}.preprocess.sbd: SBD train holds most of VOC 2012 val's images, which "
+            "preprocess.sbd: SBD train holds most of VOC 2012 val's images, which "
             "evaluate.split voc2012_val scores; use sbd: train_noval (those images excluded) "
             "or evaluate.split: seg11valid (the paper's protocol)"
         ]
@@ -396,33 +395,30 @@ def _checksums_as_text(profile: Any) -> None:
 
 
 def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
-    """Validate the whole file (both profiles) and return the active profile's section.
+    """Validate params.yaml (one profile, as Hydra composes it from conf/) and return it.
 
-    An all-digit checksum given as an int (`sha256_prefix: 12345678`) is accepted as its text,
-    in place; `load_params` keeps the text as written, leading zeros included.
+    Defaults of absent keys are filled in from `SCHEMA`. An all-digit checksum given as an int
+    (`sha256_prefix: 12345678`) is accepted as its text, in place; `load_params` keeps the text
+    as written, leading zeros included.
+
+    Raises:
+        ParamsError: every problem found, each with its key path.
     """
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level")
-    errors = []
-    for key in params:
-        if key not in ("profile", *PROFILES):
-            errors.append(f"{key}: unknown top-level key (known: profile, {', '.join(PROFILES)})")
-    for name in PROFILES:
-        _checksums_as_text(params.get(name))
     profile = params.get("profile")
-    if profile not in PROFILES:
-        errors.append(f"profile: {profile!r} is not one of {', '.join(PROFILES)}")
-    for name in PROFILES:
-        if name in params:
-            errs = validate_tree(params[name], SCHEMA, name)
-            errors.extend(errs)
-            if not errs:
-                errors.extend(_cross_checks(params[name], name))
-        elif name == profile:
-            errors.append(f"{name}: the active profile's section is missing")
+    errors = (
+        [] if profile in PROFILES else [f"profile: {profile!r} is not one of {', '.join(PROFILES)}"]
+    )
+    sections = {k: v for k, v in params.items() if k != "profile"}
+    _checksums_as_text(sections)
+    errs = validate_tree(sections, SCHEMA, "")
+    errors.extend(e.removeprefix(".") for e in errs)
+    if not errs:
+        errors.extend(_cross_checks(sections))
     if errors:
         raise ParamsError(f"{source}: {len(errors)} problem(s):\n  " + "\n  ".join(errors))
-    return params[profile]
+    return {"profile": profile, **sections}
 
 
 # Checksum keys are text even when unquoted: `dvc exp run -S ...sha256_prefix=01234567` writes
@@ -434,7 +430,7 @@ _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 class _ParamsLoader(yaml.SafeLoader):
     """PyYAML's YAML 1.1 plus YAML 1.2 floats without a dot (`1e-10`): DVC writes params.yaml
-    in YAML 1.2, so `dvc exp run -S full.train.fcn32s.lr=1e-10` leaves `lr: 1e-10` there.
+    in YAML 1.2, so `dvc exp run -S train.fcn32s.lr=1e-10` leaves `lr: 1e-10` there.
     Numbers under `TEXT_KEYS` are read as their text."""
 
     def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
@@ -457,7 +453,11 @@ _ParamsLoader.add_implicit_resolver(
 
 
 def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
-    """Read params.yaml, validate it and return the active profile's section (plus `profile`)."""
+    """Read params.yaml, validate it and return it: `profile` (its name) and every section.
+
+    Raises:
+        ParamsError: the file is missing, not YAML, or fails validation.
+    """
     path = Path(path)
     try:
         text = path.read_text()
@@ -467,8 +467,28 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
         params = yaml.load(text, Loader=_ParamsLoader)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
-    cfg = validate_params(params, str(path))
-    return {"profile": params["profile"], **cfg}
+    return validate_params(params, str(path))
+
+
+def compose_profile(profile: str, conf_dir: str | os.PathLike = "conf") -> dict[str, Any]:
+    """params.yaml's content for `profile` as `dvc exp run -S profile=<profile>` writes it:
+    Hydra's composition of `conf_dir` (DVC's own `compose_and_dump`), not validated.
+    For code that needs another profile than the active one (benchmarks, tests).
+
+    Raises:
+        ParamsError: `profile` is not one of PROFILES.
+    """
+    import tempfile
+
+    from dvc.utils.hydra import compose_and_dump
+
+    if profile not in PROFILES:
+        raise ParamsError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
+    conf = Path(conf_dir).resolve()
+    with tempfile.TemporaryDirectory() as d:
+        out = Path(d) / "params.yaml"
+        compose_and_dump(out, str(conf), None, "config", str(conf.parent), [f"profile={profile}"])
+        return yaml.load(out.read_text(), Loader=_ParamsLoader)
 
 
 def checked_section(cfg: Mapping[str, Any], section: str) -> dict[str, Any]:

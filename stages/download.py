@@ -76,7 +76,8 @@ def _fetch_source(cfg: dict[str, Any], key: str, dest: Path, progress: bool) -> 
         partial_dir=PARTIAL,
         hint=(
             "To use a copy you already have, add its local path or a file:// URL to "
-            f"`{cfg['profile']}.download.{key}.urls` in params.yaml (sources are tried in order)."
+            f"`download.{key}.urls` in conf/profile/{cfg['profile']}.yaml (sources are tried in "
+            f"order), or `dvc exp run -S 'download.{key}.urls=[PATH]'`."
         ),
     )
 

@@ -45,73 +45,78 @@ FOUR = ("pixel_accuracy", "mean_class_accuracy", "mean_iou", "fw_iou")
 # the uninterrupted reference run of the kill and resume tests.
 TINY_SAMPLE: dict[str, Any] = {
     "profile": "sample",
-    "sample.download.generate_sample": True,
-    "sample.download.sample.seed": 0,
-    "sample.download.sample.voc_train": 8,
-    "sample.download.sample.voc_val": 4,
-    "sample.download.sample.coco_train": 4,
-    "sample.download.sample.coco_val": 4,
-    "sample.download.sample.min_side": 120,
-    "sample.download.sample.max_side": 160,
-    "sample.download.vgg16.pretrain.train_per_class": 3,
-    "sample.download.vgg16.pretrain.val_per_class": 1,
-    "sample.download.vgg16.pretrain.epochs": 1,
-    "sample.download.vgg16.pretrain.batch_size": 16,
-    "sample.download.vgg16.pretrain.lr": 0.001,
-    "sample.download.vgg16.pretrain.workers": 0,
-    "sample.coco_to_voc.min_pixels": 200,
-    "sample.coco_to_voc.workers": 1,
-    "sample.preprocess.max_size": 96,
-    "sample.preprocess.use_coco": True,
-    "sample.preprocess.sbd": None,
-    "sample.preprocess.workers": 1,
-    "sample.model.width": 0.0625,
-    "sample.model.backbone_init": "vgg16",
-    "sample.model.dropout": 0.0,
-    "sample.train.device": "cpu",
-    "sample.train.precision": "fp32",  # bit-identical runs in every clone, whatever the CPU
-    "sample.train.compile": False,
-    "sample.train.nproc": 1,
-    "sample.train.batch_size": 4,
-    "sample.train.accumulate": 1,
-    "sample.train.workers": 0,
-    "sample.train.seed": 0,
-    "sample.train.crop_size": 64,
-    "sample.train.scale_range": [0.75, 1.25],
-    "sample.train.hflip": True,
-    "sample.train.color_jitter": 0.1,
-    "sample.train.loss": "mean",
-    "sample.train.lr_policy": "poly",
-    "sample.train.momentum": 0.9,
-    "sample.train.weight_decay": 0.0005,
-    "sample.train.score_lr_mult": 10,
-    "sample.train.checkpoint_every": 2,
-    "sample.train.checkpoint_minutes": 1,
-    "sample.train.val_every": 1,  # a val point at every epoch end: the curves tests compare
-    "sample.train.val_every_iter": None,
-    "sample.train.fcn32s.epochs": 2,
-    "sample.train.fcn32s.lr": 0.001,
-    "sample.train.fcn16s.epochs": 1,
-    "sample.train.fcn16s.lr": 0.0003,
-    "sample.train.fcn8s.epochs": 1,
-    "sample.train.fcn8s.lr": 0.001,
-    "sample.evaluate.device": "cpu",
-    "sample.evaluate.precision": "fp32",
-    "sample.evaluate.qualitative_images": 2,
-    "sample.inference.warmup": 0,
-    "sample.inference.repeats": 1,
-    "sample.inference.val_images": 1,
-    "sample.export.val_images": 1,
+    "download.generate_sample": True,
+    "download.sample.seed": 0,
+    "download.sample.voc_train": 8,
+    "download.sample.voc_val": 4,
+    "download.sample.coco_train": 4,
+    "download.sample.coco_val": 4,
+    "download.sample.min_side": 120,
+    "download.sample.max_side": 160,
+    "download.vgg16.pretrain.train_per_class": 3,
+    "download.vgg16.pretrain.val_per_class": 1,
+    "download.vgg16.pretrain.epochs": 1,
+    "download.vgg16.pretrain.batch_size": 16,
+    "download.vgg16.pretrain.lr": 0.001,
+    "download.vgg16.pretrain.workers": 0,
+    "coco_to_voc.min_pixels": 200,
+    "coco_to_voc.workers": 1,
+    "preprocess.max_size": 96,
+    "preprocess.use_coco": True,
+    "preprocess.sbd": None,
+    "preprocess.workers": 1,
+    "model.width": 0.0625,
+    "model.backbone_init": "vgg16",
+    "model.dropout": 0.0,
+    "train.device": "cpu",
+    "train.precision": "fp32",  # bit-identical runs in every clone, whatever the CPU
+    "train.compile": False,
+    "train.nproc": 1,
+    "train.batch_size": 4,
+    "train.accumulate": 1,
+    "train.workers": 0,
+    "train.seed": 0,
+    "train.crop_size": 64,
+    "train.scale_range": [0.75, 1.25],
+    "train.hflip": True,
+    "train.color_jitter": 0.1,
+    "train.loss": "mean",
+    "train.lr_policy": "poly",
+    "train.momentum": 0.9,
+    "train.weight_decay": 0.0005,
+    "train.score_lr_mult": 10,
+    "train.checkpoint_every": 2,
+    "train.checkpoint_minutes": 1,
+    "train.val_every": 1,  # a val point at every epoch end: the curves tests compare
+    "train.val_every_iter": None,
+    "train.fcn32s.epochs": 2,
+    "train.fcn32s.lr": 0.001,
+    "train.fcn16s.epochs": 1,
+    "train.fcn16s.lr": 0.0003,
+    "train.fcn8s.epochs": 1,
+    "train.fcn8s.lr": 0.001,
+    "evaluate.device": "cpu",
+    "evaluate.precision": "fp32",
+    "evaluate.qualitative_images": 2,
+    "inference.warmup": 0,
+    "inference.repeats": 1,
+    "inference.val_images": 1,
+    "export.val_images": 1,
 }
 
 
-def tiny_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """params.yaml's content with TINY_SAMPLE and then `overrides` (dotted keys) applied.
+def profile_params(profile: str = "sample", root: Path = REPO) -> dict[str, Any]:
+    """`profile` as Hydra composes it from `root`/conf (what `dvc exp run -S profile=<profile>`
+    writes to params.yaml): every key the schema wants, in the file's layout."""
+    from pipeline.config import compose_profile
 
-    The checkout's params.yaml gives only the layout (every key the schema wants, the other
-    profiles); the values a test relies on are TINY_SAMPLE's or the test's own."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    return _apply(params, {**TINY_SAMPLE, **(overrides or {})})
+    return compose_profile(profile, root / "conf")
+
+
+def tiny_params(overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The sample profile's layout with TINY_SAMPLE and then `overrides` (dotted keys) applied:
+    the values a test relies on are TINY_SAMPLE's or the test's own."""
+    return _apply(profile_params("sample"), {**TINY_SAMPLE, **(overrides or {})})
 
 
 def _apply(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
@@ -122,15 +127,26 @@ def _apply(params: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
         for p in parents:
             node = node[p]
         if last not in node:
-            raise KeyError(f"{dotted}: no such key in params.yaml")
+            raise KeyError(f"{dotted}: no such key in params")
         node[last] = value
     return params
 
 
+def write_params(path: Path, params: dict[str, Any]) -> Path:
+    """Write `params` to `path`, a params.yaml. In a repo copy (conf/ beside it) the same
+    values also become conf/profile/<profile>.yaml, which Hydra composes params.yaml from on
+    every `dvc exp run`: otherwise the first experiment would bring the shipped values back."""
+    text = yaml.safe_dump(params, sort_keys=False)
+    path.write_text(text)
+    profile_file = path.parent / "conf" / "profile" / f"{params['profile']}.yaml"
+    if profile_file.exists():
+        profile_file.write_text("# @package _global_\n" + text)
+    return path
+
+
 def write_tiny_params(path: Path, overrides: dict[str, Any] | None = None) -> Path:
     """Write `tiny_params(overrides)` to `path` (a params.yaml for a repo copy or a stage)."""
-    path.write_text(yaml.safe_dump(tiny_params(overrides), sort_keys=False))
-    return path
+    return write_params(path, tiny_params(overrides))
 
 
 def tiny_cfg(overrides: dict[str, Any] | None = None, tmp: Path | None = None) -> dict[str, Any]:
@@ -199,10 +215,10 @@ def copy_repo(dst: Path) -> Path:
 
 
 def set_params(repo: Path, overrides: dict[str, Any]) -> None:
-    """Change dotted keys of `repo`'s params.yaml (`sample.train.fcn8s.lr`)."""
+    """Change dotted keys of `repo`'s params (`train.fcn8s.lr`), in params.yaml and in the
+    conf/ profile Hydra composes it from."""
     path = repo / "params.yaml"
-    params = _apply(yaml.safe_load(path.read_text()), overrides)
-    path.write_text(yaml.safe_dump(params, sort_keys=False))
+    write_params(path, _apply(yaml.safe_load(path.read_text()), overrides))
 
 
 def stages_run(output: str) -> list[str]:

@@ -574,7 +574,7 @@ def test_stage_writes_both_splits_and_report_atomically(tmp_path, repo_root, ins
         "max_rejected_fraction": 0.01,
     }
     write_tiny_params(
-        tmp_path / "params.yaml", {f"sample.coco_to_voc.{k}": v for k, v in coco_to_voc.items()}
+        tmp_path / "params.yaml", {f"coco_to_voc.{k}": v for k, v in coco_to_voc.items()}
     )
     raw, out = tmp_path / "raw", tmp_path / "coco_voc"
     for split in ("train2017", "val2017"):  # the real val sample stands in for both splits

@@ -21,11 +21,10 @@ import zipfile
 from pathlib import Path
 
 import pytest
-import yaml
 
 from pipeline.data.download import fetch
 from pipeline.data.download_verify import DownloadError
-from tests.repo_utils import write_tiny_params
+from tests.repo_utils import profile_params, write_params, write_tiny_params
 
 
 def _closed_port_url() -> str:
@@ -231,7 +230,7 @@ def test_every_source_failing_lists_each_with_its_reason(http_server, tmp_path):
     assert sources[1] in lines[2] and "HTTP 404" in lines[2]
     assert sources[2] in lines[3] and "HTTP 503" in lines[3] and "2 attempt(s)" in lines[3]
     assert sources[3] in lines[4] and "no such file" in lines[4]
-    assert "full.download.voc.urls" in msg  # says how to point params.yaml at a local copy
+    assert "download.voc.urls" in msg  # says how to point params.yaml at a local copy
 
 
 def test_retries_are_bounded_with_exponential_backoff(http_server, tmp_path):
@@ -304,14 +303,11 @@ STAGE = Path(__file__).resolve().parents[1] / "stages" / "download.py"
 
 
 def _full_params(repo_root: Path, workdir: Path, **sources: dict) -> Path:
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["profile"] = "full"
+    params = profile_params("full")
     for key, source in sources.items():  # keep the keys a test does not set (e.g. pretrain)
-        params["full"]["download"][key].update(source)
-    params["full"]["download"]["retries"] = 1
-    path = workdir / "params.yaml"
-    path.write_text(yaml.safe_dump(params))
-    return path
+        params["download"][key].update(source)
+    params["download"]["retries"] = 1
+    return write_params(workdir / "params.yaml", params)
 
 
 def _stage(workdir: Path, *args: str) -> subprocess.Popen:
@@ -396,7 +392,7 @@ def test_stage_reports_failures_with_the_params_key(tmp_path, repo_root):
     proc = _stage(tmp_path, "vgg16")
     _, err = proc.communicate(timeout=60)
     assert proc.returncode == 1
-    assert "nowhere.pth: no such file" in err and "full.download.vgg16.urls" in err
+    assert "nowhere.pth: no such file" in err and "download.vgg16.urls" in err
     assert not (tmp_path / "data" / "raw" / "vgg16" / "vgg16.pth").exists()
 
 
@@ -408,8 +404,8 @@ def test_stage_generates_the_offline_sample(tmp_path, repo_root):
     write_tiny_params(
         tmp_path / "params.yaml",
         {
-            "sample.download.vgg16.pretrain.train_per_class": 2,
-            "sample.download.vgg16.pretrain.val_per_class": 1,
+            "download.vgg16.pretrain.train_per_class": 2,
+            "download.vgg16.pretrain.val_per_class": 1,
         },
     )
     for target in ("voc", "coco", "vgg16"):

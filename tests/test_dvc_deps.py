@@ -237,10 +237,11 @@ NO_CODE = (
 
 
 def _profiles(root: Path) -> dict[str, dict]:
-    import yaml
+    """Every profile of `root`/conf, as Hydra composes it."""
+    from pipeline.config import PROFILES
+    from tests.repo_utils import profile_params
 
-    params = yaml.safe_load((root / "params.yaml").read_text())
-    return {k: v for k, v in params.items() if isinstance(v, dict)}
+    return {name: profile_params(name, root) for name in PROFILES}
 
 
 def expected_code_deps(root: Path = REPO) -> dict[str, dict[str, str | None]]:
@@ -380,18 +381,17 @@ def workspace(dst: Path, profile: str | None = None) -> Path:
     import shutil
     import subprocess
 
-    for item in (*PACKAGES, CODE_DEPS, "dvc.yaml", "params.yaml"):
+    for item in (*PACKAGES, CODE_DEPS, "conf", "dvc.yaml", "params.yaml"):
         src = REPO / item
         if src.is_dir():
             ignore = shutil.ignore_patterns("__pycache__")
             shutil.copytree(src, dst / item, symlinks=True, ignore=ignore)
         else:
             shutil.copy2(src, dst / item)
-    if profile is not None:
-        params = dst / "params.yaml"
-        text, n = re.subn(r"(?m)^profile: *\S+", f"profile: {profile}", params.read_text())
-        assert n == 1, "params.yaml: no top-level `profile:` line"
-        params.write_text(text)
+    if profile is not None:  # what `dvc exp run -S profile=<profile>` composes
+        from tests.repo_utils import profile_params, write_params
+
+        write_params(dst / "params.yaml", profile_params(profile))
     from dvc.repo import Repo
 
     subprocess.run(["git", "init", "-q"], cwd=dst, check=True, capture_output=True)

@@ -11,7 +11,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from pipeline.classes import NUM_CLASSES, VOC_CLASSES
@@ -32,6 +31,7 @@ from pipeline.evaluation.score import evaluate_model, image_scores
 from pipeline.evaluation.summary import confusion_csv, summary_table
 from pipeline.models import fcn
 from tests.helpers import TinyFCN, write_val_shards
+from tests.repo_utils import write_tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -179,7 +179,8 @@ def test_evaluate_all_writes_every_output(tmp_path: Path, small_val_dir: Path, c
 def test_stage_refuses_missing_models(tmp_path: Path, val_dir: Path, capsys):
     stage = load_stage()
     rc = stage.main(
-        ["--params", str(REPO / "params.yaml"), "--models", str(tmp_path), "--data", str(val_dir)]
+        ["--params", str(write_tiny_params(tmp_path / "params.yaml")), "--models", str(tmp_path)]
+        + ["--data", str(val_dir)]
     )
     assert rc == 1
     assert "fcn32s.pt: model file not found" in capsys.readouterr().err
@@ -187,10 +188,9 @@ def test_stage_refuses_missing_models(tmp_path: Path, val_dir: Path, capsys):
 
 @pytest.mark.slow
 def test_stage_end_to_end_with_real_models(tmp_path: Path, small_val_dir: Path):
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "sample"
-    params["sample"]["evaluate"].update(precision="fp32", qualitative_images=1)  # quick
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_tiny_params(  # quick
+        tmp_path / "params.yaml", {"evaluate.precision": "fp32", "evaluate.qualitative_images": 1}
+    )
     models = tmp_path / "models"
     for name in CASCADE:
         torch.manual_seed(0)

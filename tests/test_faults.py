@@ -154,10 +154,10 @@ def _stage_params(tmp: Path, fraction: float) -> Path:
     return write_tiny_params(
         tmp / "params.yaml",
         {
-            "sample.coco_to_voc.splits": [SPLIT],
-            "sample.coco_to_voc.min_pixels": 1,
-            "sample.coco_to_voc.workers": 1,
-            "sample.coco_to_voc.max_rejected_fraction": fraction,
+            "coco_to_voc.splits": [SPLIT],
+            "coco_to_voc.min_pixels": 1,
+            "coco_to_voc.workers": 1,
+            "coco_to_voc.max_rejected_fraction": fraction,
         },
     )
 

@@ -1,6 +1,6 @@
 """The `full` profile end to end on real data, every download served by a local HTTP server.
 
-`dvc exp run -S profile=full` with `-S` overrides that point every `full.download.*` URL and
+`dvc exp run -S profile=full` with `-S` overrides that point every `download.*` URL and
 checksum at a server on 127.0.0.1. It serves archives in the official layout built here from
 the real VOC/COCO samples, and a randomly initialised torchvision VGG16 state dict at the
 model's width. Tiny sizes and epochs keep it short on a CPU; the stages, code and every other
@@ -35,21 +35,21 @@ VGG_SEED = 1234  # not the sample profile's seed: the served file is not what `g
 
 # Tiny sizes and epochs; everything not named here stays as params.yaml's `full` section has it.
 TINY: dict[str, Any] = {
-    "full.model.width": WIDTH,
-    "full.coco_to_voc.min_pixels": 100,
-    "full.preprocess.max_size": 96,
-    "full.train.crop_size": 64,
-    "full.train.batch_size": 4,
-    "full.train.workers": 0,
+    "model.width": WIDTH,
+    "coco_to_voc.min_pixels": 100,
+    "preprocess.max_size": 96,
+    "train.crop_size": 64,
+    "train.batch_size": 4,
+    "train.workers": 0,
     # a per-pixel mean loss at lr 0.01 with momentum 0.9: learns in one short epoch
-    "full.train.loss": "mean",
-    "full.train.momentum": 0.9,
-    **{f"full.train.{m}.{k}": v for m in CASCADE for k, v in (("epochs", 1), ("lr", 0.01))},
-    "full.evaluate.qualitative_images": 2,
-    "full.inference.warmup": 0,
-    "full.inference.repeats": 1,
-    "full.inference.val_images": 1,
-    "full.export.val_images": 1,
+    "train.loss": "mean",
+    "train.momentum": 0.9,
+    **{f"train.{m}.{k}": v for m in CASCADE for k, v in (("epochs", 1), ("lr", 0.01))},
+    "evaluate.qualitative_images": 2,
+    "inference.warmup": 0,
+    "inference.repeats": 1,
+    "inference.val_images": 1,
+    "export.val_images": 1,
 }
 
 
@@ -145,10 +145,8 @@ def sbd_tgz(voc_tar_bytes: bytes, tmp: Path) -> bytes:
     return (tmp / "benchmark.tgz").read_bytes()
 
 
-def download_overrides(
-    server: FileServer, served: dict[str, bytes], profile: str = "full"
-) -> dict[str, Any]:
-    """`<profile>.download.*` pointing every source at `server`, with its md5/sha256 and size."""
+def download_overrides(server: FileServer, served: dict[str, bytes]) -> dict[str, Any]:
+    """`download.*` pointing every source at `server`, with its md5/sha256 and size."""
     out: dict[str, Any] = {}
     for key, name in (
         ("voc", "VOCtrainval_11-May-2012.tar"),
@@ -158,14 +156,14 @@ def download_overrides(
         ("sbd", "benchmark.tgz"),
     ):
         data = served[f"/{name}"]
-        out[f"{profile}.download.{key}.urls"] = [server.url(f"/{name}")]
-        out[f"{profile}.download.{key}.md5"] = _md5(data)
-        out[f"{profile}.download.{key}.size"] = len(data)
+        out[f"download.{key}.urls"] = [server.url(f"/{name}")]
+        out[f"download.{key}.md5"] = _md5(data)
+        out[f"download.{key}.size"] = len(data)
     (path,) = (p for p in served if p.endswith((".pth", ".caffemodel")))
-    out[f"{profile}.download.vgg16.urls"] = [server.url(path)]
-    out[f"{profile}.download.vgg16.sha256_prefix"] = hashlib.sha256(served[path]).hexdigest()
-    out[f"{profile}.download.vgg16.size"] = len(served[path])
-    out[f"{profile}.download.retries"] = 1
+    out["download.vgg16.urls"] = [server.url(path)]
+    out["download.vgg16.sha256_prefix"] = hashlib.sha256(served[path]).hexdigest()
+    out["download.vgg16.size"] = len(served[path])
+    out["download.retries"] = 1
     return out
 
 
@@ -230,9 +228,9 @@ def test_the_experiment_ran_the_full_profile(full_run):
 
     params = yaml.safe_load((repo / "params.yaml").read_text())
     assert params["profile"] == "full"
-    assert params["full"]["model"]["width"] == WIDTH
+    assert params["model"]["width"] == WIDTH
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
-    assert "full-local" in shown and "full.train.fcn8s.lr" in shown, shown
+    assert "full-local" in shown and "train.fcn8s.lr" in shown, shown
 
 
 def test_coco_report_has_images_from_both_splits(full_run):
@@ -282,20 +280,20 @@ def test_metrics_of_the_three_models(full_run):
 
 PAPER_SCORED = 8  # seg11valid images of the sample put in val.txt
 PAPER_TINY: dict[str, Any] = {
-    "paper.model.width": WIDTH,
-    "paper.coco_to_voc.min_pixels": 100,
-    "paper.preprocess.max_size": 96,
-    "paper.train.crop_size": 96,
-    "paper.train.workers": 0,
-    "paper.train.val_every_iter": 3,
+    "model.width": WIDTH,
+    "coco_to_voc.min_pixels": 100,
+    "preprocess.max_size": 96,
+    "train.crop_size": 96,
+    "train.workers": 0,
+    "train.val_every_iter": 3,
     # the release's solver as it is (summed loss, momentum 0.99, fixed 1e-10/1e-12/1e-14), for
     # a few iterations instead of 100k
-    "paper.train.fcn32s.max_iter": 6,
-    "paper.train.fcn16s.max_iter": 4,
-    "paper.train.fcn8s.max_iter": 4,
+    "train.fcn32s.max_iter": 6,
+    "train.fcn16s.max_iter": 4,
+    "train.fcn8s.max_iter": 4,
     # 8 of the 736: allowed here, and the summary says it is a subset
-    "paper.evaluate.allow_partial_split": True,
-    "paper.evaluate.qualitative_images": 2,
+    "evaluate.allow_partial_split": True,
+    "evaluate.qualitative_images": 2,
 }
 
 
@@ -346,7 +344,7 @@ def paper_run(tmp_path_factory, voc_sample, coco_sample):
         repo = copy_repo(root / "repo")
         overrides = {
             "profile": "paper",
-            **download_overrides(server, served, "paper"),
+            **download_overrides(server, served),
             **PAPER_TINY,
         }
         args = ["dvc", "exp", "run", "-n", "paper-local"]
@@ -380,7 +378,7 @@ def test_paper_profile_budgets_are_iterations_with_validation_inside(paper_run):
     repo, _, _, _ = paper_run
     import yaml
 
-    budget = yaml.safe_load((repo / "params.yaml").read_text())["paper"]["train"]
+    budget = yaml.safe_load((repo / "params.yaml").read_text())["train"]
     for name in CASCADE:
         live = json.loads((repo / "dvclive" / name / "metrics.json").read_text())
         assert live["iteration"] == budget[name]["max_iter"], (name, live)

@@ -9,13 +9,13 @@ from pathlib import Path
 
 import pytest
 import torch
-import yaml
 
 from pipeline.config import CASCADE, validate_params
 from pipeline.inference import export, speed
 from pipeline.models import fcn
 from pipeline.reports.model_card import model_card
 from tests.helpers import import_or_skip, write_val_shards
+from tests.repo_utils import profile_params, tiny_params, write_tiny_params
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -147,8 +147,7 @@ def test_latency_summary_percentiles():
 
 
 def sample_params() -> dict:
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    return {"profile": "sample", **validate_params({**raw, "profile": "sample"})}
+    return validate_params(tiny_params())
 
 
 def test_model_card_names_the_val_set_and_holds_the_metrics():
@@ -192,13 +191,13 @@ def test_model_card_names_the_val_set_and_holds_the_metrics():
     stage["max_iter"] = 1000  # an iteration budget replaces the epochs in the card
     card = model_card("fcn8s", params, metrics, report, val_set)
     assert "| iterations | 1000 (max_iter" in card and "| epochs |" not in card
-    full = {"profile": "full", **yaml.safe_load((REPO / "params.yaml").read_text())["full"]}
+    full = profile_params("full")
     metrics.pop("mean_dice")
     card = model_card("fcn32s", full, metrics, report, val_set_name(full))
     assert "## Metrics in % on PASCAL VOC 2012 val\n" in card and "Dice" not in card
     assert "ImageNet VGG16" in card and "generated" not in card
     assert "| upsampling | bilinear 32x, fixed |" in card
-    paper = {"profile": "paper", **yaml.safe_load((REPO / "params.yaml").read_text())["paper"]}
+    paper = profile_params("paper")
     card = model_card("fcn8s", paper, metrics, report, val_set_name(paper))
     assert "| upsampling | every layer fixed at bilinear (the release's lr_mult 0) |" in card
 
@@ -207,8 +206,8 @@ def test_model_card_names_the_val_set_and_holds_the_metrics():
 
 
 def test_params_without_the_new_sections_get_defaults():
-    raw = yaml.safe_load((REPO / "params.yaml").read_text())
-    del raw["sample"]["inference"], raw["sample"]["export"]
+    raw = tiny_params()
+    del raw["inference"], raw["export"]
     cfg = validate_params(raw)
     assert cfg["inference"] == {"warmup": 1, "repeats": 3, "val_images": 2}
     assert cfg["export"]["min_agreement"] == 0.999
@@ -228,11 +227,14 @@ def test_stage_help(stage: str):
 
 
 def _stage_repo(tmp_path: Path, val_dir: Path) -> Path:
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["sample"]["inference"] = {"warmup": 0, "repeats": 2, "val_images": 1}
-    params["sample"]["export"]["val_images"] = 1
-    params["sample"]["evaluate"]["device"] = "cpu"
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params))
+    write_tiny_params(
+        tmp_path / "params.yaml",
+        {
+            "inference": {"warmup": 0, "repeats": 2, "val_images": 1},
+            "export.val_images": 1,
+            "evaluate.device": "cpu",
+        },
+    )
     for name in CASCADE:
         fcn.save_model(tmp_path / "models" / f"{name}.pt", tiny(name))
         metrics = {"pixel_accuracy": 0.5, "mean_class_accuracy": 0.25, "mean_iou": 0.125}

@@ -65,14 +65,14 @@ def test_models_are_loadable_with_weights_only(sample_run):
 
 def test_fcn8s_param_change_reruns_only_fcn8s_and_its_downstream(run_copy):
     repo = run_copy
-    lr = TINY_SAMPLE["sample.train.fcn8s.lr"]
-    set_params(repo, {"sample.train.fcn8s.lr": lr / 2})  # any other value
+    lr = TINY_SAMPLE["train.fcn8s.lr"]
+    set_params(repo, {"train.fcn8s.lr": lr / 2})  # any other value
     out = run(["dvc", "repro"], repo)
     downstream = ["evaluate", "inference_report", "export_onnx"]  # all read models/fcn8s.pt
     assert stages_run(out.stdout) == ["train_fcn8s", *downstream], out.stdout
     # compare across commits: the param and the FCN-8s metrics changed, FCN-32s did not
     params = run(["dvc", "params", "diff"], repo).stdout
-    assert "sample.train.fcn8s.lr" in params, params
+    assert "train.fcn8s.lr" in params, params
     diff = json.loads(run(["dvc", "metrics", "diff", "--json"], repo).stdout)
     # FCN-8s' training summary changed (an output, not a metric); nothing upstream of it did.
     # (Its val scores may not: this test-sized run is too short to leave the all-background
@@ -95,16 +95,16 @@ def test_experiments_show_params_and_metrics(run_copy):
     # only train_fcn8s is targeted: a new experiment's params and results all the same, without
     # re-running evaluate, inference_report and export_onnx for each one
     out = run(
-        ["dvc", "exp", "run", "-n", "lr-low", "-S", "sample.train.fcn8s.lr=0.0005", "train_fcn8s"],
+        ["dvc", "exp", "run", "-n", "lr-low", "-S", "train.fcn8s.lr=0.0005", "train_fcn8s"],
         repo,
     )
     assert stages_run(out.stdout) == ["train_fcn8s"], out.stdout
     shown = run(["dvc", "exp", "show", "--csv"], repo).stdout
     header, *rows = shown.splitlines()
     assert "lr-low" in shown
-    assert "mean_iou" in header and "sample.train.fcn8s.lr" in header, header
+    assert "mean_iou" in header and "train.fcn8s.lr" in header, header
     # queue another one and run the queue; then branch off the first one
-    run(["dvc", "exp", "run", "--queue", "-S", "sample.train.fcn8s.lr=0.004", "train_fcn8s"], repo)
+    run(["dvc", "exp", "run", "--queue", "-S", "train.fcn8s.lr=0.004", "train_fcn8s"], repo)
     assert "Queued" in run(["dvc", "queue", "status"], repo).stdout
     run(["dvc", "exp", "run", "--run-all", "--jobs", "1"], repo, timeout=1200)
     table = run(["dvc", "exp", "show", "--csv"], repo).stdout

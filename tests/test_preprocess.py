@@ -12,7 +12,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import yaml
 from PIL import Image
 
 from pipeline.classes import COCO_TO_VOC, IGNORE_INDEX
@@ -30,6 +29,7 @@ from pipeline.data.preprocess_image import (
 )
 from pipeline.data.preprocess_inputs import PreprocessError
 from pipeline.data.shards import ShardReader, ShardWriter
+from tests.repo_utils import tiny_params, write_params
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore:__array__ implementation:DeprecationWarning"),  # pycocotools
@@ -537,10 +537,8 @@ def test_stage_runs_with_params(small, repo_root, capsys):
     from stages.preprocess import main
 
     tmp, train, val, files = small
-    params = yaml.safe_load((repo_root / "params.yaml").read_text())
-    params["profile"] = "sample"
-    params["sample"]["preprocess"]["use_coco"] = False
-    (tmp / "params.yaml").write_text(yaml.safe_dump(params))
+    params = tiny_params({"preprocess.use_coco": False})
+    write_params(tmp / "params.yaml", params)
     out = tmp / "pre"
     rc = main(
         [
@@ -555,7 +553,7 @@ def test_stage_runs_with_params(small, repo_root, capsys):
     )
     assert rc == 0, capsys.readouterr().err
     report = json.loads((out / "report.json").read_text())
-    assert report["params"]["max_size"] == params["sample"]["preprocess"]["max_size"]
+    assert report["params"]["max_size"] == params["preprocess"]["max_size"]
     assert report["train"]["records"] == len(train) and report["val"]["records"] == len(val)
     rc = main(
         [

@@ -403,7 +403,7 @@ def test_preprocess_stage_on_a_full_disk_fails_and_leaves_nothing(small_disk, tm
 
     tar = tmp_path / "VOCtrainval_11-May-2012.tar"
     make_voc_sample(tar, seed=0, n_train=12, n_val=6, min_side=120, max_side=200)
-    overrides = {"sample.preprocess.use_coco": False, "sample.preprocess.workers": 1}
+    overrides = {"preprocess.use_coco": False, "preprocess.workers": 1}
     write_tiny_params(tmp_path / "params.yaml", overrides)
     out = small_disk.path / "preprocessed"
     small_disk.leave_free(32 << 10)

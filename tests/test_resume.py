@@ -64,7 +64,7 @@ from tests.repo_utils import (
 # epochs of 4 steps with a checkpoint every 2 steps (TINY_SAMPLE).
 MODELS = ("fcn32s", "fcn16s", "fcn8s")
 TIMEOUT_S = 300
-LR = TINY_SAMPLE["sample.train.fcn32s.lr"]
+LR = TINY_SAMPLE["train.fcn32s.lr"]
 
 
 def _checkpoints(repo: Path, name: str = "fcn32s") -> list[Path]:
@@ -128,14 +128,14 @@ def test_kill_9_under_exp_run_then_the_same_exp_run_resumes(prepared, reference,
 def test_params_a_b_a_restores_every_train_stage_from_the_run_cache(reference, tmp_path):
     repo = _clone(reference, tmp_path / "aba")
     first = {name: md5_file(repo / "models" / f"{name}.pt") for name in MODELS}
-    crop = TINY_SAMPLE["sample.train.crop_size"]
-    set_params(repo, {"sample.train.crop_size": crop // 2})  # declared by all three; a quick b
+    crop = TINY_SAMPLE["train.crop_size"]
+    set_params(repo, {"train.crop_size": crop // 2})  # declared by all three; a quick b
     out = run(["dvc", "repro"], repo, timeout=3 * TIMEOUT_S).stdout
     # the model cards (inference_report) state the crop size; export_onnx reads the models
     after = [f"train_{m}" for m in MODELS] + ["evaluate", *AFTER_EVALUATE]
     assert stages_run(out) == after, out
 
-    set_params(repo, {"sample.train.crop_size": crop})
+    set_params(repo, {"train.crop_size": crop})
     out = run(["dvc", "repro"], repo, timeout=TIMEOUT_S).stdout
     for stage in after:
         assert f"Stage '{stage}' is cached - skipping run, checking out outputs" in out, out
@@ -146,7 +146,7 @@ def test_params_a_b_a_restores_every_train_stage_from_the_run_cache(reference, t
 @pytest.mark.slow
 def test_kill_9_of_dvc_alone_leaves_no_trainer_and_the_rerun_resumes(prepared, tmp_path):
     repo = _clone(prepared, tmp_path / "orphan")
-    set_params(repo, {"sample.train.workers": 1})  # a loader worker too
+    set_params(repo, {"train.workers": 1})  # a loader worker too
     log = tmp_path / "orphan.log"
     # dvc runs stage commands with $SHELL -c; dash (Debian's /bin/sh) forks rather than execs
     # the last command, the case where a trainer could outlive dvc under an orphaned shell
@@ -186,21 +186,19 @@ def test_only_fcn32s_own_inputs_decide_whether_it_resumes(prepared, tmp_path):
     lr = LR
 
     # its own lr: starts over, says which key changed, keeps the interrupted state
-    out = run(
-        ["dvc", "exp", "run", "train_fcn32s", "-S", f"sample.train.fcn32s.lr={lr * 2}"], repo
-    ).stdout
+    out = run(["dvc", "exp", "run", "train_fcn32s", "-S", f"train.fcn32s.lr={lr * 2}"], repo).stdout
     assert f"not resuming the interrupted run in {ckpt.parent}" in out, out
-    assert f"sample.train.fcn32s.lr: {lr} -> {lr * 2}" in out, out
+    assert f"train.fcn32s.lr: {lr} -> {lr * 2}" in out, out
     assert "resuming from" not in out and ckpt.exists()
 
     # another stage's lr, the loader workers and the checkpoint cadence, in a queued
     # experiment (a temporary copy under .dvc/tmp/exps): resumes the interrupted run
     edits = {
-        "sample.train.fcn32s.lr": lr,
-        "sample.train.fcn8s.lr": lr * 3,
-        "sample.train.workers": 1,
-        "sample.train.checkpoint_every": 3,
-        "sample.train.checkpoint_minutes": 5,
+        "train.fcn32s.lr": lr,
+        "train.fcn8s.lr": lr * 3,
+        "train.workers": 1,
+        "train.checkpoint_every": 3,
+        "train.checkpoint_minutes": 5,
     }
     sets = [a for k, v in edits.items() for a in ("-S", f"{k}={v}")]
     run(["dvc", "exp", "run", "--queue", "train_fcn32s", *sets], repo)
@@ -314,24 +312,21 @@ def _inputs(tmp_path: Path, edit: Callable[[dict[str, Any]], None] | None = None
 
 def test_fingerprint_is_the_stage_declared_params_plus_init_and_data(tmp_path):
     keys = declared_params("train_fcn32s")
-    assert "${profile}.train.fcn32s" in keys and "${profile}.train.workers" not in keys
+    assert "train.fcn32s" in keys and "train.workers" not in keys
     base = _inputs(tmp_path)
     lr = LR
-    assert (
-        base.params["sample.train.fcn32s.lr"] == lr and "sample.train.fcn8s.lr" not in base.params
-    )
+    assert base.params["train.fcn32s.lr"] == lr and "train.fcn8s.lr" not in base.params
 
     def same(edit: Callable[[dict[str, Any]], None]) -> bool:
         return _inputs(tmp_path, edit).fingerprint() == base.fingerprint()
 
     t = "train"
-    assert same(lambda p: p["sample"][t]["fcn8s"].update(lr=0.5))
-    assert same(lambda p: p["sample"][t].update(workers=7))
-    assert same(lambda p: p["sample"][t].update(checkpoint_every=3, checkpoint_minutes=0.5))
-    assert same(lambda p: p["full"][t]["fcn32s"].update(lr=1.0))  # the other profile
-    assert not same(lambda p: p["sample"]["model"].update(width=0.25))
-    changed = _inputs(tmp_path, lambda p: p["sample"][t]["fcn32s"].update(lr=2 * lr))
-    assert changed.differences(base) == [f"sample.train.fcn32s.lr: {lr} -> {2 * lr}"]
+    assert same(lambda p: p[t]["fcn8s"].update(lr=0.5))
+    assert same(lambda p: p[t].update(workers=7))
+    assert same(lambda p: p[t].update(checkpoint_every=3, checkpoint_minutes=0.5))
+    assert not same(lambda p: p["model"].update(width=0.25))
+    changed = _inputs(tmp_path, lambda p: p[t]["fcn32s"].update(lr=2 * lr))
+    assert changed.differences(base) == [f"train.fcn32s.lr: {lr} -> {2 * lr}"]
     (tmp_path / "train" / INDEX_NAME).write_text("{}")  # other data
     assert _inputs(tmp_path).differences(base) == [
         "the train data (data/preprocessed/train changed)"

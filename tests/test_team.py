@@ -283,7 +283,7 @@ def experiment(team: Team, tmp_path_factory) -> Path:
     """Alice runs the experiment `lr-low` and pushes it: its commit to git, its models to DVC."""
     alice = copy_of(team, tmp_path_factory.mktemp("exp") / "alice")
     # only train_fcn8s is targeted: enough for a new FCN-8s model, and half the time
-    args = ["dvc", "exp", "run", "-n", "lr-low", "-S", "sample.train.fcn8s.lr=0.005", "train_fcn8s"]
+    args = ["dvc", "exp", "run", "-n", "lr-low", "-S", "train.fcn8s.lr=0.005", "train_fcn8s"]
     out = run(args, alice, timeout=1200)
     assert stages_run(out.stdout) == ["train_fcn8s"], out.stdout
     run(["dvc", "exp", "push", "origin", "lr-low"], alice)
@@ -300,9 +300,7 @@ def test_exp_push_then_pull_and_apply_in_another_clone(
     run(["dvc", "exp", "pull", "origin", "lr-low"], bob)
     assert "lr-low" in run(["dvc", "exp", "list", "--name-only"], bob).stdout
     run(["dvc", "exp", "apply", "lr-low"], bob)
-    assert yaml.safe_load((bob / "params.yaml").read_text())["sample"]["train"]["fcn8s"]["lr"] == (
-        0.005
-    )
+    assert yaml.safe_load((bob / "params.yaml").read_text())["train"]["fcn8s"]["lr"] == (0.005)
     # the experiment's models, FCN-8s new, the others those of main
     assert_has_the_models_of(bob, experiment)
     new = locked_md5(experiment, "models/fcn8s.pt")
@@ -323,7 +321,7 @@ def test_repro_pull_allow_missing_pulls_only_what_a_running_stage_needs(
     assert data_files(carol) == [] and cache_objects(carol) == 0
 
     # an evaluate-only change: evaluate runs, pulling exactly its inputs; nothing retrains
-    set_params(carol, {"sample.evaluate.qualitative_images": 1})
+    set_params(carol, {"evaluate.qualitative_images": 1})
     out = run(["dvc", "repro", "--pull", "--allow-missing"], carol)
     assert stages_run(out.stdout) == ["evaluate"], out.stdout
     present = data_files(carol)
@@ -358,11 +356,11 @@ def test_review_report_between_main_and_the_workspace_and_a_branch(experiment: P
     review = alice / "review"
     report = (review / "report.md").read_text()
     assert "main -> workspace" in report, report
-    assert "sample.train.fcn8s.lr" in (review / "params.md").read_text()
+    assert "train.fcn8s.lr" in (review / "params.md").read_text()
     # only train_fcn8s ran: its training summary is an output, not a metric (the curves are in
     # the plots); the metrics, evaluation and speed, are main's
     assert "dvclive" not in (review / "metrics.md").read_text()
-    for part in ("## Params", "## Metrics", "sample.train.fcn8s.lr", "## Plots"):
+    for part in ("## Params", "## Metrics", "train.fcn8s.lr", "## Plots"):
         assert part in report, (part, report)
     page = (review / "plots" / "index.html").read_text()
     assert "dvclive/fcn8s/plots/metrics/train/loss.tsv" in page
@@ -371,7 +369,7 @@ def test_review_report_between_main_and_the_workspace_and_a_branch(experiment: P
     run(["dvc", "exp", "branch", "lr-low", "lr-low"], alice)
     run(["bash", str(REVIEW_SCRIPT), "main", "lr-low", "review-lr-low"], alice)
     branch_report = (alice / "review-lr-low" / "report.md").read_text()
-    assert "main -> lr-low" in branch_report and "sample.train.fcn8s.lr" in branch_report
+    assert "main -> lr-low" in branch_report and "train.fcn8s.lr" in branch_report
     assert (alice / "review-lr-low" / "plots" / "index.html").is_file()
 
     # no change: said in words, not as an empty table

@@ -22,7 +22,6 @@ from typing import Any
 
 import pytest
 import torch
-import yaml
 
 from pipeline.config import load_params
 from pipeline.evaluation.metrics import segmentation_scores
@@ -110,8 +109,8 @@ def test_fcn8s_from_scratch_overfits_eight_real_images(shards, tmp_path) -> None
 def make_repo(root: Path, shards: dict[str, Path], **train_overrides: Any) -> Path:
     """A directory the stage runs in: params.yaml (the test profile, changed) + preprocessed data."""
     train = {**FROM_SCRATCH_TRAIN, **train_overrides}
-    overrides = {f"sample.train.{k}": v for k, v in train.items()}
-    overrides.update({f"sample.model.{k}": v for k, v in FROM_SCRATCH_MODEL.items()})
+    overrides = {f"train.{k}": v for k, v in train.items()}
+    overrides.update({f"model.{k}": v for k, v in FROM_SCRATCH_MODEL.items()})
     root.mkdir(parents=True)
     write_tiny_params(root / "params.yaml", overrides)
     shutil.copytree(shards["small"], root / "data" / "preprocessed" / "train")
@@ -570,7 +569,7 @@ def test_pickled_or_foreign_checkpoints_are_not_resumed(shards, tmp_path, capsys
     result = run_train("fcn32s", other, shards["small"], shards["val"], tmp_path / "foreign")
     out = capsys.readouterr().out
     assert f"not resuming the interrupted run in {foreign.slot}" in out, out
-    assert "sample.train.fcn32s.lr: 0.01 -> 0.02" in out, out
+    assert "train.fcn32s.lr: 0.01 -> 0.02" in out, out
     assert "resuming from" not in out and result["iterations"] == 4
     assert foreign.checkpoint_path.exists()
     fresh = run_train("fcn32s", other, shards["small"], shards["val"], tmp_path / "fresh")
@@ -810,9 +809,7 @@ def test_torchrun_command_several_nodes_meet_at_node_zero() -> None:
 
 def test_the_stage_refuses_several_nodes_without_an_endpoint(tmp_path) -> None:
     """The params check names the key, before any data is read or any process launched."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["sample"]["train"]["nnodes"] = 2
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
+    write_tiny_params(tmp_path / "params.yaml", {"train.nnodes": 2})
     p = subprocess.run(
         [sys.executable, "-m", "stages.train", "fcn32s", "--params", str(tmp_path / "params.yaml")],
         cwd=tmp_path,
@@ -822,5 +819,5 @@ def test_the_stage_refuses_several_nodes_without_an_endpoint(tmp_path) -> None:
         timeout=120,
     )
     assert p.returncode != 0
-    assert "sample.train.rdzv_endpoint: must be set" in p.stderr, p.stderr[-2000:]
+    assert "train.rdzv_endpoint: must be set" in p.stderr, p.stderr[-2000:]
     assert "torch.distributed.run" not in p.stdout

@@ -46,7 +46,8 @@ log = logging.getLogger(__name__)
 
 DEFAULT_HINT = (
     "To use a copy you already have, add its local path or a file:// URL to this source's "
-    "`urls` list in params.yaml (for example `full.download.voc.urls`); sources are tried in order."
+    "`urls` list of the profile (for example `download.voc.urls` in conf/profile/full.yaml); "
+    "sources are tried in order."
 )
 
 

@@ -60,7 +60,7 @@ def fingerprint(obj: Any) -> str:
 
 
 def declared_params(stage: str, dvc_yaml: Path = PROJECT_DVC_YAML) -> list[str]:
-    """The params keys `stage` declares in dvc.yaml, as written there (`${profile}.train.lr`).
+    """The params keys `stage` declares in dvc.yaml, as written there (`train.lr`).
 
     dvc.yaml is the one list: DVC re-runs the stage when one of these changes, and a resume
     state is reused only while none of them has changed.
@@ -85,14 +85,13 @@ def declared_params(stage: str, dvc_yaml: Path = PROJECT_DVC_YAML) -> list[str]:
 
 
 def resolve_params(keys: list[str], cfg: dict[str, Any]) -> dict[str, Any]:
-    """{full dotted key: value} of the declared `keys` in `cfg` (the active profile's section
-    plus `profile`), `${profile}` resolved; a key naming a section becomes one entry per leaf
-    (`sample.train.fcn32s` -> `sample.train.fcn32s.lr`, `.epochs`), so a change names its key.
+    """{full dotted key: value} of the declared `keys` in `cfg` (`load_params`' dict); a key
+    naming a section becomes one entry per leaf (`train.fcn32s` -> `train.fcn32s.lr`,
+    `.epochs`), so a change names its key.
 
     Raises:
-        KeyError: a key is not in the active profile.
+        KeyError: a key is not in params.
     """
-    profile = cfg["profile"]
     flat: dict[str, Any] = {}
 
     def add(key: str, value: Any) -> None:
@@ -102,18 +101,12 @@ def resolve_params(keys: list[str], cfg: dict[str, Any]) -> dict[str, Any]:
         else:
             flat[key] = value
 
-    for raw in keys:
-        key = raw.replace("${profile}", profile)
+    for key in keys:
         parts = key.split(".")
-        if parts == ["profile"]:
-            add(key, profile)
-            continue
-        if parts[0] != profile:
-            raise KeyError(f"{raw}: not a key of the active profile {profile!r}")
         node: Any = cfg
-        for i, part in enumerate(parts[1:], start=1):
+        for i, part in enumerate(parts):
             if not isinstance(node, dict) or part not in node:
-                raise KeyError(f"{raw}: {'.'.join(parts[: i + 1])} is not in params")
+                raise KeyError(f"{key}: {'.'.join(parts[: i + 1])} is not in params")
             node = node[part]
         add(key, node)
     return flat
