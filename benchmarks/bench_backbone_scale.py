@@ -12,7 +12,7 @@ this measures, on real VOC sample images, full-width FCN-32s:
    gradients w.r.t. the score_fr, fc7 and conv1_1 weights; one SGD step at the release rate
    relative to the weight RMS, and what that step does to the logits; the top curvature of the
    summed loss in the score layer (power iteration), as lr x lambda_max;
-2. 50 iterations of the `paper` profile's recipe (params.yaml: batch 1, summed loss, lr 1e-10
+2. 50 iterations of the `paper` profile's recipe (conf/profile/paper.yaml: batch 1, summed loss, lr 1e-10
    fixed, momentum 0.99, weight decay 5e-4, biases 2x, dropout 0.5, upsampling fixed) through
    the project's own model, solver and step code: the loss per iteration (finite? falling?),
    then the probe again, and how much of each layer's weights the 50 updates changed at all.
@@ -74,12 +74,11 @@ sys.path.insert(0, str(REPO))  # this checkout's `pipeline`
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
-import yaml  # noqa: E402
 from machine import machine_line, shared_data  # noqa: E402  (benchmarks/machine.py)
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from pipeline.config import validate_params  # noqa: E402
+from pipeline.config import compose_profile, validate_params  # noqa: E402
 from pipeline.data.datasets import decode_image_rgb, decode_label  # noqa: E402
 from pipeline.data.transforms import eval_transform, train_transform  # noqa: E402
 from pipeline.device import grad_scaler, resolve_precision  # noqa: E402
@@ -129,10 +128,8 @@ class Probe:
 
 
 def paper_recipe() -> tuple[TrainConfig, ModelConfig]:
-    """The `paper` profile of params.yaml, typed."""
-    params = yaml.safe_load((REPO / "params.yaml").read_text())
-    params["profile"] = "paper"
-    cfg = copy.deepcopy(validate_params(params))
+    """The `paper` profile (conf/profile/paper.yaml, as Hydra composes it), typed."""
+    cfg = copy.deepcopy(validate_params(compose_profile("paper", REPO / "conf")))
     return train_config(cfg), model_config(cfg)
 
 
