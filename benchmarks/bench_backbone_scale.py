@@ -78,12 +78,13 @@ from machine import machine_line, shared_data  # noqa: E402  (benchmarks/machine
 from torch import nn  # noqa: E402
 from torch.func import functional_call  # noqa: E402
 
-from pipeline.config import compose_profile, validate_params  # noqa: E402
+from pipeline.config import validate_params  # noqa: E402
 from pipeline.data.datasets import decode_image_rgb, decode_label  # noqa: E402
 from pipeline.data.transforms import eval_transform, train_transform  # noqa: E402
 from pipeline.device import grad_scaler, resolve_precision  # noqa: E402
 from pipeline.models.fcn import NORMALIZATION, CaffeInput  # noqa: E402
 from pipeline.models.surgery import fix_upsampling, load_vgg16_backbone  # noqa: E402
+from pipeline.profiles import compose_profile  # noqa: E402
 from pipeline.training.recipe import ModelConfig, TrainConfig, model_config, train_config  # noqa: E402
 from pipeline.training.solver import make_optimizer, summed_loss  # noqa: E402
 from pipeline.training.start import build_initial_model, set_dropout  # noqa: E402

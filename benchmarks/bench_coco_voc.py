@@ -53,9 +53,9 @@ from machine import cpu_model  # noqa: E402  (benchmarks/machine.py)
 from pycocotools import mask as mask_utils  # noqa: E402
 
 from pipeline.classes import COCO_CATEGORIES  # noqa: E402
-from pipeline.config import compose_profile
 from pipeline.data.coco_paint import convert_task, label_map_from_rles, union_rle  # noqa: E402
 from pipeline.data.coco_voc import plan_split  # noqa: E402
+from pipeline.profiles import compose_profile
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN2017_IMAGES = 118287

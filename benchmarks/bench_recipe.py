@@ -46,8 +46,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from machine import machine_line, shared_data  # noqa: E402  (benchmarks/machine.py)
 
-from pipeline.config import compose_profile, validate_params  # noqa: E402
+from pipeline.config import validate_params  # noqa: E402
 from pipeline.data.preprocess import preprocess_voc  # noqa: E402
+from pipeline.profiles import compose_profile  # noqa: E402
 from pipeline.training.train import train  # noqa: E402
 
 RECIPES = {

@@ -39,8 +39,9 @@ from machine import machine_line  # noqa: E402  (benchmarks/machine.py)
 from torch.utils.flop_counter import FlopCounterMode  # noqa: E402
 
 from pipeline.classes import NUM_CLASSES  # noqa: E402
-from pipeline.config import CASCADE, architecture, compose_profile  # noqa: E402
+from pipeline.config import CASCADE, architecture  # noqa: E402
 from pipeline.models.fcn import build_model  # noqa: E402
+from pipeline.profiles import compose_profile  # noqa: E402
 from pipeline.training.pretrain import CROP_SIZE, vgg16_bn_classifier  # noqa: E402
 from pipeline.training.recipe import train_config  # noqa: E402
 from pipeline.training.solver import iteration_budget, summed_loss  # noqa: E402

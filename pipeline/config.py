@@ -407,9 +407,7 @@ def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
     if not isinstance(params, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level")
     profile = params.get("profile")
-    errors = (
-        [] if profile in PROFILES else [f"profile: {profile!r} is not one of {', '.join(PROFILES)}"]
-    )
+    errors = [] if profile in PROFILES else [f"profile: {profile!r} is not one of {PROFILES}"]
     sections = {k: v for k, v in params.items() if k != "profile"}
     _checksums_as_text(sections)
     errs = validate_tree(sections, SCHEMA, "")
@@ -428,7 +426,7 @@ TEXT_KEYS = frozenset({"md5", "sha256_prefix"})
 _NUMBER_TAGS = ("tag:yaml.org,2002:int", "tag:yaml.org,2002:float")
 
 
-class _ParamsLoader(yaml.SafeLoader):
+class ParamsLoader(yaml.SafeLoader):
     """PyYAML's YAML 1.1 plus YAML 1.2 floats without a dot (`1e-10`): DVC writes params.yaml
     in YAML 1.2, so `dvc exp run -S train.fcn32s.lr=1e-10` leaves `lr: 1e-10` there.
     Numbers under `TEXT_KEYS` are read as their text."""
@@ -445,7 +443,7 @@ class _ParamsLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-_ParamsLoader.add_implicit_resolver(
+ParamsLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?[0-9][0-9_]*[eE][-+]?[0-9]+$"),
     list("-+0123456789"),
@@ -464,31 +462,10 @@ def load_params(path: str | os.PathLike = "params.yaml") -> dict[str, Any]:
     except FileNotFoundError:
         raise ParamsError(f"{path}: not found (run from the repository root)") from None
     try:
-        params = yaml.load(text, Loader=_ParamsLoader)
+        params = yaml.load(text, Loader=ParamsLoader)
     except yaml.YAMLError as e:
         raise ParamsError(f"{path}: not valid YAML: {e}") from None
     return validate_params(params, str(path))
-
-
-def compose_profile(profile: str, conf_dir: str | os.PathLike = "conf") -> dict[str, Any]:
-    """params.yaml's content for `profile` as `dvc exp run -S profile=<profile>` writes it:
-    Hydra's composition of `conf_dir` (DVC's own `compose_and_dump`), not validated.
-    For code that needs another profile than the active one (benchmarks, tests).
-
-    Raises:
-        ParamsError: `profile` is not one of PROFILES.
-    """
-    import tempfile
-
-    from dvc.utils.hydra import compose_and_dump
-
-    if profile not in PROFILES:
-        raise ParamsError(f"profile {profile!r} is not one of {', '.join(PROFILES)}")
-    conf = Path(conf_dir).resolve()
-    with tempfile.TemporaryDirectory() as d:
-        out = Path(d) / "params.yaml"
-        compose_and_dump(out, str(conf), None, "config", str(conf.parent), [f"profile={profile}"])
-        return yaml.load(out.read_text(), Loader=_ParamsLoader)
 
 
 def checked_section(cfg: Mapping[str, Any], section: str) -> dict[str, Any]:

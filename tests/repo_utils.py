@@ -108,7 +108,7 @@ TINY_SAMPLE: dict[str, Any] = {
 def profile_params(profile: str = "sample", root: Path = REPO) -> dict[str, Any]:
     """`profile` as Hydra composes it from `root`/conf (what `dvc exp run -S profile=<profile>`
     writes to params.yaml): every key the schema wants, in the file's layout."""
-    from pipeline.config import compose_profile
+    from pipeline.profiles import compose_profile
 
     return compose_profile(profile, root / "conf")
 
