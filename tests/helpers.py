@@ -283,7 +283,29 @@ V1_TYPES = {
 
 
 def caffe_channels(c: int, width: float) -> int:
+    """A Caffe layer's `c` outputs at `width` (rounded, at least 1); fc8's 1,000 ImageNet
+    classes are not a width."""
     return c if c == 1000 else max(1, int(math.floor(c * width + 0.5)))
+
+
+def random_images(seed: int, h: int, w: int) -> torch.Tensor:
+    """Two random uint8 RGB images [2, 3, h, w], the same for a seed."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=g)
+
+
+def assert_matches_caffe(got: torch.Tensor, ref: torch.Tensor) -> None:
+    """`got` (the project's net on the pipeline's input) equals `ref` (a Caffe-semantics
+    forward on BGR minus the mean) within float32 rounding.
+
+    Both run the same float32 convolutions on the same weights; only the input is formed
+    differently (normalize + CaffeInput vs a subtraction): a few float32 ulps (eps 1.2e-7) per
+    input value, which 15-16 conv layers with reductions of up to 7*7*C terms carry to ~1e-6 of
+    the largest output (measured 0.7-1e-6). 1e-5 leaves a 10x margin and is far below what a
+    wrong layout, flatten order, channel order or crop gives (order 1)."""
+    assert got.shape == ref.shape
+    assert ref.abs().max() > 0  # the activations did not all die: the comparison means something
+    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
 def deploy_shapes(width: float = 1.0) -> dict[str, tuple[tuple[int, ...], tuple[int, ...]]]:

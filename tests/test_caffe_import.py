@@ -24,9 +24,16 @@ from pipeline.models import NET_CLASSES, FCN8sAtOnce, load_model, save_model
 from pipeline.models.caffe_import import ClassCountError, fcn_from_caffe, import_caffemodel
 from pipeline.models.caffe_proto import read_caffemodel, write_caffemodel
 from pipeline.models.fcn import CAFFE_MEAN_BGR, CaffeInput, build_model
-from tests.helpers import proto_field, proto_varint
+from tests.helpers import (
+    assert_matches_caffe,
+    caffe_channels,
+    proto_field,
+    proto_varint,
+    random_images,
+)
 
 SMALL = 1 / 16
+IMAGE_HW = (37, 53)  # odd sizes: every crop offset and ceil-mode pool is exercised
 C = 21
 BLOCKS = ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))  # VGG16: (block, convs in it)
 CHANNELS = {1: 64, 2: 128, 3: 256, 4: 512, 5: 512}
@@ -38,10 +45,6 @@ CAFFE_CROPS = {  # the Crop layers' offsets in the FCN repository's prototxts
 }
 # voc-fcn8s-atonce/net.py: L.Scale(pool, filler=dict(type='constant', value=...), lr_mult 0)
 ATONCE_FILLERS = {"scale_pool4": 0.01, "scale_pool3": 0.0001}
-
-
-def _ch(c: int, width: float = SMALL) -> int:
-    return max(1, int(math.floor(c * width + 0.5)))
 
 
 def caffe_blobs(
@@ -67,29 +70,29 @@ def caffe_blobs(
     in_c = 3
     for block, n in BLOCKS:
         for i in range(1, n + 1):
-            blobs[f"conv{block}_{i}"] = conv(_ch(CHANNELS[block], width), in_c, 3)
+            blobs[f"conv{block}_{i}"] = conv(caffe_channels(CHANNELS[block], width), in_c, 3)
             blobs[f"relu{block}_{i}"] = []
-            in_c = _ch(CHANNELS[block], width)
+            in_c = caffe_channels(CHANNELS[block], width)
         blobs[f"pool{block}"] = []
-    fc = _ch(4096, width)
+    fc = caffe_channels(4096, width)
     blobs.update(fc6=conv(fc, in_c, 7), fc7=conv(fc, fc, 1), score_fr=conv(C, fc, 1))
     if name == "fcn32s":
         blobs["upscore"] = deconv(64)
     else:
-        blobs.update(upscore2=deconv(4), score_pool4=conv(C, _ch(512, width), 1))
+        blobs.update(upscore2=deconv(4), score_pool4=conv(C, caffe_channels(512, width), 1))
         if name == "fcn16s":
             blobs["upscore16"] = deconv(32)
         else:
             blobs.update(
                 upscore_pool4=deconv(4),
-                score_pool3=conv(C, _ch(256, width), 1),
+                score_pool3=conv(C, caffe_channels(256, width), 1),
                 upscore8=deconv(16),
             )
     if name == "fcn8s_atonce":
         for pool, c in (("pool4", 512), ("pool3", 256)):
             value = ATONCE_FILLERS[f"scale_{pool}"]
             blobs[f"score_{pool}"][0] /= value
-            scale = np.full(_ch(c, width), value, np.float32)
+            scale = np.full(caffe_channels(c, width), value, np.float32)
             blobs[f"scale_{pool}"] = [scale] if scale_blobs else []
     blobs["score"] = []
     return blobs
@@ -136,22 +139,6 @@ def caffe_forward(name: str, blobs: dict[str, list[np.ndarray]], img: torch.Tens
     up4 = deconv(fuse4, "upscore_pool4", 2)
     fuse3 = up4 + crop(conv(pools[3], "score_pool3"), up4, crops["score_pool3c"])
     return crop(deconv(fuse3, "upscore8", 8), data, crops["score"])
-
-
-def _image(seed: int = 0, h: int = 37, w: int = 53) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=g)
-
-
-def _assert_matches_caffe(logits: torch.Tensor, ref: torch.Tensor) -> None:
-    # Both run the same float32 convolutions on the same weights; they differ only in how the
-    # input is formed (normalize + CaffeInput vs Caffe's subtraction): a rounding of a few
-    # float32 ulps (eps 1.2e-7) per input value, which 16 conv layers with reductions of up to
-    # 7*7*32 terms carry to the logits as ~1e-6 of the largest logit (measured: 0.7-1e-6).
-    # 1e-5 leaves a 10x margin and is far below what a wrong layout, channel order or crop
-    # gives (order 1).
-    assert logits.shape == ref.shape
-    torch.testing.assert_close(logits, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
 
 
 # --- the byte format -------------------------------------------------------------------------
@@ -275,9 +262,9 @@ def test_imported_net_computes_the_caffe_net(name: str, tmp_path) -> None:
     model = fcn_from_caffe(name, read)
     assert (model.arch, model.num_classes, model.width) == (name, 21, SMALL)
     assert isinstance(model.input_adapter, CaffeInput) and not model.training
-    img = _image()
+    img = random_images(0, *IMAGE_HW)
     with torch.no_grad():
-        _assert_matches_caffe(model(normalize(img)), caffe_forward(name, blobs, img))
+        assert_matches_caffe(model(normalize(img)), caffe_forward(name, blobs, img))
 
 
 def test_v1_layers_file_imports_the_same(tmp_path) -> None:
@@ -286,14 +273,14 @@ def test_v1_layers_file_imports_the_same(tmp_path) -> None:
     write_caffemodel(new, blobs)
     write_caffemodel(old, blobs, v1=True)
     read = read_caffemodel(old)
-    assert read["fc7"][1].shape == (1, 1, 1, _ch(4096))  # a legacy 4-D bias
+    assert read["fc7"][1].shape == (1, 1, 1, caffe_channels(4096, SMALL))  # a legacy 4-D bias
     a, b = fcn_from_caffe("fcn16s", read_caffemodel(new)), fcn_from_caffe("fcn16s", read)
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
 
 
 def test_wrong_shape_missing_blob_or_layer_name_the_layer() -> None:
-    fc = _ch(4096)
+    fc = caffe_channels(4096, SMALL)
     blobs = caffe_blobs("fcn8s")
     blobs["score_fr"] = [np.zeros((C, fc + 1, 1, 1), np.float32), blobs["score_fr"][1]]
     with pytest.raises(
@@ -326,7 +313,7 @@ def test_wrong_shape_missing_blob_or_layer_name_the_layer() -> None:
 
 
 def test_atonce_imports_with_or_without_scale_blobs(tmp_path) -> None:
-    img = _image(seed=4)
+    img = random_images(4, *IMAGE_HW)
     ref = caffe_forward("fcn8s_atonce", caffe_blobs("fcn8s_atonce"), img)
     for scale_blobs in (True, False):
         blobs = caffe_blobs("fcn8s_atonce", scale_blobs=scale_blobs)
@@ -338,11 +325,11 @@ def test_atonce_imports_with_or_without_scale_blobs(tmp_path) -> None:
         assert type(model) is FCN8sAtOnce and (model.num_classes, model.width) == (C, SMALL)
         assert not any("scale" in k for k in model.state_dict())
         with torch.no_grad():
-            _assert_matches_caffe(model(normalize(img)), ref)
+            assert_matches_caffe(model(normalize(img)), ref)
     # a legacy V1 file stores the scales as (1, 1, 1, C): the same model
     v1 = tmp_path / "v1.caffemodel"
     write_caffemodel(v1, caffe_blobs("fcn8s_atonce"), v1=True)
-    assert read_caffemodel(v1)["scale_pool3"][0].shape == (1, 1, 1, _ch(256))
+    assert read_caffemodel(v1)["scale_pool3"][0].shape == (1, 1, 1, caffe_channels(256, SMALL))
     a, b = fcn_from_caffe("fcn8s_atonce", read_caffemodel(v1)), model
     for (ka, va), (kb, vb) in zip(a.state_dict().items(), b.state_dict().items(), strict=True):
         assert ka == kb and torch.equal(va, vb)
@@ -352,13 +339,13 @@ def test_atonce_reference_sees_the_scales() -> None:
     """Control: the comparison above fails for a net whose scales are 10% off."""
     blobs = caffe_blobs("fcn8s_atonce")
     model = fcn_from_caffe("fcn8s_atonce", blobs)
-    img = _image(seed=5)
+    img = random_images(5, *IMAGE_HW)
     with torch.no_grad():
         logits = model(normalize(img))
     for layer, value in ATONCE_FILLERS.items():
         off = {**blobs, layer: [np.full_like(blobs[layer][0], value * 1.1)]}
         with pytest.raises(AssertionError):
-            _assert_matches_caffe(logits, caffe_forward("fcn8s_atonce", off, img))
+            assert_matches_caffe(logits, caffe_forward("fcn8s_atonce", off, img))
 
 
 def test_atonce_scale_blobs_must_hold_the_constants() -> None:
@@ -376,14 +363,16 @@ def test_atonce_scale_blobs_must_hold_the_constants() -> None:
         blobs[layer][0][1] = np.nextafter(np.float32(value), np.float32(0))
         fcn_from_caffe("fcn8s_atonce", blobs)
     blobs = caffe_blobs("fcn8s_atonce")
-    blobs["scale_pool4"] = [np.full(_ch(256), 0.01, np.float32)]  # pool3's channels
+    blobs["scale_pool4"] = [
+        np.full(caffe_channels(256, SMALL), 0.01, np.float32)
+    ]  # pool3's channels
     with pytest.raises(
         ValueError,
-        match=rf"'scale_pool4' scale blob has shape \({_ch(256)},\), expected \({_ch(512)},\)",
+        match=rf"'scale_pool4' scale blob has shape \({caffe_channels(256, SMALL)},\), expected \({caffe_channels(512, SMALL)},\)",
     ):
         fcn_from_caffe("fcn8s_atonce", blobs)
     blobs = caffe_blobs("fcn8s_atonce")
-    blobs["scale_pool3"].append(np.zeros(_ch(256), np.float32))  # a bias term
+    blobs["scale_pool3"].append(np.zeros(caffe_channels(256, SMALL), np.float32))  # a bias term
     with pytest.raises(ValueError, match=r"'scale_pool3' has 2 blobs"):
         fcn_from_caffe("fcn8s_atonce", blobs)
     blobs = caffe_blobs("fcn8s_atonce")
@@ -426,10 +415,10 @@ def test_model_file_round_trip_keeps_the_normalisation(tmp_path) -> None:
     assert not any(k.startswith("input_adapter") for k in raw["state_dict"])
     loaded = load_model(out)
     assert isinstance(loaded.input_adapter, CaffeInput) and loaded.normalization == "imagenet"
-    img = _image(seed=3)
+    img = random_images(3, *IMAGE_HW)
     ref = caffe_forward("fcn8s", blobs, img)
     with torch.no_grad():
-        _assert_matches_caffe(loaded(normalize(img)), ref)
+        assert_matches_caffe(loaded(normalize(img)), ref)
     # predict (and evaluate, which calls it) feed the pipeline's input unchanged
     labels = predict_labels(loaded, img)
     assert (labels == ref.argmax(1)).float().mean() > 0.999
@@ -496,9 +485,9 @@ def test_cli_help_and_errors(tmp_path, capsys) -> None:
     assert torch.load(out, weights_only=True)["arch"] == "fcn8s_atonce"
     loaded = load_model(out)
     assert type(loaded) is FCN8sAtOnce and isinstance(loaded.input_adapter, CaffeInput)
-    img = _image(seed=7)
+    img = random_images(7, *IMAGE_HW)
     with torch.no_grad():
-        _assert_matches_caffe(loaded(normalize(img)), caffe_forward("fcn8s_atonce", blobs, img))
+        assert_matches_caffe(loaded(normalize(img)), caffe_forward("fcn8s_atonce", blobs, img))
     heavy = tmp_path / "fcn8s-heavy-pascal.caffemodel"
     write_caffemodel(heavy, caffe_blobs("fcn8s"))
     assert main([str(heavy), "--model", "fcn8s_atonce", "--out", str(tmp_path / "h.pt")]) == 1

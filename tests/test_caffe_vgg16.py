@@ -48,10 +48,12 @@ from pipeline.models.fcn import CAFFE_MEAN_BGR, CaffeInput, build_model
 from pipeline.models.surgery import load_vgg16_backbone, random_vgg16_state_dict
 from tests.helpers import (
     DEPLOY,
+    assert_matches_caffe,
     caffe_channels,
     caffe_vgg16_blobs,
     deploy_shapes,
     encode_caffe_vgg16,
+    random_images,
 )
 
 SMALL = 1 / 16  # the width of the test files (fc8 keeps 1,000 outputs)
@@ -115,22 +117,6 @@ def fcn_fc7(model: torch.nn.Module, img: torch.Tensor) -> torch.Tensor:
     return got[0]
 
 
-def _image(seed: int, h: int, w: int) -> torch.Tensor:
-    g = torch.Generator().manual_seed(seed)
-    return torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8, generator=g)
-
-
-def _assert_close(got: torch.Tensor, ref: torch.Tensor) -> None:
-    # The same float32 convolutions on the same weights; only the input is formed differently
-    # (normalize + CaffeInput vs a subtraction): a few float32 ulps (eps 1.2e-7) per input
-    # value, carried through 15 layers to ~1e-6 of the largest activation. 1e-5 leaves a 10x
-    # margin and stays far below what a wrong layout, flatten order or channel order gives
-    # (order 1: test_the_comparison_sees_channel_and_flatten_order).
-    assert got.shape == ref.shape
-    assert ref.abs().max() > 0  # the activations did not all die: the comparison means something
-    torch.testing.assert_close(got, ref, rtol=0, atol=1e-5 * ref.abs().max().item())
-
-
 def _backbone(sd: dict[str, torch.Tensor], spec) -> torch.nn.Module:
     model = build_model("fcn32s", width=SMALL)
     load_vgg16_backbone(model, sd, source="converted")
@@ -171,10 +157,10 @@ def test_converted_backbone_computes_the_caffe_classifier_fc7(tmp_path, v1: bool
     assert spec == CaffeInput().spec() and all(v.dtype == torch.float32 for v in sd.values())
     model = _backbone(sd, spec)
     model.features[0].padding = (1, 1)  # the classifier's geometry (see the module docstring)
-    img = _image(seed=2, h=224, w=224)
+    img = random_images(seed=2, h=224, w=224)
     got = fcn_fc7(model, img)
     assert got.shape[2:] == (1, 1)
-    _assert_close(got.flatten(1), caffe_fc7(blobs, img, spec["mean_bgr"]))
+    assert_matches_caffe(got.flatten(1), caffe_fc7(blobs, img, spec["mean_bgr"]))
 
 
 def test_fcn_fc7_is_the_fully_convolutional_caffe_vgg16(tmp_path) -> None:
@@ -183,17 +169,17 @@ def test_fcn_fc7_is_the_fully_convolutional_caffe_vgg16(tmp_path) -> None:
     blobs = caffe_vgg16_blobs(seed=3)
     sd = vgg16_state_dict_from_caffe(write(tmp_path, blobs))
     model = _backbone(sd, CaffeInput().spec())
-    img = _image(seed=4, h=70, w=100)
+    img = random_images(seed=4, h=70, w=100)
     got = fcn_fc7(model, img)
     assert got.shape[2:] == (3, 4)
-    _assert_close(got, caffe_fcn_fc7(blobs, img, CAFFE_MEAN_BGR))
+    assert_matches_caffe(got, caffe_fcn_fc7(blobs, img, CAFFE_MEAN_BGR))
 
 
 def test_the_comparison_sees_channel_and_flatten_order(tmp_path) -> None:
     """Control: RGB instead of BGR in conv1_1, or fc6 read as (H, W, C), fails the comparison."""
     blobs = caffe_vgg16_blobs(seed=5)
     sd = vgg16_state_dict_from_caffe(write(tmp_path, blobs))
-    img = _image(seed=6, h=224, w=224)
+    img = random_images(seed=6, h=224, w=224)
     ref = caffe_fc7(blobs, img, CAFFE_MEAN_BGR)
     w6 = sd["classifier.0.weight"]
     c = sd["features.28.weight"].shape[0]
@@ -204,7 +190,7 @@ def test_the_comparison_sees_channel_and_flatten_order(tmp_path) -> None:
         model = _backbone({**sd, **bad}, CaffeInput().spec())
         model.features[0].padding = (1, 1)
         with pytest.raises(AssertionError):
-            _assert_close(fcn_fc7(model, img).flatten(1), ref)
+            assert_matches_caffe(fcn_fc7(model, img).flatten(1), ref)
 
 
 def test_v1_layers_file_converts_as_the_v2_file(tmp_path) -> None:
@@ -362,7 +348,7 @@ def test_training_starts_each_backbone_on_its_own_input(tmp_path) -> None:
     assert tv.input_adapter is None and tv.weights_normalization == NORMALIZATION
     # the same tensors: with the adapter fc7 is the Caffe net's on Caffe's input, without it
     # not (the score layers start at zero, so compare fc7, not the logits)
-    img = _image(0, 40, 48)
+    img = random_images(0, 40, 48)
     ref = caffe_fcn_fc7(caffe_vgg16_blobs(seed=11), img, CAFFE_MEAN_BGR)
-    _assert_close(fcn_fc7(fcn32.eval(), img), ref)
+    assert_matches_caffe(fcn_fc7(fcn32.eval(), img), ref)
     assert not torch.allclose(fcn_fc7(tv.eval(), img), ref, rtol=0.1, atol=0.1)
