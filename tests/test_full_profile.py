@@ -30,7 +30,7 @@ from tests.repo_utils import ALL_STAGES, FOUR, copy_repo, run, stages_run
 pytestmark = pytest.mark.slow
 
 WIDTH = 0.0625  # CPU-sized VGG16; the served weights must have the model's width
-TRAIN_IMAGES, VAL_IMAGES = 32, 12  # of the sample's 76 VOC train and 32 val images
+TRAIN_IMAGES, VAL_IMAGES = 16, 4  # of the sample's 76 VOC train and 32 val images
 VGG_SEED = 1234  # not the sample profile's seed: the served file is not what `generate` makes
 
 # Tiny sizes and epochs; everything not named here stays as params.yaml's `full` section has it.
@@ -278,7 +278,7 @@ def test_metrics_of_the_three_models(full_run):
 
 # --- the `paper` profile: SBD train, seg11valid, the release's solver and backbone -------------
 
-PAPER_SCORED = 8  # seg11valid images of the sample put in val.txt
+PAPER_SCORED = 4  # seg11valid images of the sample put in val.txt
 PAPER_TINY: dict[str, Any] = {
     "model.width": WIDTH,
     "coco_to_voc.min_pixels": 100,
@@ -291,7 +291,7 @@ PAPER_TINY: dict[str, Any] = {
     "train.fcn32s.max_iter": 6,
     "train.fcn16s.max_iter": 4,
     "train.fcn8s.max_iter": 4,
-    # 8 of the 736: allowed here, and the summary says it is a subset
+    # 4 of the 736: allowed here, and the summary says it is a subset
     "evaluate.allow_partial_split": True,
     "evaluate.qualitative_images": 2,
 }
@@ -318,7 +318,7 @@ def paper_sbd(voc_sample: Path, sbd_train: list[str], sbd_val: list[str], out: P
 def paper_run(tmp_path_factory, voc_sample, coco_sample):
     """`dvc exp run -S profile=paper ... evaluate` against a local server. As in reality, SBD
     re-annotates VOC images, SBD train holds none of seg11valid and VOC val.txt holds all of
-    the seg11valid images there are (here: 8 of the sample's)."""
+    the seg11valid images there are (here: 4 of the sample's)."""
     from pipeline.data.splits import seg11valid_ids
 
     seg = voc_sample / "ImageSets" / "Segmentation"
@@ -383,7 +383,7 @@ def test_paper_profile_budgets_are_iterations_with_validation_inside(paper_run):
         live = json.loads((repo / "dvclive" / name / "metrics.json").read_text())
         assert live["iteration"] == budget[name]["max_iter"], (name, live)
         assert math.isfinite(live["train"]["loss"]), (name, live)
-    # FCN-32s: 6 iterations over the 32 SBD images, scored at 3 and at the end
+    # FCN-32s: 6 iterations over the 16 SBD images, scored at 3 and at the end
     curve = repo / "dvclive" / "fcn32s" / "plots" / "metrics" / "val" / "mean_iou.tsv"
     assert len(curve.read_text().splitlines()) == 1 + 2
 
