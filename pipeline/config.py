@@ -38,10 +38,16 @@ def architecture(stage: str, train: Mapping[str, Any]) -> str:
 
 
 def initialised_from(stage: str, train: Mapping[str, Any]) -> str | None:
+    """The stage whose model file `stage` starts from (`previous_stage`), from the params'
+    train section `train`."""
+    return previous_stage(stage, architecture(stage, train) == ATONCE)
+
+
+def previous_stage(stage: str, at_once: bool) -> str | None:
     """The stage whose model file `stage` starts from (FCN-16s from FCN-32s, FCN-8s from
     FCN-16s: the paper's staged training), or None: from VGG16 (FCN-32s, at-once FCN-8s)."""
     i = CASCADE.index(stage)
-    return None if i == 0 or architecture(stage, train) == ATONCE else CASCADE[i - 1]
+    return None if i == 0 or at_once else CASCADE[i - 1]
 
 
 class Spec:

@@ -24,18 +24,18 @@ if __package__ in (None, ""):  # run as `python stages/coco_to_voc.py`: make `pi
 from pipeline.atomic import atomic_dir, atomic_write_json, remove_path  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data.coco_voc import ID_LIST_CAP, CocoFormatError, convert_split  # noqa: E402
+from pipeline.data.settings import CocoToVocConfig, coco_to_voc_config  # noqa: E402
 from pipeline.inputs import require_inputs, stage_main, stage_parser  # noqa: E402
 
 ANNOTATIONS_ZIP = "annotations_trainval2017.zip"
 
 
-def run(cfg: dict, raw_dir: Path, out: Path, progress: bool = True) -> dict:
-    """Convert every configured split into `out` (atomically, as a whole); return the report."""
-    c = cfg["coco_to_voc"]
+def run(c: CocoToVocConfig, raw_dir: Path, out: Path, progress: bool = True) -> dict:
+    """Convert every split of `c` into `out` (atomically, as a whole); return the report."""
     require_inputs(
         {
             raw_dir / ANNOTATIONS_ZIP: "download_coco",
-            **{raw_dir / f"{split}.zip": "download_coco" for split in c["splits"]},
+            **{raw_dir / f"{split}.zip": "download_coco" for split in c.splits},
         }
     )
     for stale in out.parent.glob(f".{out.name}.*.tmp"):  # a killed run's leftovers, ours only
@@ -43,23 +43,26 @@ def run(cfg: dict, raw_dir: Path, out: Path, progress: bool = True) -> dict:
     t0 = time.perf_counter()
     report: dict = {
         "params": {
-            k: c[k] for k in ("splits", "min_pixels", "shard_size", "max_rejected_fraction")
+            "splits": list(c.splits),
+            "min_pixels": c.min_pixels,
+            "shard_size": c.shard_size,
+            "max_rejected_fraction": c.max_rejected_fraction,
         },
         "id_list_cap": ID_LIST_CAP,
         "splits": {},
     }
     with atomic_dir(out) as tmp:
-        for split in c["splits"]:
+        for split in c.splits:
             report["splits"][split] = convert_split(
                 raw_dir / ANNOTATIONS_ZIP,
                 raw_dir / f"{split}.zip",
                 split,
                 tmp / split,
-                min_pixels=c["min_pixels"],
-                workers=c["workers"],
-                shard_size=c["shard_size"],
+                min_pixels=c.min_pixels,
+                workers=c.workers,
+                shard_size=c.shard_size,
                 progress=progress,
-                max_rejected_fraction=c["max_rejected_fraction"],
+                max_rejected_fraction=c.max_rejected_fraction,
             )
         atomic_write_json(tmp / "report.json", reproducible(report))
     report["total_s"] = round(time.perf_counter() - t0, 3)
@@ -96,7 +99,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--no-progress", action="store_true", help="no progress bar")
     args = ap.parse_args(argv)
-    report = run(load_params(args.params), args.raw_dir, args.out, not args.no_progress)
+    c = coco_to_voc_config(load_params(args.params))
+    report = run(c, args.raw_dir, args.out, not args.no_progress)
     for split, r in report["splits"].items():
         dropped = {k: v["count"] for k, v in r["images_dropped"].items() if v["count"]}
         skipped = {

@@ -19,6 +19,7 @@ if __package__ in (None, ""):  # run as `python stages/data_card.py`: make `pipe
 
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data.label_counts import DataCardError  # noqa: E402
+from pipeline.data.settings import download_config  # noqa: E402
 from pipeline.inputs import require_inputs, stage_main, stage_parser  # noqa: E402
 from pipeline.reports.data_card import (  # noqa: E402
     CARD,
@@ -65,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
         args.data,
         args.coco_report,
         args.out,
-        generate_sample=params["download"]["generate_sample"],
+        generate_sample=download_config(params).generate_sample,
         workers=args.workers,
     )
     for source, splits in counts_json(counts).items():

@@ -15,10 +15,10 @@ before running it, and a 19 GB partial must survive that to be resumed by the ne
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sys
 from pathlib import Path
-from typing import Any
 
 if __package__ in (None, ""):  # run as `python stages/download.py`: make `pipeline` importable
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -27,7 +27,9 @@ from pipeline.atomic import atomic_write_json  # noqa: E402
 from pipeline.config import load_params  # noqa: E402
 from pipeline.data.download import fetch  # noqa: E402
 from pipeline.data.download_verify import DownloadError  # noqa: E402
+from pipeline.data.settings import DownloadConfig, download_config  # noqa: E402
 from pipeline.inputs import stage_main, stage_parser  # noqa: E402
+from pipeline.training.recipe import model_config  # noqa: E402
 
 RAW = Path("data/raw")
 PARTIAL = Path("data/partial")
@@ -62,61 +64,67 @@ CAFFE_VGG16_REPORT = {
 TARGETS = ("voc", "coco", "sbd", "vgg16")
 
 
-def _fetch_source(cfg: dict[str, Any], key: str, dest: Path, progress: bool) -> Path:
-    src = cfg["download"][key]
+def _fetch_source(d: DownloadConfig, key: str, dest: Path, progress: bool, profile: str) -> Path:
+    src = getattr(d, key)
     return fetch(
-        src["urls"],
+        list(src.urls),
         dest,
-        md5=src.get("md5"),
-        sha256_prefix=src.get("sha256_prefix"),
-        size=src.get("size"),
-        retries=cfg["download"]["retries"],
-        timeout=float(cfg["download"]["timeout_s"]),
+        md5=src.md5,
+        sha256_prefix=getattr(src, "sha256_prefix", None),  # vgg16 only
+        size=src.size,
+        retries=d.retries,
+        timeout=float(d.timeout_s),
         progress=progress,
         partial_dir=PARTIAL,
         hint=(
             "To use a copy you already have, add its local path or a file:// URL to "
-            f"`download.{key}.urls` in conf/profile/{cfg['profile']}.yaml (sources are tried in "
+            f"`download.{key}.urls` in conf/profile/{profile}.yaml (sources are tried in "
             f"order), or `dvc exp run -S 'download.{key}.urls=[PATH]'`."
         ),
     )
 
 
-def download(target: str, cfg: dict[str, Any], progress: bool = True) -> list[Path]:
-    """Fetch the real files of `target` (voc | coco | sbd | vgg16) into data/raw/; return them."""
+def download(target: str, d: DownloadConfig, profile: str, progress: bool = True) -> list[Path]:
+    """Fetch the real files of `target` (voc | coco | sbd | vgg16) into data/raw/; return them.
+    `profile`: the active profile's name, for the hint of a failed fetch."""
+
+    def fetch_source(key: str, dest: Path) -> Path:
+        return _fetch_source(d, key, dest, progress, profile)
+
     if target == "voc":
-        return [_fetch_source(cfg, "voc", VOC_TAR, progress)]
+        return [fetch_source("voc", VOC_TAR)]
     if target == "sbd":
-        return [_fetch_source(cfg, "sbd", SBD_TGZ, progress)]
+        return [fetch_source("sbd", SBD_TGZ)]
     if target == "coco":
-        return [_fetch_source(cfg, k, COCO_DIR / n, progress) for k, n in COCO_FILES.items()]
-    if target == "vgg16" and cfg["download"]["vgg16"]["format"] == "caffe":
+        return [fetch_source(k, COCO_DIR / n) for k, n in COCO_FILES.items()]
+    if target == "vgg16" and d.vgg16.format == "caffe":
         from pipeline.models.caffe_vgg16 import convert_caffe_vgg16
 
-        caffemodel = _fetch_source(cfg, "vgg16", CAFFE_VGG16, progress)
+        caffemodel = fetch_source("vgg16", CAFFE_VGG16)
         convert_caffe_vgg16(caffemodel, VGG16)
         atomic_write_json(BACKBONE_REPORT, CAFFE_VGG16_REPORT)
         return [VGG16, BACKBONE_REPORT]
     if target == "vgg16":
-        path = _fetch_source(cfg, "vgg16", VGG16, progress)
+        path = fetch_source("vgg16", VGG16)
         atomic_write_json(BACKBONE_REPORT, IMAGENET_VGG16_REPORT)
         return [path, BACKBONE_REPORT]
     raise ValueError(f"unknown target {target!r}; one of {', '.join(TARGETS)}")
 
 
-def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
-    """Generate the offline sample of `target` in the real layout (the `sample` profile)."""
-    s = cfg["download"]["sample"]
-    sizes = {"seed": s["seed"], "min_side": s["min_side"], "max_side": s["max_side"]}
+def generate(target: str, d: DownloadConfig, width: float) -> list[Path]:
+    """Generate the offline sample of `target` in the real layout (the `sample` profile);
+    `width`: the VGG16 channel multiplier of the stand-in backbone (`model.width`)."""
+    s = d.sample
+    sizes = {"seed": s.seed, "min_side": s.min_side, "max_side": s.max_side}
     if target == "voc":
         from pipeline.data.sample import make_voc_sample
 
-        make_voc_sample(VOC_TAR, n_train=s["voc_train"], n_val=s["voc_val"], **sizes)
+        make_voc_sample(VOC_TAR, n_train=s.voc_train, n_val=s.voc_val, **sizes)
         return [VOC_TAR]
     if target == "coco":
         from pipeline.data.sample import make_coco_sample
 
-        make_coco_sample(COCO_DIR, n_train=s["coco_train"], n_val=s["coco_val"], **sizes)
+        make_coco_sample(COCO_DIR, n_train=s.coco_train, n_val=s.coco_val, **sizes)
         return [COCO_DIR / n for n in COCO_FILES.values()]
     if target == "sbd":
         from pipeline.data.sbd import make_sbd_sample
@@ -127,7 +135,7 @@ def generate(target: str, cfg: dict[str, Any]) -> list[Path]:
         from pipeline.training.pretrain import pretrain_vgg16, save_state_dict
 
         state, report = pretrain_vgg16(
-            width=cfg["model"]["width"], seed=s["seed"], **cfg["download"]["vgg16"]["pretrain"]
+            width=width, seed=s.seed, **dataclasses.asdict(d.vgg16.pretrain)
         )
         save_state_dict(VGG16, state)
         atomic_write_json(BACKBONE_REPORT, report)
@@ -151,10 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(message)s")
     cfg = load_params(args.params)
-    if cfg["download"]["generate_sample"]:
-        paths = generate(args.target, cfg)
+    d = download_config(cfg)
+    if d.generate_sample:
+        paths = generate(args.target, d, model_config(cfg).width)
     else:
-        paths = download(args.target, cfg, progress=not args.no_progress)
+        paths = download(args.target, d, cfg["profile"], progress=not args.no_progress)
     for p in paths:
         logging.info("ready: %s (%d bytes)", p, p.stat().st_size)
     return 0

@@ -13,6 +13,8 @@ from __future__ import annotations
 import sys
 
 from pipeline.config import ARCHITECTURES, CASCADE, load_params
+from pipeline.data.settings import download_config
+from pipeline.evaluation.settings import evaluate_config
 from pipeline.inputs import stage_main, stage_parser
 
 
@@ -38,11 +40,14 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-progress", action="store_true", help="no progress bars")
     args = ap.parse_args(argv)
     params = load_params(args.params)
+    cfg = evaluate_config(params)
 
-    from pipeline.evaluation.evaluate import evaluate_from_params
+    from pipeline.evaluation.evaluate import evaluate_models
+    from pipeline.evaluation.summary import val_set_name
 
-    evaluate_from_params(
-        params,
+    evaluate_models(
+        cfg,
+        val_set_name(cfg, download_config(params)),
         args.only,
         models_dir=args.models,
         val_dir=args.data,

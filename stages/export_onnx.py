@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pipeline.config import CASCADE, load_params
 from pipeline.inference.export import OnnxMismatchError
+from pipeline.inference.settings import export_config
 from pipeline.inputs import require_inputs, stage_main, stage_parser
 
 
@@ -40,8 +41,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="export only these models (default: all three)")  # fmt: skip
     args = ap.parse_args(argv)
 
-    params = load_params(args.params)
-    cfg = params["export"]
+    cfg = export_config(load_params(args.params))
     models = Path(args.models)
     require_inputs(
         {
@@ -58,10 +58,10 @@ def main(argv: list[str] | None = None) -> int:
     report = export_models(
         lambda name: load_model(models / f"{name}.pt", map_location="cpu"),
         args.only,
-        load_val_images(args.data, cfg["val_images"]),
+        load_val_images(args.data, cfg.val_images),
         args.onnx,
-        opset=cfg["opset"],
-        min_agreement=cfg["min_agreement"],
+        opset=cfg.opset,
+        min_agreement=cfg.min_agreement,
     )
     atomic_write_json(args.report, report)  # only when every model passed its check
     return 0

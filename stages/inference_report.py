@@ -42,9 +42,23 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
 
-    from pipeline.reports.model_card import write_inference_reports
+    from pipeline.data.settings import download_config
+    from pipeline.evaluation.settings import evaluate_config
+    from pipeline.evaluation.summary import val_set_name
+    from pipeline.inference.settings import inference_config
+    from pipeline.reports.model_card import card_recipe, write_inference_reports
 
-    write_inference_reports(params, args.only, models_dir=models, val_dir=args.data, out_root=out)
+    evaluate = evaluate_config(params)
+    write_inference_reports(
+        card_recipe(params),
+        inference_config(params),
+        evaluate.device,
+        val_set_name(evaluate, download_config(params)),
+        args.only,
+        models_dir=models,
+        val_dir=args.data,
+        out_root=out,
+    )
     return 0
 
 

@@ -23,6 +23,7 @@ from pipeline.data.archives import ArchiveError  # noqa: E402
 from pipeline.data.preprocess import preprocess  # noqa: E402
 from pipeline.data.preprocess_inputs import PreprocessError  # noqa: E402
 from pipeline.data.sbd import SbdError  # noqa: E402
+from pipeline.data.settings import coco_to_voc_config, preprocess_config  # noqa: E402
 from pipeline.inputs import require_inputs, stage_main, stage_parser  # noqa: E402
 
 
@@ -67,12 +68,12 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     cfg = load_params(args.params)
-    p = cfg["preprocess"]
-    coco_splits = cfg["coco_to_voc"]["splits"] if p["use_coco"] else []
+    p, c = preprocess_config(cfg), coco_to_voc_config(cfg)
+    coco_splits = c.splits if p.use_coco else ()
     require_inputs(
         {
             args.voc_tar: ("download_voc", "VOC tar"),
-            **({args.sbd_tgz: ("download_sbd", "SBD archive")} if p["sbd"] else {}),
+            **({args.sbd_tgz: ("download_sbd", "SBD archive")} if p.sbd else {}),
             **{args.coco_voc / s / "index.json": "coco_to_voc" for s in coco_splits},
             **{args.coco_dir / f"{s}.zip": ("download_coco", "COCO zip") for s in coco_splits},
         }
@@ -82,15 +83,15 @@ def main(argv: list[str] | None = None) -> int:
         args.coco_voc,
         args.coco_dir,
         args.out,
-        max_size=p["max_size"],
-        jpeg_quality=p["jpeg_quality"],
-        shard_size=p["shard_size"],
-        use_coco=p["use_coco"],
-        workers=p["workers"],
-        max_bad_fraction=p["max_bad_fraction"],
-        coco_splits=cfg["coco_to_voc"]["splits"],
-        voc_train=p["voc_train"],
-        sbd=p["sbd"],
+        max_size=p.max_size,
+        jpeg_quality=p.jpeg_quality,
+        shard_size=p.shard_size,
+        use_coco=p.use_coco,
+        workers=p.workers,
+        max_bad_fraction=p.max_bad_fraction,
+        coco_splits=list(c.splits),
+        voc_train=p.voc_train,
+        sbd=p.sbd,
         sbd_tgz=args.sbd_tgz,
         progress=not args.no_progress,
     )

@@ -21,7 +21,7 @@ from pathlib import Path
 
 from pipeline.config import CASCADE, ParamsError, load_params
 from pipeline.inputs import MissingInputsError, require_inputs
-from pipeline.training.recipe import train_config
+from pipeline.training.recipe import model_config, train_config
 
 
 def parser() -> argparse.ArgumentParser:
@@ -64,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
         Path(args.resume_dir) if args.resume_dir else None,
     )
     try:  # fail in a second with the DVC stage to run, not with a traceback after the relaunch
-        require_inputs(files.required(args.model, cfg))
+        require_inputs(files.required(tc.stages[args.model], model_config(cfg)))
     except MissingInputsError as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

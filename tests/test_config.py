@@ -314,3 +314,70 @@ def test_train_config_checks_a_hand_made_section_like_the_file(params):
     cfg["train"].update(crop_size=64, momentum=1.0)
     with pytest.raises(ParamsError, match="train.momentum: must be < 1"):
         train_config(cfg)
+
+
+def _keys(schema: dict) -> dict:
+    return {k: _keys(v) if isinstance(v, dict) else None for k, v in schema.items()}
+
+
+def test_every_section_has_a_frozen_typed_view_with_exactly_the_schema_keys():
+    import dataclasses
+
+    from pipeline.config import CASCADE, SCHEMA
+    from pipeline.data.settings import (
+        CocoToVocConfig,
+        DownloadConfig,
+        PreprocessConfig,
+        coco_to_voc_config,
+        download_config,
+        preprocess_config,
+    )
+    from pipeline.evaluation.settings import EvaluateConfig, evaluate_config
+    from pipeline.inference.settings import (
+        ExportConfig,
+        InferenceConfig,
+        export_config,
+        inference_config,
+    )
+    from pipeline.sections import schema_keys
+    from pipeline.training.recipe import ModelConfig, TrainConfig, model_config, train_config
+
+    views = {
+        "download": (DownloadConfig, download_config),
+        "coco_to_voc": (CocoToVocConfig, coco_to_voc_config),
+        "preprocess": (PreprocessConfig, preprocess_config),
+        "model": (ModelConfig, model_config),
+        "evaluate": (EvaluateConfig, evaluate_config),
+        "inference": (InferenceConfig, inference_config),
+        "export": (ExportConfig, export_config),
+    }
+    assert set(views) | {"train"} == set(SCHEMA)
+    for section, (cls, _) in views.items():
+        assert schema_keys(cls) == _keys(SCHEMA[section]), section
+    train_fields = {f.name for f in dataclasses.fields(TrainConfig)} - {"stages"}
+    assert train_fields == set(SCHEMA["train"]) - set(CASCADE)
+
+    for profile in ("sample", "full", "paper"):
+        cfg = validate_params(profile_params(profile))
+        for cls, view in views.values():
+            typed = view(cfg)
+            assert isinstance(typed, cls)
+            first = dataclasses.fields(cls)[0].name
+            with pytest.raises(dataclasses.FrozenInstanceError):
+                setattr(typed, first, None)
+        download = download_config(cfg)
+        assert isinstance(download.voc.urls, tuple) and download.voc.urls == tuple(
+            cfg["download"]["voc"]["urls"]
+        )
+        assert download.vgg16.pretrain.epochs == cfg["download"]["vgg16"]["pretrain"]["epochs"]
+        assert evaluate_config(cfg).tta.scales == tuple(cfg["evaluate"]["tta"]["scales"])
+        assert train_config(cfg).stages["fcn8s"].lr == cfg["train"]["fcn8s"]["lr"]
+
+
+def test_a_section_view_names_the_bad_key():
+    from pipeline.data.settings import preprocess_config
+
+    cfg = profile_params("sample")
+    cfg["preprocess"]["max_size"] = 8
+    with pytest.raises(ParamsError, match=r"preprocess\.max_size: must be >= 32"):
+        preprocess_config(cfg)

@@ -18,6 +18,7 @@ from pipeline.data.splits import (
     seg11valid_ids,
     select_split,
 )
+from tests.repo_utils import tiny_params
 
 
 class Keyed:
@@ -133,11 +134,16 @@ def test_evaluate_refuses_to_score_training_images(tmp_path: Path):
 
 
 def test_the_summary_names_seg11valid():
+    import dataclasses
+
+    from pipeline.data.settings import download_config
+    from pipeline.evaluation.settings import evaluate_config
     from pipeline.evaluation.summary import val_set_name
 
-    evaluate = {"split": "seg11valid", "allow_partial_split": False}
-    params = {"evaluate": evaluate, "download": {"generate_sample": False}}
-    assert val_set_name(params).startswith("seg11valid (736 images")
-    evaluate["allow_partial_split"] = True  # a subset is never named as the paper's set
-    name = val_set_name(params)
+    params = tiny_params({"evaluate.split": "seg11valid", "download.generate_sample": False})
+    evaluate, download = evaluate_config(params), download_config(params)
+    assert val_set_name(evaluate, download).startswith("seg11valid (736 images")
+    # a subset is never named as the paper's set
+    partial = dataclasses.replace(evaluate, allow_partial_split=True)
+    name = val_set_name(partial, download)
     assert "subset" in name and "not comparable" in name and "736 images" not in name

@@ -35,6 +35,7 @@ from pipeline.atomic import atomic_write_bytes, atomic_write_json, atomic_write_
 from pipeline.classes import VOC_CLASSES
 from pipeline.evaluation.metrics import segmentation_scores
 from pipeline.evaluation.score import evaluate_model, prepare_model, record_key, resolve_runtime
+from pipeline.evaluation.settings import EvaluateConfig
 from pipeline.evaluation.summary import (
     VOC2012_VAL,
     confusion_csv,
@@ -46,7 +47,6 @@ from pipeline.evaluation.summary import (
     percent,
     summary_markdown,
     summary_table,
-    val_set_name,
 )
 from pipeline.inference.predict import predict_labels
 from pipeline.inputs import require_inputs
@@ -355,8 +355,9 @@ def evaluate_all(
     return results
 
 
-def evaluate_from_params(
-    params: Mapping[str, Any],
+def evaluate_models(
+    cfg: EvaluateConfig,
+    val_name: str,
     names: Sequence[str],
     *,
     models_dir: str | Path = "models",
@@ -366,8 +367,8 @@ def evaluate_from_params(
     progress: bool = True,
 ) -> dict[str, dict[str, Any]]:
     """The evaluate stage's work: score models_dir/<name>.pt for each of `names` on the val
-    shards with the `evaluate` section of the active params profile (`params`, from
-    `pipeline.config.load_params`), writing under `out_root`.
+    shards as the `evaluate` section `cfg` says, writing under `out_root`; `val_name`: what
+    the val shards hold, in words (`pipeline.evaluation.summary.val_set_name`).
 
     The training shards beside the val shards (`<val_dir>/../train`), when there, are checked
     for overlap: scoring an image trained on is refused.
@@ -379,7 +380,7 @@ def evaluate_from_params(
     """
     from pipeline.models.fcn import load_model
 
-    cfg, models, val_dir = params["evaluate"], Path(models_dir), Path(val_dir)
+    models, val_dir = Path(models_dir), Path(val_dir)
     require_inputs(
         {
             **{models / f"{n}.pt": (f"train_{n}", "model file") for n in names},
@@ -390,9 +391,9 @@ def evaluate_from_params(
     if not (train_dir / "index.json").is_file():
         print(f"[evaluate] no training shards in {train_dir}: train/val overlap not checked")
         train_dir = None
-    val = ValSet(val_dir, cfg["split"], cfg["allow_partial_split"], train_dir, val_set_name(params))
-    run = RunSettings(cfg["device"], cfg["precision"], cfg["batch_size"], workers, True, progress)
-    report = ReportSettings(cfg["qualitative_images"], cfg["tta"]["flip"], cfg["tta"]["scales"])
+    val = ValSet(val_dir, cfg.split, cfg.allow_partial_split, train_dir, val_name)
+    run = RunSettings(cfg.device, cfg.precision, cfg.batch_size, workers, True, progress)
+    report = ReportSettings(cfg.qualitative_images, cfg.tta.flip, cfg.tta.scales)
     return evaluate_all(
         lambda name: load_model(models / f"{name}.pt", map_location="cpu"),
         names,

@@ -21,7 +21,9 @@ import numpy as np
 import torch
 
 from pipeline.classes import VOC_CLASSES
+from pipeline.data.settings import DownloadConfig
 from pipeline.evaluation.score import json_safe
+from pipeline.evaluation.settings import EvaluateConfig
 
 # Long, Shelhamer, Darrell, CVPR 2015, Table 2: the cascade on a subset of PASCAL VOC 2011 val
 # (seg11valid), trained on SBD, in % (pixel acc., mean acc., mean IU, f.w. IU).
@@ -50,22 +52,20 @@ def display_name(name: str) -> str:
     return f"FCN-{name[3:]}" if name.startswith("fcn") else name
 
 
-def val_set_name(params: Mapping[str, Any]) -> str:
+def val_set_name(evaluate: EvaluateConfig, download: DownloadConfig) -> str:
     """What the val shards hold, said plainly (the sample's split is generated, not VOC): the
-    name reports/summary.md and the model cards give the scored images.
-
-    `params` is the active profile (`pipeline.config.load_params`); reads `evaluate.split`,
-    `evaluate.allow_partial_split`, `download.generate_sample` and `download.sample.voc_val`.
-    """
-    if params["evaluate"]["split"] == "seg11valid":
-        if params["evaluate"]["allow_partial_split"]:
+    name reports/summary.md and the model cards give the scored images, from the active
+    profile's `evaluate` section (split, allow_partial_split) and `download` section
+    (generate_sample, sample.voc_val)."""
+    if evaluate.split == "seg11valid":
+        if evaluate.allow_partial_split:
             return (
                 "the seg11valid images present in the val shards (a subset of the 736: "
                 "not comparable with the paper's figures)"
             )
         return "seg11valid (736 images of PASCAL VOC 2011 val, none in SBD train)"
-    if params["download"]["generate_sample"]:
-        n = params["download"]["sample"]["voc_val"]
+    if download.generate_sample:
+        n = download.sample.voc_val
         return f"the generated sample's val split ({n} synthetic images in VOC 2012's layout)"
     return VOC2012_VAL
 

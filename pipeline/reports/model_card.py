@@ -11,11 +11,50 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import architecture, initialised_from
+from pipeline.data.settings import (
+    DownloadConfig,
+    PreprocessConfig,
+    download_config,
+    preprocess_config,
+)
 from pipeline.evaluation.summary import EXTRA_COLUMNS, METRIC_COLUMNS, display_name, percent
+from pipeline.inference.settings import InferenceConfig
+from pipeline.training.recipe import (
+    ModelConfig,
+    StageRecipe,
+    TrainConfig,
+    model_config,
+    train_config,
+)
+
+
+@dataclass(frozen=True)
+class CardRecipe:
+    """What a model card states about the run: the profile's name and the typed sections of
+    the recipe and the data (`card_recipe` builds it from the active profile)."""
+
+    profile: str
+    train: TrainConfig
+    model: ModelConfig
+    download: DownloadConfig
+    preprocess: PreprocessConfig
+
+
+def card_recipe(cfg: Mapping[str, Any]) -> CardRecipe:
+    """The `CardRecipe` of the active profile `cfg` (`pipeline.config.load_params`).
+
+    Raises:
+        ParamsError: a section does not validate.
+    """
+    return CardRecipe(
+        cfg["profile"], train_config(cfg), model_config(cfg), download_config(cfg),
+        preprocess_config(cfg),
+    )  # fmt: skip
+
 
 ARCH_NOTES = {
     "fcn32s": "one stream: the stride-32 scores upsampled 32x (fixed bilinear)",
@@ -26,19 +65,19 @@ ARCH_NOTES = {
 }
 
 
-def initialisation(name: str, params: Mapping[str, Any]) -> str:
+def initialisation(name: str, recipe: CardRecipe) -> str:
     """Where the model's training started, in words."""
-    prev = initialised_from(name, params["train"])
+    prev = recipe.train.stages[name].initialised_from
     if prev is not None:
         return f"{display_name(prev)} (models/{prev}.pt), new layers zero-initialised"
-    if params["model"]["backbone_init"] == "random":
+    if recipe.model.backbone_init == "random":
         return "random weights (no pretrained backbone)"
-    if params["download"]["generate_sample"]:
+    if recipe.download.generate_sample:
         return (
             "the sample's stand-in VGG16 classifier (stage download_vgg16: a width-reduced VGG16 "
             "trained on crops of the generated sample, not ImageNet)"
         )
-    if params["download"]["vgg16"]["format"] == "caffe":
+    if recipe.download.vgg16.format == "caffe":
         return (
             "the Caffe model zoo's ImageNet VGG16 (VGG_ILSVRC_16_layers, the FCN release's), "
             "fc6/fc7 reshaped to convolutions; input BGR 0..255 minus the mean"
@@ -46,12 +85,12 @@ def initialisation(name: str, params: Mapping[str, Any]) -> str:
     return "torchvision's ImageNet VGG16 (vgg16-397923af.pth), fc6/fc7 reshaped to convolutions"
 
 
-def budget(stage: Mapping[str, Any]) -> tuple[str, str]:
+def budget(stage: StageRecipe) -> tuple[str, str]:
     """The (setting, value) row of a stage's training length: its `max_iter` when set, else
     its epochs (`pipeline.training.solver.iteration_budget`)."""
-    if stage.get("max_iter") is not None:
-        return "iterations", f"{stage['max_iter']} (max_iter; epochs derived from it)"
-    return "epochs", str(stage["epochs"])
+    if stage.max_iter is not None:
+        return "iterations", f"{stage.max_iter} (max_iter; epochs derived from it)"
+    return "epochs", str(stage.epochs)
 
 
 def upsampling(name: str, learned: bool) -> str:
@@ -65,26 +104,26 @@ def upsampling(name: str, learned: bool) -> str:
     return "every layer fixed at bilinear (the release's lr_mult 0)"
 
 
-def recipe_table(name: str, params: Mapping[str, Any]) -> str:
+def recipe_table(name: str, recipe: CardRecipe) -> str:
     """Markdown: the training settings of `name` from the active params profile."""
-    t, m = params["train"], params["model"]
-    batch = t["batch_size"] * t["accumulate"] * t["nproc"] * t["nnodes"]
+    t, m, stage = recipe.train, recipe.model, recipe.train.stages[name]
+    batch = t.batch_size * t.accumulate * t.processes
     rows = [
-        ("initialised from", initialisation(name, params)),
-        ("VGG16 width multiplier", f"{m['width']:g}"),
-        ("dropout after fc6/fc7", f"{m['dropout']:g}"),
-        budget(t[name]),
-        ("learning rate", f"{t[name]['lr']:g} ({t['lr_policy']} policy)"),
+        ("initialised from", initialisation(name, recipe)),
+        ("VGG16 width multiplier", f"{m.width:g}"),
+        ("dropout after fc6/fc7", f"{m.dropout:g}"),
+        budget(stage),
+        ("learning rate", f"{stage.lr:g} ({t.lr_policy} policy)"),
         (
             "batch",
-            f"{batch} images per step ({t['batch_size']} per process x {t['accumulate']} "
-            f"accumulated x {t['nproc'] * t['nnodes']} processes)",
+            f"{batch} images per step ({t.batch_size} per process x {t.accumulate} "
+            f"accumulated x {t.processes} processes)",
         ),
-        ("loss", f"cross-entropy, {t['loss']} over pixels, 255 ignored"),
-        ("optimiser", f"SGD, momentum {t['momentum']:g}, weight decay {t['weight_decay']:g}"),
-        ("upsampling", upsampling(name, t["learn_upsampling"])),
-        ("crops", f"{t['crop_size']} px, scale {t['scale_range']}, hflip {t['hflip']}"),
-        ("precision", t["precision"]),
+        ("loss", f"cross-entropy, {t.loss} over pixels, 255 ignored"),
+        ("optimiser", f"SGD, momentum {t.momentum:g}, weight decay {t.weight_decay:g}"),
+        ("upsampling", upsampling(name, t.learn_upsampling)),
+        ("crops", f"{t.crop_size} px, scale {list(t.scale_range)}, hflip {t.hflip}"),
+        ("precision", t.precision),
     ]
     return "| setting | value |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
 
@@ -116,7 +155,7 @@ def inference_table(report: Mapping[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def model_section(name: str, params: Mapping[str, Any], inference: Mapping[str, Any]) -> str:
+def model_section(name: str, recipe: CardRecipe, inference: Mapping[str, Any]) -> str:
     """Markdown bullets: the architecture, its size and cost (`benchmark_model`'s parameters
     and GFLOPs), its input and output tensors and its files."""
     label = display_name(name)
@@ -124,7 +163,7 @@ def model_section(name: str, params: Mapping[str, Any], inference: Mapping[str, 
     gflops_at = next((k[7:] for k in inference if k.startswith("gflops_")), "")
     return (
         f"- {label}, fully convolutional network on a VGG16 backbone (Long, Shelhamer, Darrell, "
-        f"CVPR 2015): {ARCH_NOTES.get(architecture(name, params['train']), '')}.\n"
+        f"CVPR 2015): {ARCH_NOTES.get(recipe.train.stages[name].architecture, '')}.\n"
         f"- {inference['parameters']:,} parameters"
         + (f"; {gflops:.2f} GFLOPs per {gflops_at} image" if gflops is not None else "")
         + " (FlopCounterMode, a multiply-add = 2 FLOPs).\n"
@@ -135,16 +174,14 @@ def model_section(name: str, params: Mapping[str, Any], inference: Mapping[str, 
     )
 
 
-def training_data(params: Mapping[str, Any]) -> str:
+def training_data(recipe: CardRecipe) -> str:
     """What the model was trained on, in words, from the active params profile."""
-    if params["download"]["generate_sample"]:
+    if recipe.download.generate_sample:
         return (
             "the generated sample's train split and its generated COCO-style images (synthetic "
             "shapes in VOC 2012's and COCO's layouts, pipeline/data/sample.py)"
         )
-    coco = (
-        " + COCO 2017 instances of the 20 VOC classes" if params["preprocess"]["use_coco"] else ""
-    )
+    coco = " + COCO 2017 instances of the 20 VOC classes" if recipe.preprocess.use_coco else ""
     return "PASCAL VOC 2012 train" + coco
 
 
@@ -200,27 +237,27 @@ def use_and_limits(sample: bool) -> str:
 
 def model_card(
     name: str,
-    params: Mapping[str, Any],
+    recipe: CardRecipe,
     metrics: Mapping[str, Any],
     inference: Mapping[str, Any],
     val_set: str,
 ) -> str:
     """The markdown model card of `name`.
 
-    `params`: the active profile (`pipeline.config.load_params`); `metrics`: the dict of
+    `recipe`: the run's settings (`card_recipe`); `metrics`: the dict of
     metrics/<name>.json (fractions in [0, 1], shown in %); `inference`: `benchmark_model`'s
     report; `val_set`: what the metrics were scored on, in words
     (`pipeline.evaluation.summary.val_set_name`).
     """
     return (
         f"# Model card: {display_name(name)}\n\n"
-        f"Generated by the DVC stage `inference_report` (profile `{params['profile']}`) from "
+        f"Generated by the DVC stage `inference_report` (profile `{recipe.profile}`) from "
         f"params.yaml, metrics/{name}.json and models/{name}.pt; do not edit by hand.\n\n"
-        "## Model\n\n" + model_section(name, params, inference) + "\n"
-        "## Training recipe\n\n" + recipe_table(name, params) + "\n"
+        "## Model\n\n" + model_section(name, recipe, inference) + "\n"
+        "## Training recipe\n\n" + recipe_table(name, recipe) + "\n"
         "## Data\n\n"
-        f"- Profile: `{params['profile']}`.\n"
-        f"- Trained on: {training_data(params)}.\n"
+        f"- Profile: `{recipe.profile}`.\n"
+        f"- Trained on: {training_data(recipe)}.\n"
         f"- Evaluated on: {val_set}, each image at its original resolution.\n\n"
         f"## Metrics in % on {val_set}\n\n"
         + metrics_table(metrics)
@@ -229,22 +266,25 @@ def model_card(
         "## Inference\n\n"
         + inference_section(name, inference)
         + "\n"
-        + use_and_limits(params["download"]["generate_sample"])
+        + use_and_limits(recipe.download.generate_sample)
     )
 
 
 def write_inference_reports(
-    params: Mapping[str, Any],
+    recipe: CardRecipe,
+    timing: InferenceConfig,
+    device: str,
+    val_set: str,
     names: Sequence[str],
     *,
     models_dir: str | Path = "models",
     val_dir: str | Path = "data/preprocessed/val",
     out_root: str | Path = ".",
 ) -> None:
-    """The inference_report stage's work, per model of `names`: `benchmark_model` on
-    `evaluate.device` (warm-up, repeats and val images from the `inference` section of the
-    active profile `params`) into out_root/reports/inference/<name>.json, and its model card
-    (from out_root/metrics/<name>.json, the evaluate stage's) into
+    """The inference_report stage's work, per model of `names`: `benchmark_model` on `device`
+    (warm-up, repeats and val images from `timing`, the `inference` section) into
+    out_root/reports/inference/<name>.json, and its model card (`recipe`; from
+    out_root/metrics/<name>.json, the evaluate stage's, scored on `val_set`, in words) into
     out_root/reports/model_cards/<name>.md; then the DVC metrics of the models of `names`,
     their images/s at 500x500 (`speed_metrics`), into out_root/metrics/inference.json.
 
@@ -253,23 +293,21 @@ def write_inference_reports(
             checks them first).
     """
     from pipeline.atomic import atomic_write_json, atomic_write_text
-    from pipeline.evaluation.summary import val_set_name
     from pipeline.inference.speed import benchmark_model, load_val_images, speed_metrics
     from pipeline.models.fcn import load_model
 
-    cfg, out = params["inference"], Path(out_root)
-    images, _ = load_val_images(val_dir, cfg["val_images"])
+    out = Path(out_root)
+    images, _ = load_val_images(val_dir, timing.val_images)
     reports: dict[str, dict[str, Any]] = {}
     for name in names:
         model = load_model(Path(models_dir) / f"{name}.pt", map_location="cpu")
-        device = params["evaluate"]["device"]
         report = benchmark_model(
-            model, images, device=device, warmup=cfg["warmup"], repeats=cfg["repeats"]
+            model, images, device=device, warmup=timing.warmup, repeats=timing.repeats
         )
         metrics = json.loads((out / "metrics" / f"{name}.json").read_text())
         reports[name] = report
         atomic_write_json(out / "reports" / "inference" / f"{name}.json", report)
-        card = model_card(name, params, metrics, report, val_set_name(params))
+        card = model_card(name, recipe, metrics, report, val_set)
         atomic_write_text(out / "reports" / "model_cards" / f"{name}.md", card)
         at = report["at_500x500"]
         print(

@@ -13,9 +13,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NoReturn
 
-from pipeline.config import initialised_from
 from pipeline.data.shards import INDEX_NAME
-from pipeline.training.recipe import TrainConfig
+from pipeline.training.recipe import ModelConfig, StageRecipe, TrainConfig
 
 
 @dataclass(frozen=True)
@@ -27,26 +26,26 @@ class StageFiles:
     vgg16: Path  # the VGG16 weights (a stage that starts from VGG16)
     resume_dir: Path | None  # None: <resume_root()>/<model>
 
-    def init_from(self, model: str, cfg: dict[str, Any]) -> Path | None:
-        """The previous stage's model file `model` starts from, or None: from VGG16."""
-        prev = initialised_from(model, cfg["train"])
+    def init_from(self, stage: StageRecipe) -> Path | None:
+        """The previous stage's model file `stage` starts from, or None: from VGG16."""
+        prev = stage.initialised_from
         return self.models / f"{prev}.pt" if prev else None
 
-    def vgg16_path(self, cfg: dict[str, Any]) -> Path | None:
+    def vgg16_path(self, model: ModelConfig) -> Path | None:
         """The VGG16 weights, when the model section initialises the backbone from them."""
-        return self.vgg16 if cfg["model"]["backbone_init"] == "vgg16" else None
+        return self.vgg16 if model.backbone_init == "vgg16" else None
 
-    def required(self, model: str, cfg: dict[str, Any]) -> dict[Path, tuple[str, str]]:
+    def required(self, stage: StageRecipe, model: ModelConfig) -> dict[Path, tuple[str, str]]:
         """{input file: (the DVC stage that makes it, what it is)} for `require_inputs`: the
         shards, then the model file it starts from or the VGG16 weights."""
         inputs = {
             self.data / "train" / INDEX_NAME: ("preprocess", "training shards"),
             self.data / "val" / INDEX_NAME: ("preprocess", "val shards"),
         }
-        init_from = self.init_from(model, cfg)
+        init_from = self.init_from(stage)
         if init_from is not None:
             inputs[init_from] = (f"train_{init_from.stem}", "model file")
-        elif self.vgg16_path(cfg) is not None:
+        elif self.vgg16_path(model) is not None:
             inputs[self.vgg16] = ("download_vgg16", "VGG16 weights")
         return inputs
 
@@ -94,9 +93,11 @@ def run_stage(
 
     Raises what `pipeline.training.train.train` raises (`StageBusyError` among them).
     """
+    from pipeline.training.recipe import model_config, train_config
     from pipeline.training.resume import resume_root
     from pipeline.training.train import train
 
+    stage, backbone = train_config(cfg).stages[model], model_config(cfg)
     return train(
         model,
         cfg,
@@ -105,8 +106,8 @@ def run_stage(
         out_model=files.models / f"{model}.pt",
         resume_dir=files.resume_dir if files.resume_dir else resume_root() / model,
         live_dir=Path("dvclive") / model,
-        vgg16_path=files.vgg16_path(cfg),
-        init_from=files.init_from(model, cfg),
+        vgg16_path=files.vgg16_path(backbone),
+        init_from=files.init_from(stage),
         progress=progress,
     )
 

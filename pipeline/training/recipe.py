@@ -11,7 +11,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass, fields
 from typing import Any
 
-from pipeline.config import ATONCE, CASCADE, checked_section
+from pipeline.config import ATONCE, CASCADE, checked_section, previous_stage
+from pipeline.sections import typed_section
 
 
 @dataclass(frozen=True)
@@ -28,6 +29,11 @@ class StageRecipe:
     def architecture(self) -> str:
         """The net this stage trains (see `architecture`)."""
         return ATONCE if self.at_once else self.name
+
+    @property
+    def initialised_from(self) -> str | None:
+        """The stage whose model file this one starts from (`previous_stage`); None: VGG16."""
+        return previous_stage(self.name, self.at_once)
 
 
 @dataclass(frozen=True)
@@ -105,5 +111,4 @@ def model_config(cfg: Mapping[str, Any]) -> ModelConfig:
     Raises:
         ParamsError: the section does not validate against `SCHEMA["model"]`.
     """
-    m = checked_section(cfg, "model")
-    return ModelConfig(**{f.name: m[f.name] for f in fields(ModelConfig)})
+    return typed_section(cfg, "model", ModelConfig)

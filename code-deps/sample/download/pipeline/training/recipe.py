@@ -1,0 +1,1 @@
+../../../../../pipeline/training/recipe.py
