@@ -313,6 +313,10 @@ def _all_defaults(schema: dict[str, Any]) -> bool:
     )
 
 
+def _join(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
+
+
 def validate_tree(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
     """Errors of `tree` against `schema`; a missing key whose spec has a `default` is filled
     in (in place) instead, so params files written before the key existed still load."""
@@ -322,9 +326,9 @@ def validate_tree(tree: Any, schema: dict[str, Any], path: str) -> list[str]:
     for key in tree:
         if key not in schema:
             known = ", ".join(schema)
-            errors.append(f"{path}.{key}: unknown key (known keys here: {known})")
+            errors.append(f"{_join(path, key)}: unknown key (known keys here: {known})")
     for key, spec in schema.items():
-        sub = f"{path}.{key}"
+        sub = _join(path, key)
         if key not in tree and isinstance(spec, Spec) and "default" in spec.kw:
             tree[key] = spec.kw["default"]
         elif key not in tree and isinstance(spec, dict) and _all_defaults(spec):
@@ -417,7 +421,7 @@ def validate_params(params: Any, source: str = "params.yaml") -> dict[str, Any]:
     sections = {k: v for k, v in params.items() if k != "profile"}
     _checksums_as_text(sections)
     errs = validate_tree(sections, SCHEMA, "")
-    errors.extend(e.removeprefix(".") for e in errs)
+    errors.extend(errs)
     if not errs:
         errors.extend(_cross_checks(sections))
     if errors:
