@@ -368,28 +368,35 @@ def fmt(v: float) -> str:
     return f"{v:9.3g}" if v else f"{'0':>9s}"
 
 
+def print_table(title: str, columns: tuple[str, ...], lines: list[tuple[str, int, list]]) -> None:
+    """One table: `title`, then a row per (row key, iteration, values) under `columns`."""
+    print(title)
+    print(f"row  {'it':>3s} " + " ".join(f"{c:>9s}" for c in columns))
+    for key, it, values in lines:
+        print(f"{key:3s}  {it:3d} " + " ".join(fmt(v) for v in values))
+
+
 def print_probes(rows: list[tuple[Row, Probe, Probe, Run]], its: int, lr: float) -> None:
-    """The activation and gradient tables."""
-    print(
-        "\nactivations, RMS (probe images; it 0 = before training, it N = after); >0: the "
-        "fraction of units that are not zero"
-    )
+    """The activation and gradient tables, each probe before training (it 0) and after."""
+    probes = [(row.key, it, p) for row, p0, p1, _ in rows for it, p in ((0, p0), (its, p1))]
     acts = ("input", "pool5", "pool5 >0", "fc7", "fc7 >0", "score_fr", "logits")
-    print(f"row  {'it':>3s} " + " ".join(f"{a:>9s}" for a in acts))
-    for row, p0, p1, _ in rows:
-        for it, p in ((0, p0), (its, p1)):
-            print(f"{row.key:3s}  {it:3d} " + " ".join(fmt(p.act[a]) for a in acts))
-    print(
-        "\ngradients of the summed loss (RMS), one SGD step at the release rate: lr x RMS(grad)"
-        " / RMS(weight), its change of the logits (RMS), top curvature lr x lambda_max"
+    print_table(
+        "\nactivations, RMS (probe images; it 0 = before training, it N = after); >0: the "
+        "fraction of units that are not zero",
+        acts,
+        [(key, it, [p.act[a] for a in acts]) for key, it, p in probes],
     )
-    head = ("g score_fr", "g fc7", "g conv1_1", "step fc7", "step c1_1", "dlogits", "lr x lam")
-    print(f"row  {'it':>3s} " + " ".join(f"{h:>9s}" for h in head))
-    for row, p0, p1, _ in rows:
-        for it, p in ((0, p0), (its, p1)):
-            rel = [lr * p.grad[k] / p.weight[k] if p.weight[k] else 0.0 for k in LAYERS]
-            vals = [p.grad[k] for k in LAYERS] + rel[1:] + [p.dlogits, p.lr_lambda]
-            print(f"{row.key:3s}  {it:3d} " + " ".join(fmt(v) for v in vals))
+
+    def gradients(p: Probe) -> list[float]:
+        rel = [lr * p.grad[k] / p.weight[k] if p.weight[k] else 0.0 for k in LAYERS]
+        return [p.grad[k] for k in LAYERS] + rel[1:] + [p.dlogits, p.lr_lambda]
+
+    print_table(
+        "\ngradients of the summed loss (RMS), one SGD step at the release rate: lr x RMS(grad)"
+        " / RMS(weight), its change of the logits (RMS), top curvature lr x lambda_max",
+        ("g score_fr", "g fc7", "g conv1_1", "step fc7", "step c1_1", "dlogits", "lr x lam"),
+        [(key, it, gradients(p)) for key, it, p in probes],
+    )
 
 
 def print_training(rows: list[tuple[Row, Probe, Probe, Run]], window: int) -> None:
