@@ -13,7 +13,6 @@ from __future__ import annotations
 import sys
 
 from pipeline.config import ARCHITECTURES, CASCADE, load_params
-from pipeline.data.settings import download_config
 from pipeline.evaluation.settings import evaluate_config
 from pipeline.inputs import stage_main, stage_parser
 
@@ -43,11 +42,11 @@ def main(argv: list[str] | None = None) -> int:
     cfg = evaluate_config(params)
 
     from pipeline.evaluation.evaluate import evaluate_models
-    from pipeline.evaluation.summary import val_set_name
+    from pipeline.evaluation.summary import scored_set_name
 
     evaluate_models(
         cfg,
-        val_set_name(cfg, download_config(params)),
+        scored_set_name(params),
         args.only,
         models_dir=args.models,
         val_dir=args.data,

@@ -42,18 +42,16 @@ def main(argv: list[str] | None = None) -> int:
         }
     )
 
-    from pipeline.data.settings import download_config
     from pipeline.evaluation.settings import evaluate_config
-    from pipeline.evaluation.summary import val_set_name
+    from pipeline.evaluation.summary import scored_set_name
     from pipeline.inference.settings import inference_config
     from pipeline.reports.model_card import card_recipe, write_inference_reports
 
-    evaluate = evaluate_config(params)
     write_inference_reports(
         card_recipe(params),
         inference_config(params),
-        evaluate.device,
-        val_set_name(evaluate, download_config(params)),
+        evaluate_config(params).device,
+        scored_set_name(params),
         args.only,
         models_dir=models,
         val_dir=args.data,

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from pipeline.config import CASCADE, validate_params
+from pipeline.evaluation.summary import scored_set_name
 from pipeline.inference import export, speed
 from pipeline.models import fcn
 from pipeline.reports.model_card import card_recipe, model_card
@@ -150,15 +151,6 @@ def sample_params() -> dict:
     return validate_params(tiny_params())
 
 
-def scored_set(params: dict) -> str:
-    """`val_set_name` of a profile's evaluate and download sections."""
-    from pipeline.data.settings import download_config
-    from pipeline.evaluation.settings import evaluate_config
-    from pipeline.evaluation.summary import val_set_name
-
-    return val_set_name(evaluate_config(params), download_config(params))
-
-
 def test_model_card_names_the_val_set_and_holds_the_metrics():
     params = sample_params()
     metrics = {
@@ -182,7 +174,7 @@ def test_model_card_names_the_val_set_and_holds_the_metrics():
         "peak_memory_mib": 78.7,
         "peak_memory_method": "cpu: psutil RSS",
     }
-    val_set = scored_set(params)
+    val_set = scored_set_name(params)
     card = model_card("fcn8s", card_recipe(params), metrics, report, val_set)
     assert "generated sample's val split" in val_set
     assert f"## Metrics in % on {val_set}\n" in card
@@ -200,12 +192,12 @@ def test_model_card_names_the_val_set_and_holds_the_metrics():
     assert "| iterations | 1000 (max_iter" in card and "| epochs |" not in card
     full = profile_params("full")
     metrics.pop("mean_dice")
-    card = model_card("fcn32s", card_recipe(full), metrics, report, scored_set(full))
+    card = model_card("fcn32s", card_recipe(full), metrics, report, scored_set_name(full))
     assert "## Metrics in % on PASCAL VOC 2012 val\n" in card and "Dice" not in card
     assert "ImageNet VGG16" in card and "generated" not in card
     assert "| upsampling | bilinear 32x, fixed |" in card
     paper = profile_params("paper")
-    card = model_card("fcn8s", card_recipe(paper), metrics, report, scored_set(paper))
+    card = model_card("fcn8s", card_recipe(paper), metrics, report, scored_set_name(paper))
     assert "| upsampling | every layer fixed at bilinear (the release's lr_mult 0) |" in card
 
 

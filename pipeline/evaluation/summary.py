@@ -21,9 +21,9 @@ import numpy as np
 import torch
 
 from pipeline.classes import VOC_CLASSES
-from pipeline.data.settings import DownloadConfig
+from pipeline.data.settings import DownloadConfig, download_config
 from pipeline.evaluation.score import json_safe
-from pipeline.evaluation.settings import EvaluateConfig
+from pipeline.evaluation.settings import EvaluateConfig, evaluate_config
 
 # Long, Shelhamer, Darrell, CVPR 2015, Table 2: the cascade on a subset of PASCAL VOC 2011 val
 # (seg11valid), trained on SBD, in % (pixel acc., mean acc., mean IU, f.w. IU).
@@ -68,6 +68,16 @@ def val_set_name(evaluate: EvaluateConfig, download: DownloadConfig) -> str:
         n = download.sample.voc_val
         return f"the generated sample's val split ({n} synthetic images in VOC 2012's layout)"
     return VOC2012_VAL
+
+
+def scored_set_name(cfg: Mapping[str, Any]) -> str:
+    """`val_set_name` of the active profile `cfg` (`pipeline.config.load_params`): what the
+    evaluate stage, the model cards and `fcn-import-caffe --evaluate` call the scored images.
+
+    Raises:
+        ParamsError: the evaluate or download section does not validate.
+    """
+    return val_set_name(evaluate_config(cfg), download_config(cfg))
 
 
 def metrics_json(scores: Mapping[str, Any]) -> dict[str, float | None]:

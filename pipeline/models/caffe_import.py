@@ -348,15 +348,18 @@ def main(argv: list[str] | None = None) -> int:
             "classes: this pipeline's evaluate and predict cannot score the file written"
         )
     if args.evaluate:
-        from pipeline.data.settings import download_config
         from pipeline.evaluation.evaluate import evaluate_models
         from pipeline.evaluation.settings import evaluate_config
-        from pipeline.evaluation.summary import val_set_name
+        from pipeline.evaluation.summary import scored_set_name
 
         params = load_params(args.params)
-        cfg = evaluate_config(params)
-        val_name = val_set_name(cfg, download_config(params))
-        evaluate_models(cfg, val_name, [args.model], models_dir=out.parent, out_root=args.eval_out)
+        evaluate_models(
+            evaluate_config(params),
+            scored_set_name(params),
+            [args.model],
+            models_dir=out.parent,
+            out_root=args.eval_out,
+        )
     return 0
 
 
